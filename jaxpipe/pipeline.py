@@ -1,0 +1,291 @@
+"""``Pipeline``: a model placed on a ``(data, pipe)`` mesh, with a jitted step.
+
+This is the lower-level API: build one, ``init`` a state, then call
+``train_step`` in your own loop (``jaxpipe.train`` does exactly that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .executor import StagePlan, gpipe_loss
+from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
+from .partition import check_partition, estimate_costs, partition_layers
+from .stages import Boundary, Carrier, ParamLayout, split_layers, trace_boundaries
+
+SCHEDULES = ("gpipe",)
+
+
+class TrainState(NamedTuple):
+    """Training state, all on device.
+
+    Attributes:
+      params: ``[P, N]`` packed parameters, sharded over ``pipe``.
+      opt_state: the optax state of ``params``.
+      step: number of optimizer steps taken.
+    """
+
+    params: jax.Array
+    opt_state: Any
+    step: jax.Array
+
+
+def _rows(tree: Any, what: str) -> int:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"{what} is empty; give an array or a pytree of arrays")
+    rows = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(rows) != 1 or None in rows:
+        shapes = jax.tree.map(np.shape, tree)
+        raise ValueError(
+            f"every array in {what} must have the same leading dimension (rows), "
+            f"got shapes {shapes}"
+        )
+    return rows.pop()
+
+
+def _check_batch(batch: Any) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            "each batch must be a pair (inputs, targets) of arrays or pytrees of "
+            f"arrays, got {type(batch).__name__}"
+        )
+    return batch[0], batch[1]
+
+
+class Pipeline:
+    """A model's layers placed on a ``(data, pipe)`` mesh, ready to train.
+
+    The step loss is the mean of ``loss_fn`` over all ``D * M`` micro-batches
+    of a global batch, and its gradient is exact: for the same seed and data,
+    every mesh gives the losses and parameters of plain single-device training
+    (``mesh_shape=(1, 1)``) up to float rounding.
+
+    Args:
+      model_fn: ``(nnx.Rngs) -> list[nnx.Module]``, the layers in order.
+      mesh_shape: ``(D, P)``: data replicas and pipe devices per replica.
+      loss_fn: ``(outputs, targets) -> []``, the mean loss over one
+        micro-batch's rows.
+      optimizer: an optax transformation. It sees each pipe device's
+        parameters as one flat vector (``[P, N]``), which is exact for
+        element-wise optimizers and global-norm clipping (sgd, momentum, adam,
+        adamw, lion, rmsprop, ``clip_by_global_norm``...), not for optimizers
+        that look at leaf shapes or names (adafactor's factoring, masks, LAMB).
+      num_microbatches: M, micro-batches per data replica per step.
+      example_batch: ``(inputs, targets)``, one global batch (``[R, ...]``
+        leaves): fixes the shapes the pipeline is compiled for.
+      schedule: ``"gpipe"``.
+      partition: ``[P]`` layers per pipe device; default: the contiguous cut
+        minimising the largest device's XLA-estimated forward+backward flops.
+      remat: rematerialise each device's layers in the backward pass.
+      seed: seed of the ``nnx.Rngs`` given to ``model_fn``.
+      devices: devices for the mesh; default ``jax.devices()``.
+
+    Raises:
+      ValueError: for a mesh larger than the device count, a batch whose rows
+        do not divide by ``D * M``, fewer layers than pipe devices, a layer
+        that fails on its input, a non-scalar loss, or a bad partition.
+      TypeError: for wrongly typed arguments or layers.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
+        mesh_shape: Sequence[int],
+        loss_fn: Callable[[Any, Any], jax.Array],
+        optimizer: optax.GradientTransformation,
+        num_microbatches: int,
+        example_batch: tuple[Any, Any],
+        *,
+        schedule: str = "gpipe",
+        partition: Sequence[int] | None = None,
+        remat: bool = False,
+        seed: int = 0,
+        devices: Sequence[jax.Device] | None = None,
+        _skip_idle: bool = True,
+    ):
+        if not callable(model_fn):
+            raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+            )
+        if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, (int, np.integer)):
+            raise TypeError(f"num_microbatches must be an int, got {num_microbatches!r}")
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+        self.mesh = make_mesh(mesh_shape, devices)
+        self.num_replicas, self.num_devices = self.mesh.devices.shape
+        self.num_microbatches = int(num_microbatches)
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.seed = seed
+
+        specs, params, dtype = split_layers(model_fn(nnx.Rngs(seed)))
+        if len(specs) < self.num_devices:
+            raise ValueError(
+                f"the model has {len(specs)} layers but mesh_shape={tuple(mesh_shape)} "
+                f"has {self.num_devices} pipe devices; every pipe device needs at least "
+                f"one layer, so use pipe <= {len(specs)}"
+            )
+        inputs, targets = _check_batch(example_batch)
+        rows = self._check_rows(inputs, targets)
+        self.microbatch_rows = rows // (self.num_replicas * self.num_microbatches)
+        x_mb, y_mb = (
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.microbatch_rows,) + np.shape(a)[1:], a.dtype), t)
+            for t in (inputs, targets)
+        )
+        structs = trace_boundaries(specs, params, x_mb)
+        self._check_loss(loss_fn, structs[-1], y_mb)
+
+        if partition is None:
+            costs = estimate_costs(specs, params, structs[:-1])
+            partition = partition_layers(costs, self.num_devices)
+        partition = check_partition(partition, len(specs), self.num_devices)
+        cuts = np.cumsum((0,) + partition)
+        device_layers = [tuple(range(cuts[p], cuts[p + 1])) for p in range(self.num_devices)]
+        boundaries = tuple(
+            Boundary.from_struct(structs[i], self.microbatch_rows, f"the output of layer {i - 1}")
+            if i in set(cuts[1:-1].tolist())
+            else None
+            for i in range(len(structs))
+        )
+        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], self.microbatch_rows)
+        self.partition = partition
+        self.layout = ParamLayout.build(specs, device_layers, dtype)
+        self.plan = StagePlan(self.layout, boundaries, carrier, self.num_microbatches)
+        self._host_params = params
+
+        self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
+        self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        loss = gpipe_loss(self.plan, self.mesh, loss_fn, remat=remat, skip_idle=_skip_idle)
+        self._loss = loss
+        self._loss_and_grad = jax.jit(jax.value_and_grad(loss))
+        self._step = jax.jit(self._train_step, donate_argnums=0)
+
+    def _check_rows(self, inputs: Any, targets: Any) -> int:
+        rows = _rows(inputs, "inputs")
+        if _rows(targets, "targets") != rows:
+            raise ValueError(
+                f"inputs have {rows} rows but targets have {_rows(targets, 'targets')}; "
+                "they must match"
+            )
+        per_step = self.num_replicas * self.num_microbatches
+        if rows % per_step:
+            raise ValueError(
+                f"the global batch has {rows} rows, which does not divide into "
+                f"data={self.num_replicas} replicas x num_microbatches="
+                f"{self.num_microbatches}; use a batch of a multiple of {per_step} rows"
+            )
+        return rows
+
+    @staticmethod
+    def _check_loss(loss_fn: Callable, outputs: Any, targets: Any) -> None:
+        out = jax.eval_shape(loss_fn, outputs, targets)
+        if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(
+                "loss_fn must return a float scalar (the mean loss over one "
+                f"micro-batch), got {jax.tree.map(lambda a: f'{a.dtype}{list(a.shape)}', out)}"
+            )
+
+    def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
+        loss, grads = jax.value_and_grad(self._loss)(state.params, inputs, targets)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), loss
+
+    def init(self) -> TrainState:
+        """The initial state: ``model_fn``'s parameters, packed and placed.
+
+        Returns:
+          A ``TrainState`` with step 0.
+        """
+        params = jax.device_put(self.layout.pack(self._host_params), self._param_sharding)
+        shapes = jax.eval_shape(self.optimizer.init, params)
+        shardings = jax.tree.map(
+            lambda s: self._param_sharding if s.shape == params.shape else self._replicated, shapes
+        )
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
+        return TrainState(params, opt_state, step)
+
+    def shard_batch(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        """Places a global batch on the mesh as ``[D, M, B, ...]`` leaves.
+
+        Args:
+          batch: ``(inputs, targets)`` with ``[R, ...]`` leaves.
+
+        Returns:
+          ``(inputs, targets)`` with ``[D, M, B, ...]`` leaves sharded over ``data``.
+
+        Raises:
+          ValueError: if the rows differ from the example batch's.
+        """
+        inputs, targets = _check_batch(batch)
+        rows = self._check_rows(inputs, targets)
+        expected = self.num_replicas * self.num_microbatches * self.microbatch_rows
+        if rows != expected:
+            raise ValueError(
+                f"this pipeline was built for global batches of {expected} rows, got {rows}"
+            )
+        shape = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
+        return jax.tree.map(
+            lambda a: jax.device_put(np.asarray(a).reshape(shape + np.shape(a)[1:]), self._data_sharding),
+            (inputs, targets),
+        )
+
+    def train_step(self, state: TrainState, batch: tuple[Any, Any]) -> tuple[TrainState, jax.Array]:
+        """One optimizer step on a global batch. ``state`` is donated.
+
+        Args:
+          state: the current state (its buffers are reused for the result).
+          batch: ``(inputs, targets)``, ``[R, ...]`` leaves, or already placed
+            by ``shard_batch``.
+
+        Returns:
+          ``(new_state, loss)`` with ``loss`` the step's mean training loss.
+        """
+        inputs, targets = self._placed(batch)
+        return self._step(state, inputs, targets)
+
+    def loss_and_grad(self, params: jax.Array, batch: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
+        """The mean loss of a global batch and its gradient.
+
+        Args:
+          params: ``[P, N]`` packed parameters.
+          batch: ``(inputs, targets)``, ``[R, ...]`` leaves or placed ones.
+
+        Returns:
+          ``(loss [], grads [P, N])``; ``unpack(grads)`` gives per-layer trees.
+        """
+        return self._loss_and_grad(params, *self._placed(batch))
+
+    def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        leaves = jax.tree.leaves(batch)
+        if leaves and all(isinstance(a, jax.Array) and a.sharding == self._data_sharding for a in leaves):
+            return batch
+        return self.shard_batch(batch)
+
+    def unpack(self, packed: jax.Array) -> list[nnx.State]:
+        """Per-layer ``nnx.State`` trees from packed ``[P, N]`` parameters or gradients."""
+        return self.layout.unpack(packed)
+
+    def layers(self, params: jax.Array) -> list[nnx.Module]:
+        """The layers with the given packed parameters, as ``model_fn`` returns them."""
+        return [
+            nnx.merge(spec.graphdef, tree, spec.rest)
+            for spec, tree in zip(self.layout.specs, self.unpack(params))
+        ]

@@ -1,0 +1,346 @@
+"""Heterogeneous Flax layers as pure functions over packed, padded buffers.
+
+SPMD needs one shape per sharded array, but pipeline devices hold different
+layers and pass differently shaped activations. This module makes them one
+shape (DESIGN.md rule 3):
+
+* Each layer becomes a pure function ``apply_layer(spec, params, x)`` over its
+  ``nnx.Param`` tree; anything else the layer holds is a constant.
+* Each device's parameters are concatenated into one flat vector, padded to
+  the largest device: ``[P, N]``, sharded over ``pipe``.
+* A boundary activation (any pytree whose leaves all have ``B`` leading rows)
+  travels as two row-major buffers: floats ``[B, F]`` in one float dtype and
+  integers ``[B, I]`` as int32, both padded to the widest boundary, so
+  integer token ids and float hidden states share one wire format exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_FORBIDDEN_STATE = (nnx.BatchStat, nnx.RngState)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Static description of one layer: how to rebuild and call it.
+
+    Attributes:
+      index: position of the layer in the model's layer list.
+      name: the layer's class name, for messages and profiles.
+      graphdef: the layer's ``nnx.GraphDef``.
+      rest: the layer's non-parameter state, held constant.
+      treedef: tree structure of the layer's ``nnx.Param`` state.
+      shapes: shapes of the parameter leaves, in ``treedef`` order.
+    """
+
+    index: int
+    name: str
+    graphdef: Any
+    rest: Any
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def size(self) -> int:
+        """Number of parameter scalars."""
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[Any], Any]:
+    """Splits Flax layers into static specs and parameter trees.
+
+    Args:
+      layers: the model's layers, in order.
+
+    Returns:
+      ``(specs, params, dtype)``: one spec and one ``nnx.State`` of parameters
+      per layer, and the common parameter dtype.
+
+    Raises:
+      TypeError: if a layer is not an ``nnx.Module``, holds batch statistics or
+        RNG state (not supported in pipelines yet), or the layers' parameters
+        do not share one floating dtype.
+    """
+    if isinstance(layers, nnx.Module) or not isinstance(layers, Sequence):
+        raise TypeError(
+            "model_fn must return a list of nnx.Module layers in order, got "
+            f"{type(layers).__name__}"
+        )
+    specs, params, dtypes = [], [], set()
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nnx.Module):
+            raise TypeError(
+                f"layer {i} is a {type(layer).__name__}, expected an nnx.Module"
+            )
+        graphdef, param_state, rest = nnx.split(layer, nnx.Param, ...)
+        bad = [
+            "/".join(map(str, path))
+            for path, var in nnx.to_flat_state(rest)
+            if isinstance(var, _FORBIDDEN_STATE)
+        ]
+        if bad:
+            raise TypeError(
+                f"layer {i} ({type(layer).__name__}) holds batch statistics or RNG "
+                f"state at {bad}; jaxpipe trains nnx.Param state only. Build the "
+                "layer without rngs (e.g. deterministic dropout) or without "
+                "running statistics"
+            )
+        leaves, treedef = jax.tree.flatten(param_state)
+        for leaf in leaves:
+            dtypes.add(jnp.dtype(leaf.dtype))
+        specs.append(
+            LayerSpec(
+                index=i,
+                name=type(layer).__name__,
+                graphdef=graphdef,
+                rest=rest,
+                treedef=treedef,
+                shapes=tuple(tuple(leaf.shape) for leaf in leaves),
+            )
+        )
+        params.append(param_state)
+    if len(dtypes) > 1 or any(not jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        raise TypeError(
+            "all parameters must share one floating dtype so they pack into one "
+            f"buffer, got {sorted(str(d) for d in dtypes)}"
+        )
+    dtype = dtypes.pop() if dtypes else jnp.dtype(jnp.float32)
+    return specs, params, dtype
+
+
+def apply_layer(spec: LayerSpec, params: Any, x: Any) -> Any:
+    """Calls layer ``spec`` with parameters ``params`` on input ``x``."""
+    return nnx.merge(spec.graphdef, params, spec.rest)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """Where each layer's parameters sit in the packed ``[P, N]`` buffer.
+
+    Attributes:
+      specs: all layer specs.
+      device_layers: for each pipe device, the indices of its layers.
+      offsets: per layer, the start of each parameter leaf in its device's row.
+      width: N, the row length (the largest device's parameter count, >= 1).
+      dtype: the buffer's dtype.
+    """
+
+    specs: tuple[LayerSpec, ...]
+    device_layers: tuple[tuple[int, ...], ...]
+    offsets: tuple[tuple[int, ...], ...]
+    width: int
+    dtype: Any
+
+    @classmethod
+    def build(cls, specs, device_layers, dtype) -> "ParamLayout":
+        offsets = [()] * len(specs)
+        width = 1
+        for layers in device_layers:
+            pos = 0
+            for li in layers:
+                starts = []
+                for shape in specs[li].shapes:
+                    starts.append(pos)
+                    pos += math.prod(shape)
+                offsets[li] = tuple(starts)
+            width = max(width, pos)
+        return cls(tuple(specs), tuple(map(tuple, device_layers)), tuple(offsets), width, dtype)
+
+    def unpack_layer(self, li: int, row: jax.Array) -> Any:
+        """Layer ``li``'s parameter tree from its device's row ``[N]``."""
+        spec = self.specs[li]
+        leaves = [
+            row[o : o + math.prod(s)].reshape(s)
+            for o, s in zip(self.offsets[li], spec.shapes)
+        ]
+        return jax.tree.unflatten(spec.treedef, leaves)
+
+    def pack(self, params: Sequence[Any]) -> np.ndarray:
+        """Packs per-layer parameter trees into a host array ``[P, N]``."""
+        out = np.zeros((len(self.device_layers), self.width), self.dtype)
+        for p, layers in enumerate(self.device_layers):
+            for li in layers:
+                for o, leaf in zip(self.offsets[li], jax.tree.leaves(params[li])):
+                    leaf = np.asarray(leaf)
+                    out[p, o : o + leaf.size] = leaf.reshape(-1)
+        return out
+
+    def unpack(self, packed: jax.Array) -> list[Any]:
+        """Per-layer parameter trees from a packed ``[P, N]`` array."""
+        packed = np.asarray(jax.device_get(packed))
+        return [
+            self.unpack_layer(li, packed[p])
+            for p, layers in enumerate(self.device_layers)
+            for li in layers
+        ]
+
+
+def _kind(dtype) -> str:
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    if dtype == jnp.bool_ or (jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize <= 4):
+        return "int"
+    raise TypeError(
+        f"boundary activations must be floats, bools or integers of at most 32 "
+        f"bits, got dtype {dtype}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+    """The structure of one activation between two layers, per micro-batch.
+
+    Attributes:
+      treedef: tree structure of the activation.
+      shapes: leaf shapes, each ``[B, ...]``.
+      dtypes: leaf dtypes.
+      kinds: ``"float"`` or ``"int"`` per leaf: which buffer carries it.
+      offsets: per leaf, its start column in that buffer.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+    kinds: tuple[str, ...]
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def from_struct(cls, struct: Any, rows: int, where: str) -> "Boundary":
+        """Builds a boundary from a pytree of ``jax.ShapeDtypeStruct``."""
+        leaves, treedef = jax.tree.flatten(struct)
+        if not leaves:
+            raise ValueError(f"{where} is empty; every boundary needs at least one array")
+        kinds, offsets, used = [], [], {"float": 0, "int": 0}
+        for leaf in leaves:
+            if leaf.ndim == 0 or leaf.shape[0] != rows:
+                raise ValueError(
+                    f"{where} has a leaf of shape {tuple(leaf.shape)}; every "
+                    f"activation leaf must have the micro-batch's {rows} rows first"
+                )
+            kind = _kind(leaf.dtype)
+            kinds.append(kind)
+            offsets.append(used[kind])
+            used[kind] += math.prod(leaf.shape[1:])
+        return cls(
+            treedef,
+            tuple(tuple(leaf.shape) for leaf in leaves),
+            tuple(jnp.dtype(leaf.dtype) for leaf in leaves),
+            tuple(kinds),
+            tuple(offsets),
+        )
+
+    def width(self, kind: str) -> int:
+        """Columns this boundary uses in the ``kind`` buffer."""
+        return sum(
+            math.prod(s[1:]) for s, k in zip(self.shapes, self.kinds) if k == kind
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Carrier:
+    """The wire format of every boundary: ``[B, F]`` floats and ``[B, I]`` int32.
+
+    Attributes:
+      rows: B, rows per micro-batch.
+      float_width: F (>= 1).
+      int_width: I (>= 1).
+      float_dtype: the float buffer's dtype (all float boundaries promote to it).
+    """
+
+    rows: int
+    float_width: int
+    int_width: int
+    float_dtype: Any
+
+    @classmethod
+    def for_boundaries(cls, boundaries: Sequence[Boundary], rows: int) -> "Carrier":
+        floats = [d for b in boundaries for d, k in zip(b.dtypes, b.kinds) if k == "float"]
+        return cls(
+            rows=rows,
+            float_width=max([1] + [b.width("float") for b in boundaries]),
+            int_width=max([1] + [b.width("int") for b in boundaries]),
+            float_dtype=jnp.result_type(*floats) if floats else jnp.dtype(jnp.float32),
+        )
+
+    def zeros(self) -> tuple[jax.Array, jax.Array]:
+        """Empty float and int buffers."""
+        return (
+            jnp.zeros((self.rows, self.float_width), self.float_dtype),
+            jnp.zeros((self.rows, self.int_width), jnp.int32),
+        )
+
+    def pack(self, boundary: Boundary, tree: Any) -> tuple[jax.Array, jax.Array]:
+        """Packs an activation into ``([B, F], [B, I])`` buffers."""
+        fbuf, ibuf = self.zeros()
+        for leaf, kind, off in zip(jax.tree.leaves(tree), boundary.kinds, boundary.offsets):
+            flat = leaf.reshape(leaf.shape[0], -1)
+            if kind == "float":
+                fbuf = fbuf.at[:, off : off + flat.shape[1]].set(flat.astype(self.float_dtype))
+            else:
+                if flat.dtype == jnp.uint32:
+                    flat = jax.lax.bitcast_convert_type(flat, jnp.int32)
+                ibuf = ibuf.at[:, off : off + flat.shape[1]].set(flat.astype(jnp.int32))
+        return fbuf, ibuf
+
+    def unpack(self, boundary: Boundary, fbuf: jax.Array, ibuf: jax.Array) -> Any:
+        """Recovers an activation from its ``([B, F], [B, I])`` buffers."""
+        leaves = []
+        for shape, dtype, kind, off in zip(
+            boundary.shapes, boundary.dtypes, boundary.kinds, boundary.offsets
+        ):
+            cols = math.prod(shape[1:])
+            if kind == "float":
+                leaf = fbuf[:, off : off + cols].astype(dtype)
+            else:
+                leaf = ibuf[:, off : off + cols]
+                leaf = (
+                    jax.lax.bitcast_convert_type(leaf, dtype)
+                    if dtype == jnp.uint32
+                    else leaf.astype(dtype)
+                )
+            leaves.append(leaf.reshape((fbuf.shape[0],) + shape[1:]))
+        return jax.tree.unflatten(boundary.treedef, leaves)
+
+
+def _struct(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def trace_boundaries(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any) -> list[Any]:
+    """Shapes of every activation, from the model input to the model output.
+
+    Args:
+      specs: the layer specs.
+      params: the per-layer parameter trees.
+      x: one micro-batch of model input (arrays or ``ShapeDtypeStruct``), ``[B, ...]``.
+
+    Returns:
+      ``L + 1`` pytrees of ``jax.ShapeDtypeStruct``: entry ``i`` is the input
+      of layer ``i``; the last is the model output.
+
+    Raises:
+      ValueError: naming the layer index, class and input shape, if a layer
+        fails on the shape it receives.
+    """
+    structs = [_struct(x)]
+    for spec, p in zip(specs, params):
+        try:
+            out = jax.eval_shape(lambda p_, x_: apply_layer(spec, p_, x_), p, structs[-1])
+        except Exception as err:  # the layer's own error, re-raised with context
+            shapes = jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", structs[-1])
+            raise ValueError(
+                f"layer {spec.index} ({spec.name}) fails on its input {shapes}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        structs.append(out)
+    return structs

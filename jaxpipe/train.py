@@ -1,0 +1,127 @@
+"""``jaxpipe.train``: the one-call entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+
+from .pipeline import Pipeline, TrainState
+
+
+class TrainResult(NamedTuple):
+    """What ``train`` returns.
+
+    Attributes:
+      losses: the mean training loss of each step.
+      layers: the trained layers, as ``model_fn`` returns them.
+      state: the final ``TrainState`` (packed parameters and optimizer state).
+      pipeline: the ``Pipeline`` that ran, for further steps or evaluation.
+    """
+
+    losses: list[float]
+    layers: list[nnx.Module]
+    state: TrainState
+    pipeline: Pipeline
+
+
+def train(
+    model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
+    mesh_shape: Sequence[int] = (1, 1),
+    *,
+    data: Iterable[tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    num_microbatches: int = 1,
+    schedule: str = "gpipe",
+    seed: int = 0,
+    partition: Sequence[int] | None = None,
+    remat: bool = False,
+    progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainResult:
+    """Trains ``model_fn``'s layers with pipeline and data parallelism.
+
+    Args:
+      model_fn: ``(nnx.Rngs) -> list[nnx.Module]``, the layers in order.
+      mesh_shape: ``(D, P)``: data replicas x pipe devices; ``D * P`` devices
+        are used. ``(1, 1)`` is plain single-device training.
+      data: iterable of global batches ``(inputs, targets)``, each an array or
+        pytree of arrays with ``R`` leading rows, ``R`` a multiple of ``D * M``.
+      loss_fn: ``(outputs, targets) -> []``, mean loss over one micro-batch.
+      optimizer: an optax transformation (see ``Pipeline`` for which are exact).
+      steps: number of optimizer steps.
+      num_microbatches: M, micro-batches per data replica.
+      schedule: ``"gpipe"``.
+      seed: seed for ``model_fn``'s ``nnx.Rngs``.
+      partition: ``[P]`` layers per pipe device (default: balanced by XLA's
+        flop estimate).
+      remat: rematerialise each device's layers in the backward pass.
+      progress: show a progress bar with the loss.
+      devices: devices for the mesh; default ``jax.devices()``.
+
+    Returns:
+      A ``TrainResult`` with ``losses``, trained ``layers``, ``state`` and
+      ``pipeline``.
+
+    Raises:
+      ValueError: for bad shapes, sizes or options (see ``Pipeline``), or if
+        ``data`` runs out before ``steps`` batches.
+      TypeError: for wrongly typed arguments.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    batches = iter(data)
+    first = _next_batch(batches, 0, steps)
+    pipe = Pipeline(
+        model_fn,
+        mesh_shape,
+        loss_fn,
+        optimizer,
+        num_microbatches,
+        first,
+        schedule=schedule,
+        partition=partition,
+        remat=remat,
+        seed=seed,
+        devices=devices,
+    )
+    state = pipe.init()
+    losses: list[float] = []
+    bar = _progress(steps, progress)
+    batch = first
+    for step in range(steps):
+        if step:
+            batch = _next_batch(batches, step, steps)
+        state, loss = pipe.train_step(state, batch)
+        losses.append(float(loss))
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return TrainResult(losses, pipe.layers(state.params), state, pipe)
+
+
+def _next_batch(batches, step: int, steps: int):
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ValueError(
+            f"data ran out after {step} batches but steps={steps}; give an "
+            "iterable with at least one batch per step"
+        ) from None
+
+
+def _progress(steps: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc="train", unit="step")

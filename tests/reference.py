@@ -1,0 +1,55 @@
+"""The single-device reference every pipeline result is checked against.
+
+Plain Flax + optax: the layers applied one after the other to the whole global
+batch, the optimizer applied to the per-layer parameter trees. It shares no
+code with the executor, so a bug there cannot hide here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def reference_run(model_fn, batches, loss_fn, optimizer, seed=0):
+    """Trains on ``batches`` (one step each); returns (losses, grads of step 0, params).
+
+    ``grads`` and ``params`` are lists of per-layer ``nnx.State``.
+    """
+    layers = model_fn(nnx.Rngs(seed))
+    parts = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+    params = [p for _, p, _ in parts]
+
+    def loss(params, x, y):
+        h = x
+        for (graphdef, _, rest), p in zip(parts, params):
+            h = nnx.merge(graphdef, p, rest)(h)
+        return loss_fn(h, y)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state, value, grads
+
+    opt_state = optimizer.init(params)
+    losses, first_grads = [], None
+    for x, y in batches:
+        params, opt_state, value, grads = step(params, opt_state, x, y)
+        losses.append(float(value))
+        first_grads = grads if first_grads is None else first_grads
+    return losses, first_grads, params
+
+
+def assert_trees_close(actual, expected, rtol, atol, what):
+    """Leaf-by-leaf ``np.testing.assert_allclose`` with the layer path in the message."""
+    flat_a = jax.tree_util.tree_leaves_with_path(actual)
+    flat_e = jax.tree_util.tree_leaves_with_path(expected)
+    assert len(flat_a) == len(flat_e), f"{what}: {len(flat_a)} leaves vs {len(flat_e)}"
+    for (path, a), (_, e) in zip(flat_a, flat_e):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+            err_msg=f"{what} at {jax.tree_util.keystr(path)}",
+        )
