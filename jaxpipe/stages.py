@@ -75,7 +75,9 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
             "model_fn must return a list of nnx.Module layers in order, got "
             f"{type(layers).__name__}"
         )
-    specs, params, dtypes = [], [], set()
+    if not layers:
+        raise ValueError("model_fn returned no layers; it must return a non-empty list of nnx.Module layers")
+    specs, params, dtypes = [], [], {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, nnx.Module):
             raise TypeError(
@@ -96,7 +98,7 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
             )
         leaves, treedef = jax.tree.flatten(param_state)
         for leaf in leaves:
-            dtypes.add(jnp.dtype(leaf.dtype))
+            dtypes.setdefault(jnp.dtype(leaf.dtype), f"layer {i} ({type(layer).__name__})")
         specs.append(
             LayerSpec(
                 index=i,
@@ -109,11 +111,12 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
         )
         params.append(param_state)
     if len(dtypes) > 1 or any(not jnp.issubdtype(d, jnp.floating) for d in dtypes):
+        found = ", ".join(f"{d} (first in {where})" for d, where in dtypes.items())
         raise TypeError(
             "all parameters must share one floating dtype so they pack into one "
-            f"buffer, got {sorted(str(d) for d in dtypes)}"
+            f"buffer, got {found}; build every layer with the same float param_dtype"
         )
-    dtype = dtypes.pop() if dtypes else jnp.dtype(jnp.float32)
+    dtype = next(iter(dtypes)) if dtypes else jnp.dtype(jnp.float32)
     return specs, params, dtype
 
 
@@ -175,13 +178,10 @@ class ParamLayout:
         return out
 
     def unpack(self, packed: jax.Array) -> list[Any]:
-        """Per-layer parameter trees from a packed ``[P, N]`` array."""
+        """Per-layer parameter trees, in layer order, from a packed ``[P, N]`` array."""
         packed = np.asarray(jax.device_get(packed))
-        return [
-            self.unpack_layer(li, packed[p])
-            for p, layers in enumerate(self.device_layers)
-            for li in layers
-        ]
+        device_of = {li: p for p, layers in enumerate(self.device_layers) for li in layers}
+        return [self.unpack_layer(li, packed[device_of[li]]) for li in range(len(self.specs))]
 
 
 def _kind(dtype) -> str:
@@ -221,11 +221,13 @@ class Boundary:
         if not leaves:
             raise ValueError(f"{where} is empty; every boundary needs at least one array")
         kinds, offsets, used = [], [], {"float": 0, "int": 0}
-        for leaf in leaves:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(struct):
             if leaf.ndim == 0 or leaf.shape[0] != rows:
+                at = jax.tree_util.keystr(path)
                 raise ValueError(
-                    f"{where} has a leaf of shape {tuple(leaf.shape)}; every "
-                    f"activation leaf must have the micro-batch's {rows} rows first"
+                    f"{where} has a leaf{' at ' + at if at else ''} of shape {tuple(leaf.shape)}; "
+                    "every activation leaf that crosses pipe devices must have the "
+                    f"micro-batch's {rows} rows first"
                 )
             kind = _kind(leaf.dtype)
             kinds.append(kind)
@@ -344,3 +346,64 @@ def trace_boundaries(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any) 
             ) from err
         structs.append(out)
     return structs
+
+
+def check_rows_follow(struct: Any, probe: Any, probe_rows: int, where: str) -> None:
+    """Checks that every leaf's first dimension is the micro-batch's rows.
+
+    A leaf whose first dimension only happens to equal the rows B (an array
+    of fixed size independent of the batch) is caught by comparing with the
+    same boundary traced for micro-batches of ``probe_rows`` rows.
+
+    Args:
+      struct: the boundary's structure for micro-batches of B rows.
+      probe: the same boundary's structure for micro-batches of ``probe_rows``
+        rows (not compared if its tree structure differs).
+      probe_rows: the other row count, not B.
+      where: what the boundary is, for the message.
+
+    Raises:
+      ValueError: naming the leaf and its shape, if its first dimension does
+        not follow the number of rows.
+    """
+    if jax.tree.structure(probe) != jax.tree.structure(struct):
+        return
+    for (path, leaf), other in zip(jax.tree_util.tree_leaves_with_path(struct), jax.tree.leaves(probe)):
+        if other.ndim == 0 or other.shape[0] != probe_rows:
+            at = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{where} has a leaf{' at ' + at if at else ''} of shape {tuple(leaf.shape)} "
+                f"whose first dimension does not follow the rows (it is {tuple(other.shape)} "
+                f"for micro-batches of {probe_rows} rows); every activation leaf that crosses "
+                "pipe devices must have one entry per row first, [rows, ...]. Compute "
+                "batch-independent arrays inside the layer that uses them"
+            )
+
+
+def trace_at_rows(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any, rows: int) -> list[Any] | None:
+    """Like ``trace_boundaries`` for micro-batches of ``rows`` rows, in one trace.
+
+    Args:
+      specs: the layer specs.
+      params: the per-layer parameter trees.
+      x: one micro-batch of model input (arrays or ``ShapeDtypeStruct``); its
+        leading dimension is replaced by ``rows``.
+      rows: the number of rows to trace with.
+
+    Returns:
+      ``len(specs) + 1`` pytrees of ``jax.ShapeDtypeStruct``, or ``None`` if
+      the layers do not run on micro-batches of ``rows`` rows.
+    """
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows,) + tuple(a.shape[1:]), a.dtype), x)
+
+    def run(ps, h):
+        outs = [h]
+        for spec, p in zip(specs, ps):
+            h = apply_layer(spec, p, h)
+            outs.append(h)
+        return outs
+
+    try:
+        return jax.eval_shape(run, list(params), x)
+    except Exception:  # noqa: BLE001 - a layer tied to one row count: nothing to compare
+        return None

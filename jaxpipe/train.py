@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -38,6 +39,7 @@ def train(
     steps: int,
     num_microbatches: int = 1,
     schedule: str = "gpipe",
+    virtual_stages: int = 1,
     seed: int = 0,
     partition: Sequence[int] | None = None,
     remat: bool = False,
@@ -56,9 +58,10 @@ def train(
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: number of optimizer steps.
       num_microbatches: M, micro-batches per data replica.
-      schedule: ``"gpipe"``.
+      schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"`` (see ``Pipeline``).
+      virtual_stages: V, chunks per pipe device for ``"interleaved"``.
       seed: seed for ``model_fn``'s ``nnx.Rngs``.
-      partition: ``[P]`` layers per pipe device (default: balanced by XLA's
+      partition: ``[V * P]`` layers per stage (default: balanced by XLA's
         flop estimate).
       remat: rematerialise each device's layers in the backward pass.
       progress: show a progress bar with the loss.
@@ -73,11 +76,23 @@ def train(
         ``data`` runs out before ``steps`` batches.
       TypeError: for wrongly typed arguments.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"steps must be an int, got {steps!r}")
+    steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    batches = iter(data)
+    if isinstance(data, Sized) and len(data) < steps:
+        raise ValueError(
+            f"data has {len(data)} batches but steps={steps}; give an iterable "
+            "with at least one batch per step"
+        )
+    try:
+        batches = iter(data)
+    except TypeError:
+        raise TypeError(
+            "data must be an iterable of (inputs, targets) batches, got "
+            f"{type(data).__name__}"
+        ) from None
     first = _next_batch(batches, 0, steps)
     pipe = Pipeline(
         model_fn,
@@ -87,6 +102,7 @@ def train(
         num_microbatches,
         first,
         schedule=schedule,
+        virtual_stages=virtual_stages,
         partition=partition,
         remat=remat,
         seed=seed,

@@ -1,0 +1,362 @@
+"""Bad inputs fail early with a ValueError or TypeError that names the value and the fix.
+
+Almost every error here is raised while ``Pipeline`` checks its arguments,
+before anything is compiled; the few tests that build a valid pipeline do not
+run it.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxpipe
+from jaxpipe import models
+from models_for_tests import mse
+
+OPTIMIZER = optax.sgd(0.1)
+MLP = models.mlp([6, 8, 8, 5])  # 3 layers: [R, 6] -> [R, 5]
+
+
+def _batch(rows, target_rows=None, din=6, dout=5):
+    target_rows = rows if target_rows is None else target_rows
+    return np.ones((rows, din), np.float32), np.zeros((target_rows, dout), np.float32)
+
+
+def _pipeline(model_fn=MLP, mesh_shape=(1, 1), loss_fn=mse, optimizer=OPTIMIZER, num_microbatches=1, batch=None, **options):
+    return jaxpipe.Pipeline(
+        model_fn, mesh_shape, loss_fn, optimizer, num_microbatches, _batch(4) if batch is None else batch, **options
+    )
+
+
+def _train(model_fn=MLP, mesh_shape=(1, 1), data=None, steps=1, **options):
+    data = [_batch(4)] * steps if data is None else data
+    return jaxpipe.train(
+        model_fn, mesh_shape, data=data, loss_fn=mse, optimizer=OPTIMIZER, steps=steps, progress=False, **options
+    )
+
+
+# The mesh
+
+
+def test_mesh_needing_more_devices_than_there_are():
+    message = (
+        r"mesh_shape=\(4, 4\) needs 16 devices but only 8 are available \(cpu\); use a mesh with "
+        r"data \* pipe <= 8, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=16"
+    )
+    with pytest.raises(ValueError, match=message):
+        _pipeline(mesh_shape=(4, 4))
+    with pytest.raises(ValueError, match=message):
+        _train(mesh_shape=(4, 4))
+
+
+def test_mesh_larger_than_the_given_devices():
+    with pytest.raises(ValueError, match=r"mesh_shape=\(1, 2\) needs 2 devices but only 1 are available"):
+        _pipeline(mesh_shape=(1, 2), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2), (2, 2)], ids=str)
+def test_mesh_needing_fewer_devices_uses_the_first_ones(mesh_shape):
+    pipe = _pipeline(mesh_shape=mesh_shape, num_microbatches=2, batch=_batch(8))
+    needed = mesh_shape[0] * mesh_shape[1]
+    assert pipe.mesh.devices.shape == mesh_shape
+    assert pipe.mesh.devices.ravel().tolist() == jax.devices()[:needed]
+
+
+@pytest.mark.parametrize("mesh_shape", [2, "12", None, (2,), (1, 2, 1), (1.0, 2), (1, 2.5), (True, 1)], ids=repr)
+def test_mesh_shape_of_the_wrong_type_or_length(mesh_shape):
+    with pytest.raises(TypeError, match=r"mesh_shape must be a pair \(data, pipe\) of ints, got " + re.escape(repr(mesh_shape))):
+        _pipeline(mesh_shape=mesh_shape)
+
+
+@pytest.mark.parametrize("mesh_shape", [(0, 1), (1, 0), (2, -1)], ids=str)
+def test_mesh_shape_with_entries_below_one(mesh_shape):
+    data, pipe = mesh_shape
+    with pytest.raises(ValueError, match=rf"mesh_shape entries must be >= 1, got \(data={data}, pipe={pipe}\)"):
+        _pipeline(mesh_shape=mesh_shape)
+
+
+# The batch
+
+
+def test_rows_not_divisible_by_data_times_microbatches():
+    with pytest.raises(
+        ValueError,
+        match=r"the global batch has 10 rows, which does not divide into data=2 replicas x "
+        r"num_microbatches=3; use a batch of a multiple of 6 rows",
+    ):
+        _pipeline(mesh_shape=(2, 1), num_microbatches=3, batch=_batch(10))
+
+
+def test_inputs_and_targets_with_different_rows():
+    with pytest.raises(ValueError, match=r"inputs have 8 rows but targets have 6; they must match"):
+        _pipeline(batch=_batch(8, target_rows=6))
+
+
+def test_input_leaves_with_different_rows():
+    inputs = {"x": np.ones((4, 6), np.float32), "ids": np.ones((3, 2), np.int32)}
+    with pytest.raises(ValueError, match=r"every array in inputs must have the same leading dimension \(rows\), got shapes"):
+        _pipeline(batch=(inputs, np.zeros((4, 5), np.float32)))
+
+
+def test_empty_inputs():
+    with pytest.raises(ValueError, match=r"inputs is empty; give an array or a pytree of arrays"):
+        _pipeline(batch=({}, np.zeros((4, 5), np.float32)))
+
+
+@pytest.mark.parametrize(
+    "batch,kind",
+    [(np.ones((4, 6), np.float32), "ndarray"), (_batch(4) + (None,), "tuple"), ({"x": 1, "y": 2}, "dict")],
+    ids=["array", "triple", "dict"],
+)
+def test_batch_that_is_not_a_pair(batch, kind):
+    with pytest.raises(TypeError, match=rf"each batch must be a pair \(inputs, targets\) .*got {kind}"):
+        _pipeline(batch=batch)
+
+
+def test_later_batches_are_checked_too():
+    pipe = _pipeline(num_microbatches=2, batch=_batch(8))
+    with pytest.raises(TypeError, match=r"each batch must be a pair \(inputs, targets\)"):
+        pipe.shard_batch(np.ones((8, 6), np.float32))
+    with pytest.raises(ValueError, match=r"this pipeline was built for global batches of 8 rows, got 4"):
+        pipe.shard_batch(_batch(4))
+
+
+# The model
+
+
+def test_fewer_layers_than_pipe_devices():
+    with pytest.raises(
+        ValueError,
+        match=r"the model has 3 layers but mesh_shape=\(1, 4\) has 4 pipe devices; every pipe device "
+        r"needs at least one layer, so use pipe <= 3",
+    ):
+        _pipeline(mesh_shape=(1, 4))
+
+
+def test_layer_that_fails_on_its_input_shape():
+    def model_fn(rngs):
+        return [nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs), nnx.Linear(7, 5, rngs=rngs)]
+
+    with pytest.raises(ValueError, match=r"layer 2 \(Linear\) fails on its input float32\[4, 8\]: TypeError: "):
+        _pipeline(model_fn, num_microbatches=2, batch=_batch(8))
+
+
+def test_model_fn_returning_a_single_module():
+    with pytest.raises(TypeError, match=r"model_fn must return a list of nnx.Module layers in order, got Linear"):
+        _pipeline(lambda rngs: nnx.Linear(6, 5, rngs=rngs))
+
+
+def test_model_fn_returning_a_generator():
+    with pytest.raises(TypeError, match=r"model_fn must return a list of nnx.Module layers in order, got generator"):
+        _pipeline(lambda rngs: (nnx.Linear(6, 5, rngs=rngs) for _ in range(2)))
+
+
+def test_model_fn_returning_a_non_module():
+    with pytest.raises(TypeError, match=r"layer 1 is a function, expected an nnx.Module"):
+        _pipeline(lambda rngs: [nnx.Linear(6, 5, rngs=rngs), lambda x: x])
+
+
+def test_model_fn_returning_no_layers():
+    with pytest.raises(ValueError, match=r"model_fn returned no layers; it must return a non-empty list"):
+        _pipeline(lambda rngs: [])
+
+
+def test_model_fn_and_loss_fn_not_callable():
+    with pytest.raises(TypeError, match=r"model_fn must be callable, got list"):
+        _pipeline([nnx.Linear(6, 5, rngs=nnx.Rngs(0))])
+    with pytest.raises(TypeError, match=r"loss_fn must be callable, got str"):
+        _pipeline(loss_fn="mse")
+
+
+def test_layer_with_batch_statistics():
+    def model_fn(rngs):
+        return [nnx.Linear(6, 5, rngs=rngs), nnx.BatchNorm(5, rngs=rngs)]
+
+    with pytest.raises(
+        TypeError,
+        match=r"layer 1 \(BatchNorm\) holds batch statistics or RNG state at \[.*'mean'.*\]; "
+        r"jaxpipe trains nnx.Param state only",
+    ):
+        _pipeline(model_fn)
+
+
+def test_dropout_with_rng_state():
+    def model_fn(rngs):
+        return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)]
+
+    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds batch statistics or RNG state at \[.*rngs.*\].*without rngs"):
+        _pipeline(model_fn)
+
+
+def test_dropout_without_rngs_is_accepted():
+    pipe = _pipeline(lambda rngs: [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, deterministic=True)])
+    assert pipe.partition == (2,)
+
+
+def test_parameters_of_mixed_dtypes():
+    def model_fn(rngs):
+        return [nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 5, param_dtype=jnp.bfloat16, rngs=rngs)]
+
+    with pytest.raises(
+        TypeError,
+        match=r"all parameters must share one floating dtype .*got float32 \(first in layer 0 \(Linear\)\), "
+        r"bfloat16 \(first in layer 1 \(Linear\)\); build every layer with the same float param_dtype",
+    ):
+        _pipeline(model_fn)
+
+
+class WithAux(nnx.Module):
+    """Returns ``(h [R, 8], aux [4])``: ``aux`` does not depend on the rows."""
+
+    def __init__(self, *, rngs):
+        self.linear = nnx.Linear(6, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(x), jnp.linspace(0.0, 1.0, 4)
+
+
+class UseAux(nnx.Module):
+    def __init__(self, *, rngs):
+        self.linear = nnx.Linear(8, 5, rngs=rngs)
+
+    def __call__(self, h_aux):
+        h, aux = h_aux
+        return self.linear(h) * aux.sum()
+
+
+def _aux_model(rngs):
+    return [WithAux(rngs=rngs), UseAux(rngs=rngs)]
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2], ids=["4-rows", "2-rows"])
+def test_boundary_leaf_without_rows_first_at_a_device_cut(num_microbatches):
+    """Rejected even when its size happens to equal the micro-batch's rows (4 rows, M=1)."""
+    with pytest.raises(ValueError, match=r"the output of layer 0 has a leaf at \[1\] of shape \(4,\)"):
+        _pipeline(_aux_model, mesh_shape=(1, 2), num_microbatches=num_microbatches)
+
+
+def test_boundary_leaf_without_rows_inside_one_device_is_fine():
+    assert _pipeline(_aux_model, mesh_shape=(1, 1)).partition == (2,)
+
+
+# The loss
+
+
+def test_loss_fn_returning_per_row_losses():
+    with pytest.raises(
+        ValueError,
+        match=r"loss_fn must return a float scalar \(the mean loss over one micro-batch\), got float32\[2\]",
+    ):
+        _pipeline(loss_fn=lambda outputs, targets: jnp.mean((outputs - targets) ** 2, axis=-1), num_microbatches=2)
+
+
+def test_loss_fn_returning_an_int():
+    with pytest.raises(ValueError, match=r"loss_fn must return a float scalar .*got int32\[\]"):
+        _pipeline(loss_fn=lambda outputs, targets: jnp.argmax(outputs).astype(jnp.int32))
+
+
+def test_loss_fn_that_fails_on_the_outputs():
+    with pytest.raises(
+        ValueError,
+        match=r"loss_fn fails on one micro-batch's model outputs float32\[4, 5\] and targets "
+        r"float32\[4, 3\]: TypeError: ",
+    ):
+        _pipeline(batch=_batch(4, dout=3))
+
+
+# The options
+
+
+@pytest.mark.parametrize(
+    "partition,error,match",
+    [
+        ((1, 1), ValueError, r"partition=\(1, 1\) sums to 2 but the model has 3 layers; the counts must sum to 3"),
+        ((3,), ValueError, r"partition=\(3,\) has 1 entries but .*2 pipe devices; give one layer count per pipe device"),
+        ((3, 0), ValueError, r"partition=\(3, 0\): every pipe device needs at least one layer"),
+        ((2.0, 1.0), TypeError, r"partition must be a sequence of ints \(layers per pipe device\), got \(2.0, 1.0\)"),
+        (3, TypeError, r"partition must be a sequence of ints \(layers per pipe device\), got 3"),
+    ],
+    ids=["sum", "length", "zero", "floats", "int"],
+)
+def test_bad_partition(partition, error, match):
+    with pytest.raises(error, match=match):
+        _pipeline(mesh_shape=(1, 2), partition=partition)
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match=r"schedule='pipedream' is not one of \(.*'gpipe'.*\)"):
+        _pipeline(schedule="pipedream")
+
+
+@pytest.mark.parametrize("num_microbatches", [0, -2], ids=str)
+def test_num_microbatches_below_one(num_microbatches):
+    with pytest.raises(ValueError, match=rf"num_microbatches must be >= 1, got {num_microbatches}"):
+        _pipeline(num_microbatches=num_microbatches)
+
+
+@pytest.mark.parametrize("num_microbatches", [2.0, "2", True, None], ids=repr)
+def test_num_microbatches_not_an_int(num_microbatches):
+    with pytest.raises(TypeError, match=r"num_microbatches must be an int, got " + re.escape(repr(num_microbatches))):
+        _pipeline(num_microbatches=num_microbatches)
+
+
+def test_optimizer_not_a_gradient_transformation():
+    with pytest.raises(TypeError, match=r"optimizer must be an optax.GradientTransformation, got function"):
+        _pipeline(optimizer=optax.sgd)
+
+
+# train
+
+
+@pytest.mark.parametrize("steps", [0, -1], ids=str)
+def test_steps_below_one(steps):
+    with pytest.raises(ValueError, match=rf"steps must be >= 1, got {steps}"):
+        _train(data=[_batch(4)], steps=steps)
+
+
+@pytest.mark.parametrize("steps", [1.0, "3", None], ids=repr)
+def test_steps_not_an_int(steps):
+    with pytest.raises(TypeError, match=r"steps must be an int, got " + re.escape(repr(steps))):
+        _train(data=[_batch(4)], steps=steps)
+
+
+def test_steps_may_be_a_numpy_int():
+    assert len(_train(data=[_batch(4)], steps=np.int64(1)).losses) == 1
+
+
+def test_data_list_shorter_than_steps_fails_before_training():
+    with pytest.raises(ValueError, match=r"data has 2 batches but steps=3; give an iterable with at least one batch per step"):
+        _train(data=[_batch(4)] * 2, steps=3)
+
+
+def test_data_generator_that_runs_out_before_steps():
+    def two_batches():
+        yield _batch(4)
+        yield _batch(4)
+
+    with pytest.raises(ValueError, match=r"data ran out after 2 batches but steps=3; give an iterable with at least one batch per step"):
+        _train(data=two_batches(), steps=3)
+
+
+def test_empty_data_generator():
+    with pytest.raises(ValueError, match=r"data ran out after 0 batches but steps=1"):
+        _train(data=iter(()), steps=1)
+
+
+def test_data_not_iterable():
+    with pytest.raises(TypeError, match=r"data must be an iterable of \(inputs, targets\) batches, got int"):
+        _train(data=5, steps=1)
+
+
+def test_train_checks_every_batch():
+    def batches():
+        yield _batch(4)
+        yield np.ones((4, 6), np.float32)
+
+    with pytest.raises(TypeError, match=r"each batch must be a pair \(inputs, targets\) .*got ndarray"):
+        _train(data=batches(), steps=2)
