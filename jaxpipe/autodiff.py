@@ -1,4 +1,4 @@
-"""The SPMD pipeline executor: one ``shard_map`` over the ``(data, pipe)`` mesh.
+"""GPipe with autodiff: the reference path beside the table executor.
 
 GPipe (Huang et al., 2019, "GPipe: Efficient Training of Giant Neural Networks
 using Pipeline Parallelism"): every micro-batch flows forward through the P
@@ -11,7 +11,6 @@ nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,31 +20,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .stages import Boundary, Carrier, ParamLayout, apply_layer
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-    """Everything static the executor needs, derived before tracing.
-
-    Attributes:
-      layout: the packed parameter layout (which layers each device holds).
-      boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
-        ``i``'s input for one micro-batch where a device boundary lies before
-        layer ``i``, else ``None`` (nothing crosses devices there).
-      carrier: the wire format shared by all boundaries.
-      num_microbatches: M.
-    """
-
-    layout: ParamLayout
-    boundaries: tuple[Boundary, ...]
-    carrier: Carrier
-    num_microbatches: int
-
-    @property
-    def num_devices(self) -> int:
-        """P."""
-        return len(self.layout.device_layers)
+from .executor import StagePlan
+from .stages import apply_layer
 
 
 def _index(tree: Any, m: jax.Array) -> Any:
@@ -79,7 +55,7 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool) -> 
     return jax.checkpoint(program) if remat else program
 
 
-def gpipe_loss(
+def autodiff_gpipe_loss(
     plan: StagePlan,
     mesh: Mesh,
     loss_fn: Callable,

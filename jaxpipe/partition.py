@@ -17,20 +17,27 @@ import numpy as np
 from .stages import LayerSpec, apply_layer
 
 
-def check_partition(partition: Sequence[int], num_layers: int, num_devices: int) -> tuple[int, ...]:
-    """Validates an explicit partition: layers per pipe device.
+def check_partition(
+    partition: Sequence[int], num_layers: int, num_devices: int, num_chunks: int = 1
+) -> tuple[int, ...]:
+    """Validates an explicit partition: layers per stage.
+
+    With ``V = num_chunks`` chunks per device there are ``S = V * P`` stages;
+    stage ``s = c * P + p`` is chunk ``c`` of pipe device ``p``. With V = 1 a
+    stage is a pipe device.
 
     Args:
-      partition: ``[P]`` layer counts, e.g. ``(2, 1, 1, 2)``.
+      partition: ``[S]`` layer counts, e.g. ``(2, 1, 1, 2)``.
       num_layers: L.
       num_devices: P.
+      num_chunks: V.
 
     Returns:
       The partition as a tuple of ints.
 
     Raises:
       TypeError: if ``partition`` is not a sequence of ints.
-      ValueError: if its length is not P, an entry is below 1, or it does not
+      ValueError: if its length is not S, an entry is below 1, or it does not
         sum to L.
     """
     if isinstance(partition, (str, bytes)) or not isinstance(partition, Sequence) or not all(
@@ -38,13 +45,18 @@ def check_partition(partition: Sequence[int], num_layers: int, num_devices: int)
     ):
         raise TypeError(f"partition must be a sequence of ints (layers per pipe device), got {partition!r}")
     partition = tuple(int(n) for n in partition)
-    if len(partition) != num_devices:
+    num_stages = num_devices * num_chunks
+    where = (
+        f"{num_devices} pipe devices" if num_chunks == 1
+        else f"{num_stages} stages ({num_chunks} virtual stages x {num_devices} pipe devices)"
+    )
+    if len(partition) != num_stages:
         raise ValueError(
-            f"partition={partition} has {len(partition)} entries but the mesh has "
-            f"{num_devices} pipe devices; give one layer count per pipe device"
+            f"partition={partition} has {len(partition)} entries but there are "
+            f"{where}; give one layer count per {'pipe device' if num_chunks == 1 else 'stage'}"
         )
     if min(partition) < 1:
-        raise ValueError(f"partition={partition}: every pipe device needs at least one layer")
+        raise ValueError(f"partition={partition}: every {'pipe device' if num_chunks == 1 else 'stage'} needs at least one layer")
     if sum(partition) != num_layers:
         raise ValueError(
             f"partition={partition} sums to {sum(partition)} but the model has "

@@ -16,12 +16,22 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .executor import StagePlan, gpipe_loss
+from .autodiff import autodiff_gpipe_loss
+from .executor import StagePlan, scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
+from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .partition import check_partition, estimate_costs, partition_layers
-from .stages import Boundary, Carrier, ParamLayout, split_layers, trace_boundaries
+from .stages import (
+    Boundary,
+    Carrier,
+    ParamLayout,
+    check_rows_follow,
+    split_layers,
+    trace_at_rows,
+    trace_boundaries,
+)
 
-SCHEDULES = ("gpipe",)
+SCHEDULES = SCHEDULE_NAMES
 
 
 class TrainState(NamedTuple):
@@ -92,7 +102,9 @@ class Pipeline:
     Raises:
       ValueError: for a mesh larger than the device count, a batch whose rows
         do not divide by ``D * M``, fewer layers than pipe devices, a layer
-        that fails on its input, a non-scalar loss, or a bad partition.
+        that fails on its input, an activation crossing pipe devices with a
+        leaf that does not have the rows first, a ``loss_fn`` that fails or
+        returns no scalar, or a bad partition.
       TypeError: for wrongly typed arguments or layers.
     """
 
@@ -106,10 +118,12 @@ class Pipeline:
         example_batch: tuple[Any, Any],
         *,
         schedule: str = "gpipe",
+        virtual_stages: int = 1,
         partition: Sequence[int] | None = None,
         remat: bool = False,
         seed: int = 0,
         devices: Sequence[jax.Device] | None = None,
+        _executor: str = "table",
         _skip_idle: bool = True,
     ):
         if not callable(model_fn):
@@ -126,10 +140,20 @@ class Pipeline:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, (int, np.integer)):
+            raise TypeError(f"virtual_stages must be an int, got {virtual_stages!r}")
+        if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved"):
+            raise ValueError(
+                f"virtual_stages={virtual_stages} with schedule={schedule!r}: use "
+                "virtual_stages >= 1, and more than 1 only with schedule='interleaved'"
+            )
+        if _executor not in ("table", "autodiff") or (_executor == "autodiff" and schedule != "gpipe"):
+            raise ValueError(f"_executor={_executor!r} must be 'table', or 'autodiff' with schedule='gpipe'")
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
         self.schedule = schedule
+        self.num_chunks = int(virtual_stages)
         self.optimizer = optimizer
         self.seed = seed
 
@@ -139,6 +163,14 @@ class Pipeline:
                 f"the model has {len(specs)} layers but mesh_shape={tuple(mesh_shape)} "
                 f"has {self.num_devices} pipe devices; every pipe device needs at least "
                 f"one layer, so use pipe <= {len(specs)}"
+            )
+        if len(specs) < self.num_chunks * self.num_devices:
+            raise ValueError(
+                f"schedule='interleaved' with virtual_stages={self.num_chunks} on "
+                f"{self.num_devices} pipe devices needs at least "
+                f"{self.num_chunks * self.num_devices} layers (V * P, one per stage), "
+                f"but the model has {len(specs)}; lower virtual_stages to at most "
+                f"{len(specs) // self.num_devices}"
             )
         inputs, targets = _check_batch(example_batch)
         rows = self._check_rows(inputs, targets)
@@ -150,31 +182,54 @@ class Pipeline:
         structs = trace_boundaries(specs, params, x_mb)
         self._check_loss(loss_fn, structs[-1], y_mb)
 
+        num_stages = self.num_chunks * self.num_devices
         if partition is None:
             costs = estimate_costs(specs, params, structs[:-1])
-            partition = partition_layers(costs, self.num_devices)
-        partition = check_partition(partition, len(specs), self.num_devices)
-        cuts = np.cumsum((0,) + partition)
-        device_layers = [tuple(range(cuts[p], cuts[p + 1])) for p in range(self.num_devices)]
-        boundaries = tuple(
-            Boundary.from_struct(structs[i], self.microbatch_rows, f"the output of layer {i - 1}")
-            if i in set(cuts[1:-1].tolist())
-            else None
-            for i in range(len(structs))
-        )
-        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], self.microbatch_rows)
-        self.partition = partition
-        self.layout = ParamLayout.build(specs, device_layers, dtype)
-        self.plan = StagePlan(self.layout, boundaries, carrier, self.num_microbatches)
+            partition = partition_layers(costs, num_stages)
+        self.partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
+        self.plan = self._build_plan(specs, params, dtype, structs, x_mb)
+        self.layout = self.plan.layout
         self._host_params = params
 
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        loss = gpipe_loss(self.plan, self.mesh, loss_fn, remat=remat, skip_idle=_skip_idle)
-        self._loss = loss
-        self._loss_and_grad = jax.jit(jax.value_and_grad(loss))
+        if _executor == "autodiff":
+            loss = autodiff_gpipe_loss(self.plan, self.mesh, loss_fn, remat=remat, skip_idle=_skip_idle)
+            self._value_and_grad = jax.value_and_grad(loss)
+        else:
+            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
+            self.buffers = assign_buffers(self.table)
+            self._value_and_grad = scheduled_loss_and_grad(
+                self.plan, self.table, self.buffers, self.mesh, loss_fn
+            )
+        self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
+
+    def _build_plan(self, specs, params, dtype, structs, x_mb) -> StagePlan:
+        """Stage ``s = c * P + p`` gets ``partition[s]`` consecutive layers."""
+        num_stages = len(self.partition)
+        cuts = np.cumsum((0,) + self.partition)
+        stage_layers = tuple(tuple(range(cuts[s], cuts[s + 1])) for s in range(num_stages))
+        device_layers = [
+            sum((stage_layers[c * self.num_devices + p] for c in range(self.num_chunks)), ())
+            for p in range(self.num_devices)
+        ]
+        cut_points = cuts[1:-1].tolist()
+        boundaries = tuple(
+            Boundary.from_struct(structs[i], self.microbatch_rows, f"the output of layer {i - 1}")
+            if i in cut_points
+            else None
+            for i in range(len(structs))
+        )
+        if cut_points:
+            probe_rows = self.microbatch_rows + 1
+            probe = trace_at_rows(specs[: max(cut_points)], params, x_mb, probe_rows)
+            for i in cut_points if probe is not None else ():
+                check_rows_follow(structs[i], probe[i], probe_rows, f"the output of layer {i - 1}")
+        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], self.microbatch_rows)
+        layout = ParamLayout.build(specs, device_layers, dtype)
+        return StagePlan(layout, stage_layers, boundaries, carrier, self.num_microbatches)
 
     def _check_rows(self, inputs: Any, targets: Any) -> int:
         rows = _rows(inputs, "inputs")
@@ -194,7 +249,14 @@ class Pipeline:
 
     @staticmethod
     def _check_loss(loss_fn: Callable, outputs: Any, targets: Any) -> None:
-        out = jax.eval_shape(loss_fn, outputs, targets)
+        try:
+            out = jax.eval_shape(loss_fn, outputs, targets)
+        except Exception as err:  # the loss's own error, re-raised with context
+            shapes = [jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", t) for t in (outputs, targets)]
+            raise ValueError(
+                f"loss_fn fails on one micro-batch's model outputs {shapes[0]} and "
+                f"targets {shapes[1]}: {type(err).__name__}: {err}"
+            ) from err
         if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(
                 "loss_fn must return a float scalar (the mean loss over one "
@@ -202,7 +264,7 @@ class Pipeline:
             )
 
     def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
-        loss, grads = jax.value_and_grad(self._loss)(state.params, inputs, targets)
+        loss, grads = self._value_and_grad(state.params, inputs, targets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), loss

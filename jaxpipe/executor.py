@@ -1,0 +1,262 @@
+"""The table executor: one ``shard_map`` that runs any schedule table.
+
+Every schedule (GPipe, 1F1B, interleaved 1F1B, ...) is a NumPy table of
+actions (``schedule.py``); this module only interprets tables (DESIGN.md rules
+1 and 2). Per tick, every pipe device:
+
+1. writes the activation and the gradient that arrived (sent at the previous
+   tick) into its stash and gradient-inbox slots, as the buffer plan says;
+2. runs one branch of a ``lax.switch``: idle (computes nothing), the forward
+   of one of its stages, or the backward of one of its stages. The backward
+   recomputes the stage from its stashed input with ``jax.vjp`` and adds the
+   parameter gradient to a packed ``[N]`` accumulator, so every branch returns
+   the same shapes and nothing is stored between ticks but boundary inputs;
+3. sends its forward output to the next device and its input-gradient to the
+   previous one with ``lax.ppermute`` (a ring when chunks wrap around).
+
+Ticks run under ``lax.scan`` over the table rows, so compile time does not
+grow with the number of micro-batches. The last stage's forward is folded
+into its backward (the recomputation yields the loss too), so its FORWARD
+cells compute nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from .mesh import DATA_AXIS, PIPE_AXIS
+from .schedule import BACKWARD, FORWARD, Buffers, Schedule
+from .stages import Boundary, Carrier, ParamLayout, apply_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """Everything static the executors need, derived before tracing.
+
+    Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) holds the layers
+    ``stage_layers[s]``; there are ``S = V * P`` stages in model order.
+
+    Attributes:
+      layout: the packed parameter layout (which layers each device holds).
+      stage_layers: ``[S]`` tuples of layer indices.
+      boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
+        ``i``'s input for one micro-batch where a stage boundary lies before
+        layer ``i``, else ``None`` (nothing crosses stages there).
+      carrier: the wire format shared by all boundaries.
+      num_microbatches: M.
+    """
+
+    layout: ParamLayout
+    stage_layers: tuple[tuple[int, ...], ...]
+    boundaries: tuple[Boundary | None, ...]
+    carrier: Carrier
+    num_microbatches: int
+
+    @property
+    def num_devices(self) -> int:
+        """P."""
+        return len(self.layout.device_layers)
+
+    @property
+    def num_stages(self) -> int:
+        """S = V * P."""
+        return len(self.stage_layers)
+
+    @property
+    def sends_ints(self) -> bool:
+        """Whether an integer leaf crosses a stage boundary."""
+        return any(b is not None and "int" in b.kinds for b in self.boundaries)
+
+
+def _index(tree: Any, m: jax.Array) -> Any:
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
+
+
+def _stage_apply(plan: StagePlan, s: int, row, in_f, in_i, x):
+    """Stage ``s``'s layers on one micro-batch; the input comes from ``x`` for s = 0."""
+    layers = plan.stage_layers[s]
+    h = x if s == 0 else plan.carrier.unpack(plan.boundaries[layers[0]], in_f, in_i)
+    for li in layers:
+        spec = plan.layout.specs[li]
+        with jax.named_scope(f"layer{li}_{spec.name}"):
+            h = apply_layer(spec, plan.layout.unpack_layer(li, row), h)
+    return h
+
+
+def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Callable]:
+    """``[idle, forward_0 .. forward_{S-1}, backward_0 .. backward_{S-1}]``.
+
+    Every branch maps ``(row, grad_acc, in_f, in_i, cot_f, x, y)`` to
+    ``(send_f, send_i, grad_acc, send_grad, loss)``.
+    """
+    carrier, last = plan.carrier, plan.num_stages - 1
+
+    def idle(row, grad_acc, in_f, in_i, cot_f, x, y):
+        send_f, send_i = carrier.zeros()
+        return send_f, send_i, grad_acc, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+
+    def forward(s):
+        out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
+
+        def branch(row, grad_acc, in_f, in_i, cot_f, x, y):
+            with jax.named_scope(f"stage{s}_forward"):
+                h = _stage_apply(plan, s, row, in_f, in_i, x)
+                send_f, send_i = carrier.pack(out_boundary, h)
+            return send_f, send_i, grad_acc, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+
+        return branch
+
+    def backward(s):
+        def branch(row, grad_acc, in_f, in_i, cot_f, x, y):
+            with jax.named_scope(f"stage{s}_backward"):
+                if s == last:
+                    def f(row_, in_f_):
+                        out = _stage_apply(plan, s, row_, in_f_, in_i, x)
+                        return jnp.asarray(loss_fn(out, y), jnp.float32)
+
+                    loss, vjp = jax.vjp(f, row, in_f)
+                    g_row, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
+                else:
+                    out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
+
+                    def f(row_, in_f_):
+                        h = _stage_apply(plan, s, row_, in_f_, in_i, x)
+                        return carrier.pack(out_boundary, h)[0]
+
+                    _, vjp = jax.vjp(f, row, in_f)
+                    g_row, g_in = vjp(cot_f)
+                    loss = jnp.zeros((), jnp.float32)
+            send_f, send_i = carrier.zeros()
+            return send_f, send_i, grad_acc + g_row, g_in, loss
+
+        return branch
+
+    stages = range(plan.num_stages)
+    forwards = [forward(s) if s < last else idle for s in stages]
+    return [idle] + forwards + [backward(s) for s in stages]
+
+
+def _tick_table(schedule: Schedule, buffers: Buffers) -> np.ndarray:
+    """``[T, P, 6]`` int32: branch, micro-batch and the four slot columns."""
+    S = schedule.num_stages
+    stage = schedule.stage
+    branch = np.where(schedule.op == FORWARD, 1 + stage, 0)
+    branch = np.where(schedule.op == BACKWARD, 1 + S + stage, branch)
+    # The last stage's forward is recomputed by its backward: nothing to do.
+    branch = np.where((schedule.op == FORWARD) & (stage == S - 1), 0, branch)
+    columns = (branch, schedule.microbatch, buffers.act_slot, buffers.grad_slot,
+               buffers.recv_act_slot, buffers.recv_grad_slot)
+    return np.stack([np.asarray(c, np.int32) for c in columns], axis=-1)
+
+
+def _write(stash: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """``stash[slot] = value`` where ``slot >= 0``; unchanged otherwise."""
+    index = jnp.maximum(slot, 0)
+    current = lax.dynamic_index_in_dim(stash, index, keepdims=False)
+    value = jnp.where(slot >= 0, value, current)
+    return lax.dynamic_update_index_in_dim(stash, value, index, 0)
+
+
+def _read(stash: jax.Array, slot: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(stash, jnp.maximum(slot, 0), keepdims=False)
+
+
+def scheduled_loss_and_grad(
+    plan: StagePlan,
+    schedule: Schedule,
+    buffers: Buffers,
+    mesh: Mesh,
+    loss_fn: Callable,
+) -> Callable:
+    """Builds the loss-and-gradient function that runs ``schedule``.
+
+    Args:
+      plan: the static stage plan (``S = V * P`` stages).
+      schedule: a legal table for the plan's P, M and V.
+      buffers: its slot plan (``schedule.assign_buffers``).
+      mesh: a ``("data", "pipe")`` mesh whose pipe size is P.
+      loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
+
+    Returns:
+      ``f(params [P, N], inputs [D, M, B, ...], targets [D, M, B, ...]) ->
+      (loss [], grads [P, N])``: the mean of ``loss_fn`` over all micro-batches
+      of all replicas, and its gradient (summed over ``data``).
+
+    Raises:
+      ValueError: if the schedule's sizes do not match the plan's.
+    """
+    num_devices, num_mb = plan.num_devices, plan.num_microbatches
+    if (schedule.num_devices, schedule.num_microbatches, schedule.num_stages) != (
+        num_devices, num_mb, plan.num_stages
+    ):
+        raise ValueError(
+            f"schedule {schedule.name} is for P={schedule.num_devices}, "
+            f"M={schedule.num_microbatches}, S={schedule.num_stages} stages, but the "
+            f"plan has P={num_devices}, M={num_mb}, S={plan.num_stages}"
+        )
+    num_replicas = mesh.devices.shape[0]
+    branches = _branches(plan, loss_fn, 1.0 / (num_mb * num_replicas))
+    table = jnp.asarray(_tick_table(schedule, buffers))
+    ring = schedule.num_chunks > 1
+    fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
+    bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
+    carrier = plan.carrier
+    zero_f, zero_i = carrier.zeros()
+
+    def body(params, inputs, targets):
+        row = params[0]
+        inputs = jax.tree.map(lambda a: a[0], inputs)
+        targets = jax.tree.map(lambda a: a[0], targets)
+        p = lax.axis_index(PIPE_AXIS)
+
+        def tick(carry, cells):
+            act_f, act_i, grads_in, grad_acc, loss_sum, arr_f, arr_i, arr_g = carry
+            branch, m, act_slot, grad_slot, recv_act, recv_grad = (
+                lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(6)
+            )
+            act_f = _write(act_f, recv_act, arr_f)
+            act_i = _write(act_i, recv_act, arr_i)
+            grads_in = _write(grads_in, recv_grad, arr_g)
+            mc = jnp.maximum(m, 0)
+            send_f, send_i, grad_acc, send_g, loss = lax.switch(
+                branch, branches, row, grad_acc,
+                _read(act_f, act_slot), _read(act_i, act_slot), _read(grads_in, grad_slot),
+                _index(inputs, mc), _index(targets, mc),
+            )
+            if num_devices > 1:
+                send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
+                if plan.sends_ints:
+                    send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
+                send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
+            return (act_f, act_i, grads_in, grad_acc, loss_sum + loss, send_f, send_i, send_g), None
+
+        slots_a, slots_g = buffers.num_act_slots, buffers.num_grad_slots
+        init = (
+            jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
+            jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
+            jnp.zeros((slots_g,) + zero_f.shape, zero_f.dtype),
+            jnp.zeros_like(row),
+            jnp.zeros((), jnp.float32),
+            zero_f, zero_i, zero_f,
+        )
+        carry, _ = lax.scan(tick, init, table)
+        grad_acc, loss_sum = carry[3], carry[4]
+        loss = lax.psum(lax.psum(loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)
+        grads = lax.psum(grad_acc, DATA_AXIS)
+        return loss, grads[None]
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(PartitionSpec(PIPE_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec(DATA_AXIS)),
+        out_specs=(PartitionSpec(), PartitionSpec(PIPE_AXIS)),
+        check_vma=False,
+    )
