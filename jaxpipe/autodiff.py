@@ -41,10 +41,10 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool) -> 
 
     def program(row, recv_f, recv_i, x, y):
         h = x if q == 0 else carrier.unpack(plan.boundaries[layers[0]], recv_f, recv_i)
-        for li in layers:
+        for li, params in zip(layers, plan.layout.unpack_layers(layers, row)):
             spec = plan.layout.specs[li]
             with jax.named_scope(f"layer{li}_{spec.name}"):
-                h = apply_layer(spec, plan.layout.unpack_layer(li, row), h)
+                h = apply_layer(spec, params, h)
         if last:
             send_f, send_i = carrier.zeros()
             return send_f, send_i, jnp.asarray(loss_fn(h, y), jnp.float32)

@@ -71,6 +71,11 @@ class StagePlan:
         return len(self.stage_layers)
 
     @property
+    def window(self) -> int:
+        """G, the largest stage's parameter count (>= 1)."""
+        return max([1] + [self.layout.segment(layers)[1] for layers in self.stage_layers])
+
+    @property
     def sends_ints(self) -> bool:
         """Whether an integer leaf crosses a stage boundary."""
         return any(b is not None and "int" in b.kinds for b in self.boundaries)
@@ -80,62 +85,75 @@ def _index(tree: Any, m: jax.Array) -> Any:
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
 
 
-def _stage_apply(plan: StagePlan, s: int, row, in_f, in_i, x):
-    """Stage ``s``'s layers on one micro-batch; the input comes from ``x`` for s = 0."""
+def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
+    """Stage ``s``'s layers, with parameter ``trees``, on one micro-batch.
+
+    The input comes from the data ``x`` for stage 0, else from the carrier.
+    """
     layers = plan.stage_layers[s]
     h = x if s == 0 else plan.carrier.unpack(plan.boundaries[layers[0]], in_f, in_i)
-    for li in layers:
+    for li, params in zip(layers, trees):
         spec = plan.layout.specs[li]
         with jax.named_scope(f"layer{li}_{spec.name}"):
-            h = apply_layer(spec, plan.layout.unpack_layer(li, row), h)
+            h = apply_layer(spec, params, h)
     return h
 
 
 def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Callable]:
     """``[idle, forward_0 .. forward_{S-1}, backward_0 .. backward_{S-1}]``.
 
-    Every branch maps ``(row, grad_acc, in_f, in_i, cot_f, x, y)`` to
-    ``(send_f, send_i, grad_acc, send_grad, loss)``.
+    Every branch maps ``(row, in_f, in_i, cot_f, x, y)`` to ``(send_f, send_i,
+    grad [G], send_grad, loss)``. A backward branch differentiates with respect
+    to its stage's parameter trees and returns their gradients flat, padded to
+    the largest stage's size G; the caller adds them into the stage's window
+    of the gradient row, outside the switch, where XLA updates it in place.
     """
-    carrier, last = plan.carrier, plan.num_stages - 1
+    carrier, layout, last = plan.carrier, plan.layout, plan.num_stages - 1
+    window = plan.window
 
-    def idle(row, grad_acc, in_f, in_i, cot_f, x, y):
-        send_f, send_i = carrier.zeros()
-        return send_f, send_i, grad_acc, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+    def trees_of(s, row):
+        return [layout.unpack_layer(li, row) for li in plan.stage_layers[s]]
+
+    def nothing(in_f):
+        return jnp.zeros((window,), layout.dtype), jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+
+    def idle(row, in_f, in_i, cot_f, x, y):
+        return carrier.zeros() + nothing(in_f)
 
     def forward(s):
         out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
 
-        def branch(row, grad_acc, in_f, in_i, cot_f, x, y):
+        def branch(row, in_f, in_i, cot_f, x, y):
             with jax.named_scope(f"stage{s}_forward"):
-                h = _stage_apply(plan, s, row, in_f, in_i, x)
-                send_f, send_i = carrier.pack(out_boundary, h)
-            return send_f, send_i, grad_acc, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+                h = _stage_apply(plan, s, trees_of(s, row), in_f, in_i, x)
+                send = carrier.pack(out_boundary, h)
+            return send + nothing(in_f)
 
         return branch
 
     def backward(s):
-        def branch(row, grad_acc, in_f, in_i, cot_f, x, y):
+        def branch(row, in_f, in_i, cot_f, x, y):
             with jax.named_scope(f"stage{s}_backward"):
                 if s == last:
-                    def f(row_, in_f_):
-                        out = _stage_apply(plan, s, row_, in_f_, in_i, x)
+                    def f(trees, in_f_):
+                        out = _stage_apply(plan, s, trees, in_f_, in_i, x)
                         return jnp.asarray(loss_fn(out, y), jnp.float32)
 
-                    loss, vjp = jax.vjp(f, row, in_f)
-                    g_row, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
+                    loss, vjp = jax.vjp(f, trees_of(s, row), in_f)
+                    g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
                 else:
                     out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
 
-                    def f(row_, in_f_):
-                        h = _stage_apply(plan, s, row_, in_f_, in_i, x)
+                    def f(trees, in_f_):
+                        h = _stage_apply(plan, s, trees, in_f_, in_i, x)
                         return carrier.pack(out_boundary, h)[0]
 
-                    _, vjp = jax.vjp(f, row, in_f)
-                    g_row, g_in = vjp(cot_f)
+                    _, vjp = jax.vjp(f, trees_of(s, row), in_f)
+                    g_trees, g_in = vjp(cot_f)
                     loss = jnp.zeros((), jnp.float32)
-            send_f, send_i = carrier.zeros()
-            return send_f, send_i, grad_acc + g_row, g_in, loss
+                flat = layout.flatten(g_trees, layout.dtype)
+                grad = jnp.pad(flat, (0, window - flat.shape[0]))
+            return carrier.zeros() + (grad, g_in, loss)
 
         return branch
 
@@ -144,16 +162,18 @@ def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Cal
     return [idle] + forwards + [backward(s) for s in stages]
 
 
-def _tick_table(schedule: Schedule, buffers: Buffers) -> np.ndarray:
-    """``[T, P, 6]`` int32: branch, micro-batch and the four slot columns."""
+def _tick_table(plan: StagePlan, schedule: Schedule, buffers: Buffers) -> np.ndarray:
+    """``[T, P, 7]`` int32: branch, micro-batch, four slot columns, gradient window start."""
     S = schedule.num_stages
     stage = schedule.stage
     branch = np.where(schedule.op == FORWARD, 1 + stage, 0)
     branch = np.where(schedule.op == BACKWARD, 1 + S + stage, branch)
     # The last stage's forward is recomputed by its backward: nothing to do.
     branch = np.where((schedule.op == FORWARD) & (stage == S - 1), 0, branch)
+    starts = np.asarray([plan.layout.segment(layers)[0] for layers in plan.stage_layers])
+    window_start = np.where(schedule.op == BACKWARD, starts[np.maximum(stage, 0)], 0)
     columns = (branch, schedule.microbatch, buffers.act_slot, buffers.grad_slot,
-               buffers.recv_act_slot, buffers.recv_grad_slot)
+               buffers.recv_act_slot, buffers.recv_grad_slot, window_start)
     return np.stack([np.asarray(c, np.int32) for c in columns], axis=-1)
 
 
@@ -204,7 +224,7 @@ def scheduled_loss_and_grad(
         )
     num_replicas = mesh.devices.shape[0]
     branches = _branches(plan, loss_fn, 1.0 / (num_mb * num_replicas))
-    table = jnp.asarray(_tick_table(schedule, buffers))
+    table = jnp.asarray(_tick_table(plan, schedule, buffers))
     ring = schedule.num_chunks > 1
     fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
     bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
@@ -219,18 +239,20 @@ def scheduled_loss_and_grad(
 
         def tick(carry, cells):
             act_f, act_i, grads_in, grad_acc, loss_sum, arr_f, arr_i, arr_g = carry
-            branch, m, act_slot, grad_slot, recv_act, recv_grad = (
-                lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(6)
+            branch, m, act_slot, grad_slot, recv_act, recv_grad, start = (
+                lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(7)
             )
             act_f = _write(act_f, recv_act, arr_f)
             act_i = _write(act_i, recv_act, arr_i)
             grads_in = _write(grads_in, recv_grad, arr_g)
             mc = jnp.maximum(m, 0)
-            send_f, send_i, grad_acc, send_g, loss = lax.switch(
-                branch, branches, row, grad_acc,
+            send_f, send_i, grad, send_g, loss = lax.switch(
+                branch, branches, row,
                 _read(act_f, act_slot), _read(act_i, act_slot), _read(grads_in, grad_slot),
                 _index(inputs, mc), _index(targets, mc),
             )
+            current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
+            grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current + grad, start, 0)
             if num_devices > 1:
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
                 if plan.sends_ints:

@@ -95,7 +95,14 @@ class Pipeline:
       schedule: ``"gpipe"``.
       partition: ``[P]`` layers per pipe device; default: the contiguous cut
         minimising the largest device's XLA-estimated forward+backward flops.
-      remat: rematerialise each device's layers in the backward pass.
+      executor: ``"table"`` (default): the schedule-table executor, which
+        stashes only each stage's input and recomputes the stage in its
+        backward with ``jax.vjp`` (always rematerialised). ``"autodiff"``
+        (GPipe only): the forward scan differentiated by JAX, which stores
+        every layer's residuals unless ``remat=True``.
+      remat: with ``executor="autodiff"``, rematerialise each device's layers
+        in the backward pass so only boundary activations are stored. The
+        table executor always does; ``remat=False`` is an error there.
       seed: seed of the ``nnx.Rngs`` given to ``model_fn``.
       devices: devices for the mesh; default ``jax.devices()``.
 
@@ -120,10 +127,10 @@ class Pipeline:
         schedule: str = "gpipe",
         virtual_stages: int = 1,
         partition: Sequence[int] | None = None,
-        remat: bool = False,
+        executor: str = "table",
+        remat: bool | None = None,
         seed: int = 0,
         devices: Sequence[jax.Device] | None = None,
-        _executor: str = "table",
         _skip_idle: bool = True,
     ):
         if not callable(model_fn):
@@ -147,8 +154,19 @@ class Pipeline:
                 f"virtual_stages={virtual_stages} with schedule={schedule!r}: use "
                 "virtual_stages >= 1, and more than 1 only with schedule='interleaved'"
             )
-        if _executor not in ("table", "autodiff") or (_executor == "autodiff" and schedule != "gpipe"):
-            raise ValueError(f"_executor={_executor!r} must be 'table', or 'autodiff' with schedule='gpipe'")
+        if executor not in ("table", "autodiff"):
+            raise ValueError(f"executor={executor!r} is not one of ('table', 'autodiff')")
+        if executor == "autodiff" and schedule != "gpipe":
+            raise ValueError(
+                f"executor='autodiff' runs GPipe only, got schedule={schedule!r}; "
+                "use executor='table' for it"
+            )
+        if executor == "table" and remat is False:
+            raise ValueError(
+                "remat=False: the table executor always rematerialises each stage "
+                "in its backward (it stashes stage inputs only); use "
+                "executor='autodiff' with schedule='gpipe' to store residuals instead"
+            )
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
@@ -194,8 +212,9 @@ class Pipeline:
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        if _executor == "autodiff":
-            loss = autodiff_gpipe_loss(self.plan, self.mesh, loss_fn, remat=remat, skip_idle=_skip_idle)
+        self.executor = executor
+        if executor == "autodiff":
+            loss = autodiff_gpipe_loss(self.plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
             self._value_and_grad = jax.value_and_grad(loss)
         else:
             self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
@@ -228,7 +247,7 @@ class Pipeline:
             for i in cut_points if probe is not None else ():
                 check_rows_follow(structs[i], probe[i], probe_rows, f"the output of layer {i - 1}")
         carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], self.microbatch_rows)
-        layout = ParamLayout.build(specs, device_layers, dtype)
+        layout = ParamLayout.build(specs, device_layers, dtype, groups=stage_layers)
         return StagePlan(layout, stage_layers, boundaries, carrier, self.num_microbatches)
 
     def _check_rows(self, inputs: Any, targets: Any) -> int:

@@ -135,6 +135,7 @@ class ParamLayout:
       offsets: per layer, the start of each parameter leaf in its device's row.
       width: N, the row length (the largest device's parameter count, >= 1).
       dtype: the buffer's dtype.
+      starts: per layer, where its parameters begin in its device's row.
     """
 
     specs: tuple[LayerSpec, ...]
@@ -142,21 +143,40 @@ class ParamLayout:
     offsets: tuple[tuple[int, ...], ...]
     width: int
     dtype: Any
+    starts: tuple[int, ...]
 
     @classmethod
-    def build(cls, specs, device_layers, dtype) -> "ParamLayout":
-        offsets = [()] * len(specs)
+    def build(cls, specs, device_layers, dtype, groups=()) -> "ParamLayout":
+        """Lays each device's layers out one after the other.
+
+        Args:
+          specs: all layer specs.
+          device_layers: per device, its layer indices in row order.
+          dtype: the buffer's dtype.
+          groups: runs of consecutive layers of one device (stages) whose
+            parameters must fit in a window ``[start, start + G)`` of the row,
+            G the largest group's size: the row is widened to make it so.
+        """
+        offsets, starts = [()] * len(specs), [0] * len(specs)
         width = 1
         for layers in device_layers:
             pos = 0
             for li in layers:
-                starts = []
+                starts[li] = pos
+                leaf_starts = []
                 for shape in specs[li].shapes:
-                    starts.append(pos)
+                    leaf_starts.append(pos)
                     pos += math.prod(shape)
-                offsets[li] = tuple(starts)
+                offsets[li] = tuple(leaf_starts)
             width = max(width, pos)
-        return cls(tuple(specs), tuple(map(tuple, device_layers)), tuple(offsets), width, dtype)
+        if groups:
+            window = max(sum(specs[li].size for li in g) for g in groups)
+            width = max([width] + [starts[g[0]] + window for g in groups])
+        return cls(tuple(specs), tuple(map(tuple, device_layers)), tuple(offsets), width, dtype, tuple(starts))
+
+    def segment(self, layer_ids: Sequence[int]) -> tuple[int, int]:
+        """``(start, size)`` of consecutive layers' parameters in their row."""
+        return self.starts[layer_ids[0]], sum(self.specs[li].size for li in layer_ids)
 
     def unpack_layer(self, li: int, row: jax.Array) -> Any:
         """Layer ``li``'s parameter tree from its device's row ``[N]``."""
@@ -166,6 +186,37 @@ class ParamLayout:
             for o, s in zip(self.offsets[li], spec.shapes)
         ]
         return jax.tree.unflatten(spec.treedef, leaves)
+
+    def unpack_layers(self, layer_ids: Sequence[int], row: jax.Array) -> list[Any]:
+        """Parameter trees of consecutive layers of one device, from its row ``[N]``.
+
+        Differentiable with a cheap backward: the row's cotangent is the
+        leaves' cotangents concatenated and padded once, instead of one
+        full-size padded ``[N]`` buffer per leaf as slicing's own transpose
+        builds.
+        """
+        layer_ids = tuple(layer_ids)
+        start, size = self.segment(layer_ids)
+
+        @jax.custom_vjp
+        def unpack(row):
+            return [self.unpack_layer(li, row) for li in layer_ids]
+
+        def forward(row):
+            return unpack(row), None
+
+        def backward(_, cotangents):
+            flat = self.flatten(cotangents, row.dtype)
+            return (jnp.pad(flat, (start, row.shape[0] - start - size)),)
+
+        unpack.defvjp(forward, backward)
+        return unpack(row)
+
+    @staticmethod
+    def flatten(trees: Sequence[Any], dtype) -> jax.Array:
+        """Consecutive layers' trees as one flat vector, in row order."""
+        leaves = [leaf.reshape(-1).astype(dtype) for leaf in jax.tree.leaves(trees)]
+        return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), dtype)
 
     def pack(self, params: Sequence[Any]) -> np.ndarray:
         """Packs per-layer parameter trees into a host array ``[P, N]``."""

@@ -42,7 +42,8 @@ def train(
     virtual_stages: int = 1,
     seed: int = 0,
     partition: Sequence[int] | None = None,
-    remat: bool = False,
+    executor: str = "table",
+    remat: bool | None = None,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
 ) -> TrainResult:
@@ -63,7 +64,8 @@ def train(
       seed: seed for ``model_fn``'s ``nnx.Rngs``.
       partition: ``[V * P]`` layers per stage (default: balanced by XLA's
         flop estimate).
-      remat: rematerialise each device's layers in the backward pass.
+      executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
+      remat: with ``executor="autodiff"``, rematerialise each device's layers.
       progress: show a progress bar with the loss.
       devices: devices for the mesh; default ``jax.devices()``.
 
@@ -104,6 +106,7 @@ def train(
         schedule=schedule,
         virtual_stages=virtual_stages,
         partition=partition,
+        executor=executor,
         remat=remat,
         seed=seed,
         devices=devices,

@@ -59,28 +59,60 @@ def _check(case_name, mesh, m, check_grads=False, **options):
     return pipe
 
 
-@pytest.mark.parametrize("case_name", ["mlp", "lm", "conv"])
+MODELS = ["mlp", "lm", "conv"]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("case_name", MODELS)
 @pytest.mark.parametrize("mesh,m", list(_configs()), ids=lambda v: str(v))
-def test_matches_reference(case_name, mesh, m):
-    pipe = _check(case_name, mesh, m)
+def test_matches_reference(schedule, case_name, mesh, m):
+    pipe = _check(case_name, mesh, m, schedule=schedule)
     assert sum(pipe.partition) == 8 and len(pipe.partition) == mesh[1]
 
 
-@pytest.mark.parametrize("case_name", ["lm", "conv"])
+def _interleaved_configs():
+    """M a multiple of P, V * P <= 8 layers."""
+    for mesh in MESHES:
+        p = mesh[1]
+        v = max(1, min(4, 8 // p)) if p > 1 else 4
+        for m in (p, 2 * p) if p > 1 else (1, 3):
+            yield mesh, m, v
+
+
+@pytest.mark.parametrize("case_name", MODELS)
+@pytest.mark.parametrize("mesh,m,v", list(_interleaved_configs()), ids=lambda v: str(v))
+def test_interleaved_matches_reference(case_name, mesh, m, v):
+    pipe = _check(case_name, mesh, m, schedule="interleaved", virtual_stages=v)
+    assert len(pipe.partition) == v * mesh[1]
+    assert pipe.table.num_chunks == v
+
+
+@pytest.mark.parametrize("case_name", MODELS)
 @pytest.mark.parametrize("mesh", MESHES, ids=str)
-def test_gradients_match_reference(case_name, mesh):
-    _check(case_name, mesh, 2 * mesh[1] + 1, check_grads=True)
+def test_autodiff_gpipe_matches_reference(case_name, mesh):
+    _check(case_name, mesh, 2 * mesh[1] + 1, executor="autodiff")
 
 
-@pytest.mark.parametrize("mesh,m", [((1, 4), 3), ((2, 4), 4), ((1, 8), 8)], ids=str)
-def test_dict_inputs_targets_and_int_leaves_crossing_devices(mesh, m):
-    pipe = _check("dict", mesh, m, check_grads=True)
-    assert any(b is not None and "int" in b.kinds for b in pipe.plan.boundaries)
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("case_name", ["lm", "conv"])
+@pytest.mark.parametrize("mesh", [(1, 4), (2, 4), (4, 2)], ids=str)
+def test_gradients_match_reference(schedule, v, case_name, mesh):
+    _check(case_name, mesh, 2 * mesh[1], check_grads=True, schedule=schedule, virtual_stages=v)
+
+
+@pytest.mark.parametrize(
+    "mesh,m,schedule,v",
+    [((1, 4), 3, "gpipe", 1), ((2, 4), 4, "1f1b", 1), ((1, 8), 8, "1f1b", 1), ((1, 4), 4, "interleaved", 2)],
+    ids=str,
+)
+def test_dict_inputs_targets_and_int_leaves_crossing_devices(mesh, m, schedule, v):
+    pipe = _check("dict", mesh, m, check_grads=True, schedule=schedule, virtual_stages=v)
+    assert pipe.plan.sends_ints
 
 
 @pytest.mark.parametrize("case_name", ["lm", "conv"])
-def test_remat_matches_reference(case_name):
-    _check(case_name, (2, 4), 4, remat=True)
+def test_autodiff_remat_matches_reference(case_name):
+    _check(case_name, (2, 4), 4, executor="autodiff", remat=True)
 
 
 def test_explicit_partition_is_used():
