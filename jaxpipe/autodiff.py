@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from .mesh import DATA_AXIS, PIPE_AXIS
 from .executor import StagePlan
+from .mesh import DATA_AXIS, PIPE_AXIS
 from .stages import apply_layer
 
 

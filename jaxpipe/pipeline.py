@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .autodiff import autodiff_gpipe_loss
 from .executor import StagePlan, scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
-from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .partition import check_partition, estimate_costs, partition_layers
+from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .stages import (
     Boundary,
     Carrier,

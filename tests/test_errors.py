@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from models_for_tests import mse
 
 import jaxpipe
 from jaxpipe import models
-from models_for_tests import mse
 
 OPTIMIZER = optax.sgd(0.1)
 MLP = models.mlp([6, 8, 8, 5])  # 3 layers: [R, 6] -> [R, 5]

@@ -9,10 +9,15 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from jaxpipe.partition import check_partition, estimate_costs, layer_flops, partition_layers
-from jaxpipe.stages import split_layers, trace_boundaries
 from models_for_tests import CASES
+
+from jaxpipe.partition import (
+    check_partition,
+    estimate_costs,
+    layer_flops,
+    partition_layers,
+)
+from jaxpipe.stages import split_layers, trace_boundaries
 
 
 def _max_load(costs, counts):

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-
-import jaxpipe
 from models_for_tests import CASES, batches
 from reference import assert_trees_close, reference_run
+
+import jaxpipe
 
 ROWS_PER_MICROBATCH = 2
 MESHES = [(1, 2), (1, 4), (1, 8), (2, 4), (4, 2), (8, 1)]

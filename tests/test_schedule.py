@@ -11,7 +11,6 @@ from jaxpipe.schedule import (
     BACKWARD,
     FORWARD,
     IDLE,
-    Schedule,
     ScheduleError,
     _orders_to_table,
     assign_buffers,

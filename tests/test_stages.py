@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from models_for_tests import CASES
 
 from jaxpipe.stages import (
     Boundary,
@@ -16,7 +17,6 @@ from jaxpipe.stages import (
     trace_at_rows,
     trace_boundaries,
 )
-from models_for_tests import CASES
 
 
 class Affine(nnx.Module):
