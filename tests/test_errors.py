@@ -360,3 +360,44 @@ def test_train_checks_every_batch():
 
     with pytest.raises(TypeError, match=r"each batch must be a pair \(inputs, targets\) .*got ndarray"):
         _train(data=batches(), steps=2)
+
+
+def test_interleaved_needs_v_times_p_layers():
+    with pytest.raises(ValueError, match=r"virtual_stages=2 on 2 pipe devices needs at least 4 layers .* model has 3.*at most 1"):
+        _pipeline(mesh_shape=(1, 2), num_microbatches=2, schedule="interleaved", virtual_stages=2)
+
+
+def test_interleaved_needs_m_a_multiple_of_p():
+    with pytest.raises(ValueError, match=r"M=3.*P=2|multiple of"):
+        _pipeline(model_fn=models.mlp([6] * 5 + [5]), mesh_shape=(1, 2), num_microbatches=3,
+                  batch=_batch(6), schedule="interleaved", virtual_stages=2)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_virtual_stages_only_with_interleaved(schedule):
+    with pytest.raises(ValueError, match=r"virtual_stages=2 with schedule='.*'.*only with schedule='interleaved'"):
+        _pipeline(schedule=schedule, virtual_stages=2)
+
+
+@pytest.mark.parametrize("virtual_stages,error", [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_virtual_stages_bad_values(virtual_stages, error):
+    with pytest.raises(error, match="virtual_stages"):
+        _pipeline(schedule="interleaved", virtual_stages=virtual_stages)
+
+
+def test_partition_per_stage_with_interleaved():
+    with pytest.raises(ValueError, match=r"4 stages \(2 virtual stages x 2 pipe devices\)"):
+        _pipeline(model_fn=models.mlp([6] * 5 + [5]), mesh_shape=(1, 2), num_microbatches=2,
+                  schedule="interleaved", virtual_stages=2, partition=(3, 2))
+
+
+def test_unknown_executor_and_autodiff_with_other_schedules():
+    with pytest.raises(ValueError, match=r"executor='xla' is not one of"):
+        _pipeline(executor="xla")
+    with pytest.raises(ValueError, match=r"executor='autodiff' runs GPipe only, got schedule='1f1b'"):
+        _pipeline(executor="autodiff", schedule="1f1b")
+
+
+def test_remat_false_with_the_table_executor():
+    with pytest.raises(ValueError, match=r"remat=False: the table executor always rematerialises"):
+        _pipeline(remat=False)
