@@ -34,6 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .schedule import BACKWARD, FORWARD, Buffers, Schedule
+from .partition import Piece
 from .stages import Boundary, Carrier, ParamLayout, apply_layer
 
 
@@ -41,24 +42,32 @@ from .stages import Boundary, Carrier, ParamLayout, apply_layer
 class StagePlan:
     """Everything static the executors need, derived before tracing.
 
-    Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) holds the layers
-    ``stage_layers[s]``; there are ``S = V * P`` stages in model order.
+    Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
+    ``stage_pieces[s]``: rows of a micro-batch through consecutive layers
+    (``partition.Piece``). A layer split by rows between stages has a copy of
+    its parameters on each of their devices: the packed layout holds
+    parameter *slots*, slot ``i < L`` is layer ``i`` (its owner copy) and
+    slots ``L, L + 1, ...`` are the extra copies (``slot_layer`` maps back).
 
     Attributes:
-      layout: the packed parameter layout (which layers each device holds).
-      stage_layers: ``[S]`` tuples of layer indices.
+      layout: the packed parameter layout over slots.
+      stage_pieces: ``[S]`` tuples of pieces.
+      stage_slots: ``[S]`` tuples, the parameter slot of each piece.
       boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
-        ``i``'s input for one micro-batch where a stage boundary lies before
-        layer ``i``, else ``None`` (nothing crosses stages there).
-      carrier: the wire format shared by all boundaries.
+        ``i``'s input for one micro-batch (``i = L``: the model output) where
+        a stage message carries it, else ``None``.
+      carrier: the wire format shared by all messages.
       num_microbatches: M.
+      slot_layer: the layer of each parameter slot.
     """
 
     layout: ParamLayout
-    stage_layers: tuple[tuple[int, ...], ...]
+    stage_pieces: tuple[tuple[Piece, ...], ...]
+    stage_slots: tuple[tuple[int, ...], ...]
     boundaries: tuple[Boundary | None, ...]
     carrier: Carrier
     num_microbatches: int
+    slot_layer: tuple[int, ...]
 
     @property
     def num_devices(self) -> int:
@@ -68,35 +77,89 @@ class StagePlan:
     @property
     def num_stages(self) -> int:
         """S = V * P."""
-        return len(self.stage_layers)
+        return len(self.stage_pieces)
+
+    @property
+    def num_layers(self) -> int:
+        """L; parameter slots ``>= L`` are copies of split layers."""
+        return len(set(self.slot_layer))
 
     @property
     def window(self) -> int:
         """G, the largest stage's parameter count (>= 1)."""
-        return max([1] + [self.layout.segment(layers)[1] for layers in self.stage_layers])
+        return max([1] + [self.layout.segment(slots)[1] for slots in self.stage_slots])
 
     @property
     def sends_ints(self) -> bool:
         """Whether an integer leaf crosses a stage boundary."""
         return any(b is not None and "int" in b.kinds for b in self.boundaries)
 
+    def entry(self, s: int) -> tuple[int, int]:
+        """``(layer, k)``: stage ``s`` receives layer ``layer`` done for rows ``[0, k)``."""
+        first = self.stage_pieces[s][0]
+        return first.layer, first.start
+
 
 def _index(tree: Any, m: jax.Array) -> Any:
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
 
 
-def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
-    """Stage ``s``'s layers, with parameter ``trees``, on one micro-batch.
+def _rows(tree: Any, start: int, stop: int | None = None) -> Any:
+    return jax.tree.map(lambda a: a[start:stop], tree)
 
-    The input comes from the data ``x`` for stage 0, else from the carrier.
+
+def _concat_rows(first: Any, second: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
+
+
+def _receive(plan: StagePlan, s: int, in_f, in_i):
+    """Unpacks stage ``s``'s message: ``(done, pending)`` row blocks.
+
+    ``pending`` is the entry layer's input for rows ``[k, B)``; ``done`` its
+    output for rows ``[0, k)``, or ``None`` when ``k = 0``.
     """
-    layers = plan.stage_layers[s]
-    h = x if s == 0 else plan.carrier.unpack(plan.boundaries[layers[0]], in_f, in_i)
-    for li, params in zip(layers, trees):
-        spec = plan.layout.specs[li]
-        with jax.named_scope(f"layer{li}_{spec.name}"):
-            h = apply_layer(spec, params, h)
-    return h
+    layer, k = plan.entry(s)
+    carrier = plan.carrier
+    pending = carrier.unpack(plan.boundaries[layer], in_f[k:], in_i[k:])
+    done = carrier.unpack(plan.boundaries[layer + 1], in_f[:k], in_i[:k]) if k else None
+    return done, pending
+
+
+def _send(plan: StagePlan, s: int, done, pending):
+    """Packs stage ``s``'s exit state into one ``([B, F], [B, I])`` message."""
+    carrier, last = plan.carrier, plan.stage_pieces[s][-1]
+    if last.stop == carrier.rows:
+        return carrier.pack(plan.boundaries[last.layer + 1], pending)
+    done_f, done_i = carrier.pack(plan.boundaries[last.layer + 1], done)
+    pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
+    return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
+
+
+def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
+    """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
+
+    The state between pieces is ``(done, pending)``: the current layer's
+    output for the rows finished so far, and its input for the rest. A piece
+    ``(layer, r0, r1)`` computes rows ``[r0, r1)``; when it reaches the last
+    row, the layer's full output becomes the next layer's input.
+
+    Returns:
+      The exit state ``(done, pending)``; for a stage whose last piece ends a
+      layer, ``done`` is ``None`` and ``pending`` is the next layer's input
+      (for the last stage: the model output).
+    """
+    done, pending = (None, x) if s == 0 else _receive(plan, s, in_f, in_i)
+    rows = plan.carrier.rows
+    for piece, params in zip(plan.stage_pieces[s], trees):
+        spec = plan.layout.specs[piece.layer]
+        with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
+            part = apply_layer(spec, params, _rows(pending, 0, piece.stop - piece.start))
+        part = part if done is None else _concat_rows(done, part)
+        if piece.stop == rows:
+            done, pending = None, part
+        else:
+            done, pending = part, _rows(pending, piece.stop - piece.start)
+    return done, pending
 
 
 def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Callable]:
@@ -112,7 +175,7 @@ def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Cal
     window = plan.window
 
     def trees_of(s, row):
-        return [layout.unpack_layer(li, row) for li in plan.stage_layers[s]]
+        return [layout.unpack_layer(slot, row) for slot in plan.stage_slots[s]]
 
     def nothing(in_f):
         return jnp.zeros((window,), layout.dtype), jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
@@ -121,12 +184,9 @@ def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Cal
         return carrier.zeros() + nothing(in_f)
 
     def forward(s):
-        out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
-
         def branch(row, in_f, in_i, cot_f, x, y):
             with jax.named_scope(f"stage{s}_forward"):
-                h = _stage_apply(plan, s, trees_of(s, row), in_f, in_i, x)
-                send = carrier.pack(out_boundary, h)
+                send = _send(plan, s, *_stage_apply(plan, s, trees_of(s, row), in_f, in_i, x))
             return send + nothing(in_f)
 
         return branch
@@ -136,17 +196,15 @@ def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Cal
             with jax.named_scope(f"stage{s}_backward"):
                 if s == last:
                     def f(trees, in_f_):
-                        out = _stage_apply(plan, s, trees, in_f_, in_i, x)
+                        _, out = _stage_apply(plan, s, trees, in_f_, in_i, x)
                         return jnp.asarray(loss_fn(out, y), jnp.float32)
 
                     loss, vjp = jax.vjp(f, trees_of(s, row), in_f)
                     g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
                 else:
-                    out_boundary = plan.boundaries[plan.stage_layers[s][-1] + 1]
-
                     def f(trees, in_f_):
-                        h = _stage_apply(plan, s, trees, in_f_, in_i, x)
-                        return carrier.pack(out_boundary, h)[0]
+                        state = _stage_apply(plan, s, trees, in_f_, in_i, x)
+                        return _send(plan, s, *state)[0]
 
                     _, vjp = jax.vjp(f, trees_of(s, row), in_f)
                     g_trees, g_in = vjp(cot_f)
@@ -170,7 +228,7 @@ def _tick_table(plan: StagePlan, schedule: Schedule, buffers: Buffers) -> np.nda
     branch = np.where(schedule.op == BACKWARD, 1 + S + stage, branch)
     # The last stage's forward is recomputed by its backward: nothing to do.
     branch = np.where((schedule.op == FORWARD) & (stage == S - 1), 0, branch)
-    starts = np.asarray([plan.layout.segment(layers)[0] for layers in plan.stage_layers])
+    starts = np.asarray([plan.layout.segment(slots)[0] for slots in plan.stage_slots])
     window_start = np.where(schedule.op == BACKWARD, starts[np.maximum(stage, 0)], 0)
     columns = (branch, schedule.microbatch, buffers.act_slot, buffers.grad_slot,
                buffers.recv_act_slot, buffers.recv_grad_slot, window_start)

@@ -7,6 +7,7 @@ backward pass on one micro-batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -172,3 +173,135 @@ def estimate_costs(specs: Sequence[LayerSpec], params: Sequence[Any], inputs: Se
     if all(f is not None for f in flops):
         return np.asarray(flops, dtype=np.float64)
     return np.asarray([spec.size + 1 for spec in specs], dtype=np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one micro-batch through layer ``layer``.
+
+    A stage is a sequence of pieces. A layer inside one stage is the piece
+    ``(layer, 0, B)``; a layer split between stages appears in each of them
+    with consecutive row ranges.
+    """
+
+    layer: int
+    start: int
+    stop: int
+
+
+def pieces_from_counts(counts: Sequence[int], rows: int) -> tuple[tuple[Piece, ...], ...]:
+    """Integer cuts as pieces: stage ``s`` gets ``counts[s]`` whole layers."""
+    cuts = np.cumsum((0,) + tuple(counts))
+    return tuple(
+        tuple(Piece(li, 0, rows) for li in range(cuts[s], cuts[s + 1])) for s in range(len(counts))
+    )
+
+
+def fractional_partition(
+    costs: Sequence[float], num_stages: int, rows: int, splittable: Sequence[bool]
+) -> tuple[tuple[Piece, ...], ...]:
+    """Cuts the cumulative cost line into ``S`` equal parts, splitting layers by rows.
+
+    Stage ``s`` owns the cost interval ``[s T / S, (s + 1) T / S]``. A cut that
+    falls inside a splittable layer splits it by micro-batch rows (granularity
+    one row: the left stage computes rows ``[0, k)``, the right stage the rest;
+    a layer heavier than ``T / S`` spans several stages). A cut inside an
+    unsplittable layer moves to the nearer end of that layer. Assumes a
+    layer's cost is proportional to its rows.
+
+    Args:
+      costs: ``[L]`` per-layer costs for a whole micro-batch.
+      num_stages: S.
+      rows: B, rows per micro-batch.
+      splittable: ``[L]`` whether each layer treats rows independently.
+
+    Returns:
+      ``[S]`` tuples of pieces, covering every row of every layer once.
+
+    Raises:
+      ValueError: if costs are negative or not finite, ``rows < 1``, or the
+        cuts leave a stage with no work (unsplittable layers too heavy to cut
+        around for this many stages).
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    if not np.all(np.isfinite(costs)) or np.any(costs < 0):
+        raise ValueError(f"layer costs must be finite and >= 0, got {costs.tolist()}")
+    if rows < 1:
+        raise ValueError(f"rows per micro-batch must be >= 1, got {rows}")
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    total = prefix[-1]
+    # A cut is a position (layer, k): layer ``layer`` has finished rows [0, k).
+    cuts = [(0, 0)]
+    for s in range(1, num_stages):
+        target = total * s / num_stages
+        li = int(np.clip(np.searchsorted(prefix, target, side="right") - 1, 0, len(costs) - 1))
+        if costs[li] > 0 and splittable[li]:
+            k = int(round((target - prefix[li]) / costs[li] * rows))
+        else:
+            k = 0 if target - prefix[li] <= prefix[li + 1] - target else rows
+        cuts.append((li + 1, 0) if k >= rows else (li, k))
+    cuts.append((len(costs), 0))
+    for s in range(num_stages):
+        if cuts[s + 1] <= cuts[s]:
+            raise ValueError(
+                f"the balanced cut leaves stage {s} without work (cuts {cuts}); "
+                "unsplittable layers are too heavy to cut around for "
+                f"{num_stages} stages: use fewer pipe devices or integer cuts"
+            )
+    stages = []
+    for (l0, k0), (l1, k1) in zip(cuts[:-1], cuts[1:]):
+        pieces = []
+        for li in range(l0, min(l1, len(costs) - 1) + 1):
+            start = k0 if li == l0 else 0
+            stop = k1 if li == l1 else rows
+            if stop > start:
+                pieces.append(Piece(li, start, stop))
+        stages.append(tuple(pieces))
+    return tuple(stages)
+
+
+def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows: int) -> np.ndarray:
+    """``[S]`` cost of each stage: its pieces' layer costs times their row fraction."""
+    costs = np.asarray(costs, dtype=np.float64)
+    return np.asarray(
+        [sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages]
+    )
+
+
+def mixes_rows(spec: LayerSpec, params: Any, x: Any, seed: int = 0) -> bool:
+    """Whether a layer's output rows depend on other rows of its input.
+
+    Row-splitting a layer between devices is exact only if each output row
+    depends on its own input row alone (true for dense layers, attention
+    within a row, convolutions; false for batch statistics). Checked once on
+    random data: the layer on the first half of the rows must equal the first
+    half of the layer on all rows.
+
+    Args:
+      spec: the layer.
+      params: its parameter tree.
+      x: its input for one micro-batch (shape structs), ``[B, ...]`` leaves.
+      seed: NumPy seed for the random input.
+
+    Returns:
+      True if the rows mix (the layer must not be split), False otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten(x)
+    rows = leaves[0].shape[0]
+    if rows < 2:
+        return False
+    values = [
+        rng.normal(size=leaf.shape).astype(leaf.dtype)
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+        else np.zeros(leaf.shape, leaf.dtype)
+        for leaf in leaves
+    ]
+    full = jax.tree.unflatten(treedef, values)
+    half = jax.tree.map(lambda a: a[: rows // 2], full)
+    run = jax.jit(lambda p, v: apply_layer(spec, p, v))
+    whole, part = run(params, full), run(params, half)
+    return not all(
+        np.allclose(np.asarray(a)[: rows // 2], np.asarray(b), rtol=1e-4, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part))
+    )

@@ -19,7 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .autodiff import autodiff_gpipe_loss
 from .executor import StagePlan, scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
-from .partition import check_partition, estimate_costs, partition_layers
+from .partition import (
+    check_partition,
+    estimate_costs,
+    fractional_partition,
+    mixes_rows,
+    partition_layers,
+    pieces_from_counts,
+)
 from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .stages import (
     Boundary,
@@ -31,7 +38,24 @@ from .stages import (
     trace_boundaries,
 )
 
-SCHEDULES = SCHEDULE_NAMES
+SCHEDULES = SCHEDULE_NAMES + ("balanced",)
+
+
+def _check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.shape != (num_layers,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
+        raise ValueError(
+            f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
+        )
+    return costs
+
+
+def _check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    ids = tuple(ids)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"unsplittable={ids}: {bad} are not layer indices in [0, {num_layers})")
+    return tuple(int(i) for i in ids)
 
 
 class TrainState(NamedTuple):
@@ -127,6 +151,8 @@ class Pipeline:
         schedule: str = "gpipe",
         virtual_stages: int = 1,
         partition: Sequence[int] | None = None,
+        costs: Sequence[float] | None = None,
+        unsplittable: Sequence[int] = (),
         executor: str = "table",
         remat: bool | None = None,
         seed: int = 0,
@@ -201,13 +227,33 @@ class Pipeline:
         self._check_loss(loss_fn, structs[-1], y_mb)
 
         num_stages = self.num_chunks * self.num_devices
-        if partition is None:
-            costs = estimate_costs(specs, params, structs[:-1])
-            partition = partition_layers(costs, num_stages)
-        self.partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
+        self.unsplittable: tuple[int, ...] = ()
+        if schedule == "balanced":
+            if partition is not None:
+                raise ValueError(
+                    "schedule='balanced' computes its own fractional cut; drop "
+                    f"partition={partition!r} or use schedule='1f1b' with it"
+                )
+            costs = estimate_costs(specs, params, structs[:-1]) if costs is None else _check_costs(costs, len(specs))
+            self.unsplittable = tuple(sorted(
+                set(_check_layer_ids(unsplittable, len(specs)))
+                | {i for i, (spec, p) in enumerate(zip(specs, params)) if mixes_rows(spec, p, structs[i])}
+            ))
+            splittable = [i not in self.unsplittable for i in range(len(specs))]
+            self.stages = fractional_partition(costs, num_stages, self.microbatch_rows, splittable)
+            self.partition = tuple(
+                round(sum((p.stop - p.start) / self.microbatch_rows for p in stage), 4) for stage in self.stages
+            )
+        else:
+            if partition is None:
+                if costs is None:
+                    costs = estimate_costs(specs, params, structs[:-1])
+                partition = partition_layers(_check_costs(costs, len(specs)), num_stages)
+            self.partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
+            self.stages = pieces_from_counts(self.partition, self.microbatch_rows)
         self.plan = self._build_plan(specs, params, dtype, structs, x_mb)
         self.layout = self.plan.layout
-        self._host_params = params
+        self._host_params = [params[layer] for layer in self.plan.slot_layer]
 
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -217,38 +263,88 @@ class Pipeline:
             loss = autodiff_gpipe_loss(self.plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
             self._value_and_grad = jax.value_and_grad(loss)
         else:
-            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
+            order = "1f1b" if schedule == "balanced" else schedule
+            self.table = make_schedule(order, self.num_devices, self.num_microbatches, self.num_chunks)
             self.buffers = assign_buffers(self.table)
-            self._value_and_grad = scheduled_loss_and_grad(
-                self.plan, self.table, self.buffers, self.mesh, loss_fn
-            )
+            run = scheduled_loss_and_grad(self.plan, self.table, self.buffers, self.mesh, loss_fn)
+
+            def value_and_grad(params, inputs, targets):
+                loss, grads = run(params, inputs, targets)
+                return loss, self._merge_copies(grads)
+
+            self._value_and_grad = value_and_grad
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
     def _build_plan(self, specs, params, dtype, structs, x_mb) -> StagePlan:
-        """Stage ``s = c * P + p`` gets ``partition[s]`` consecutive layers."""
-        num_stages = len(self.partition)
-        cuts = np.cumsum((0,) + self.partition)
-        stage_layers = tuple(tuple(range(cuts[s], cuts[s + 1])) for s in range(num_stages))
-        device_layers = [
-            sum((stage_layers[c * self.num_devices + p] for c in range(self.num_chunks)), ())
+        """Places ``self.stages`` on devices: stage ``s = c * P + p`` on device ``p``.
+
+        A layer in several stages gets one parameter slot per stage: slot
+        ``i`` (its first stage) is the owner, the others are copies.
+        """
+        num_layers, rows = len(specs), self.microbatch_rows
+        slot_layer, stage_slots, seen = list(range(num_layers)), [], set()
+        for stage in self.stages:
+            slots = []
+            for piece in stage:
+                if piece.layer in seen:
+                    slots.append(len(slot_layer))
+                    slot_layer.append(piece.layer)
+                else:
+                    seen.add(piece.layer)
+                    slots.append(piece.layer)
+            stage_slots.append(tuple(slots))
+        device_slots = [
+            sum((stage_slots[c * self.num_devices + p] for c in range(self.num_chunks)), ())
             for p in range(self.num_devices)
         ]
-        cut_points = cuts[1:-1].tolist()
+        needed = set()
+        for stage in self.stages[1:]:
+            needed.add(stage[0].layer)
+            if stage[0].start:
+                needed.add(stage[0].layer + 1)
         boundaries = tuple(
-            Boundary.from_struct(structs[i], self.microbatch_rows, f"the output of layer {i - 1}")
-            if i in cut_points
-            else None
+            Boundary.from_struct(structs[i], rows, f"the output of layer {i - 1}") if i in needed else None
             for i in range(len(structs))
         )
-        if cut_points:
-            probe_rows = self.microbatch_rows + 1
-            probe = trace_at_rows(specs[: max(cut_points)], params, x_mb, probe_rows)
-            for i in cut_points if probe is not None else ():
+        if needed:
+            probe_rows = rows + 1
+            probe = trace_at_rows(specs[: max(needed)], params, x_mb, probe_rows)
+            for i in sorted(needed) if probe is not None else ():
                 check_rows_follow(structs[i], probe[i], probe_rows, f"the output of layer {i - 1}")
-        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], self.microbatch_rows)
-        layout = ParamLayout.build(specs, device_layers, dtype, groups=stage_layers)
-        return StagePlan(layout, stage_layers, boundaries, carrier, self.num_microbatches)
+        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], rows)
+        slot_specs = [specs[layer] for layer in slot_layer]
+        layout = ParamLayout.build(slot_specs, device_slots, dtype, groups=stage_slots)
+        return StagePlan(
+            layout, self.stages, tuple(stage_slots), boundaries, carrier, self.num_microbatches, tuple(slot_layer)
+        )
+
+    @property
+    def _copies(self) -> list[tuple[int, int, int, int, int]]:
+        """``(owner device, owner start, copy device, copy start, size)`` per extra copy."""
+        layout, plan = self.layout, self.plan
+        device_of = {slot: p for p, slots in enumerate(layout.device_layers) for slot in slots}
+        return [
+            (device_of[layer], layout.starts[layer], device_of[slot], layout.starts[slot], layout.specs[slot].size)
+            for slot, layer in enumerate(plan.slot_layer)
+            if slot >= plan.num_layers and layout.specs[slot].size
+        ]
+
+    def _merge_copies(self, grads: jax.Array) -> jax.Array:
+        """Sums each split layer's partial gradients into its owner slot, zeroing the copies.
+
+        Global-norm clipping and the optimizer then see every parameter once.
+        """
+        for po, so, pc, sc, n in self._copies:
+            total = grads[po, so : so + n] + grads[pc, sc : sc + n]
+            grads = grads.at[po, so : so + n].set(total).at[pc, sc : sc + n].set(0)
+        return grads
+
+    def _sync_copies(self, params: jax.Array) -> jax.Array:
+        """Overwrites each copy of a split layer with its owner's parameters."""
+        for po, so, pc, sc, n in self._copies:
+            params = params.at[pc, sc : sc + n].set(params[po, so : so + n])
+        return params
 
     def _check_rows(self, inputs: Any, targets: Any) -> int:
         rows = _rows(inputs, "inputs")
@@ -285,7 +381,7 @@ class Pipeline:
     def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
         loss, grads = self._value_and_grad(state.params, inputs, targets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = self._sync_copies(optax.apply_updates(state.params, updates))
         return TrainState(params, opt_state, state.step + 1), loss
 
     def init(self) -> TrainState:
@@ -361,8 +457,11 @@ class Pipeline:
         return self.shard_batch(batch)
 
     def unpack(self, packed: jax.Array) -> list[nnx.State]:
-        """Per-layer ``nnx.State`` trees from packed ``[P, N]`` parameters or gradients."""
-        return self.layout.unpack(packed)
+        """Per-layer ``nnx.State`` trees from packed ``[P, N]`` parameters or gradients.
+
+        A layer split between devices is read from its owner copy.
+        """
+        return self.layout.unpack(packed)[: self.plan.num_layers]
 
     def layers(self, params: jax.Array) -> list[nnx.Module]:
         """The layers with the given packed parameters, as ``model_fn`` returns them."""

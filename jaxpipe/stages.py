@@ -325,17 +325,19 @@ class Carrier:
             float_dtype=jnp.result_type(*floats) if floats else jnp.dtype(jnp.float32),
         )
 
-    def zeros(self) -> tuple[jax.Array, jax.Array]:
+    def zeros(self, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
         """Empty float and int buffers."""
+        rows = self.rows if rows is None else rows
         return (
-            jnp.zeros((self.rows, self.float_width), self.float_dtype),
-            jnp.zeros((self.rows, self.int_width), jnp.int32),
+            jnp.zeros((rows, self.float_width), self.float_dtype),
+            jnp.zeros((rows, self.int_width), jnp.int32),
         )
 
     def pack(self, boundary: Boundary, tree: Any) -> tuple[jax.Array, jax.Array]:
         """Packs an activation into ``([B, F], [B, I])`` buffers."""
-        fbuf, ibuf = self.zeros()
-        for leaf, kind, off in zip(jax.tree.leaves(tree), boundary.kinds, boundary.offsets):
+        leaves = jax.tree.leaves(tree)
+        fbuf, ibuf = self.zeros(leaves[0].shape[0])
+        for leaf, kind, off in zip(leaves, boundary.kinds, boundary.offsets):
             flat = leaf.reshape(leaf.shape[0], -1)
             if kind == "float":
                 fbuf = fbuf.at[:, off : off + flat.shape[1]].set(flat.astype(self.float_dtype))

@@ -42,6 +42,8 @@ def train(
     virtual_stages: int = 1,
     seed: int = 0,
     partition: Sequence[int] | None = None,
+    costs: Sequence[float] | None = None,
+    unsplittable: Sequence[int] = (),
     executor: str = "table",
     remat: bool | None = None,
     progress: bool = True,
@@ -59,11 +61,16 @@ def train(
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: number of optimizer steps.
       num_microbatches: M, micro-batches per data replica.
-      schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"`` (see ``Pipeline``).
+      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"balanced"``
+        (see ``Pipeline``).
       virtual_stages: V, chunks per pipe device for ``"interleaved"``.
       seed: seed for ``model_fn``'s ``nnx.Rngs``.
       partition: ``[V * P]`` layers per stage (default: balanced by XLA's
         flop estimate).
+      costs: ``[L]`` per-layer costs for the partitioner (default: XLA's
+        forward+backward flop estimate), e.g. ``profile(...).total()``.
+      unsplittable: layer indices ``schedule="balanced"`` must not split by
+        rows (layers found to mix rows are added automatically).
       executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
       remat: with ``executor="autodiff"``, rematerialise each device's layers.
       progress: show a progress bar with the loss.
@@ -106,6 +113,8 @@ def train(
         schedule=schedule,
         virtual_stages=virtual_stages,
         partition=partition,
+        costs=costs,
+        unsplittable=unsplittable,
         executor=executor,
         remat=remat,
         seed=seed,

@@ -1,0 +1,297 @@
+"""Measured per-layer costs: forward and backward time on the current device.
+
+The balanced planner cuts the layer line by time, so it needs each layer's
+forward and backward time on one micro-batch, measured where the pipeline will
+run (DESIGN.md, "The load-balanced hybrid schedule"). ``profile`` runs every
+layer on a real micro-batch (the outputs of the layers before it), times a
+jitted forward and a jitted backward (the vjp given the forward's residuals)
+with ``warmup`` untimed calls then the median of ``repeats`` timed ones, and
+records XLA's flop estimate, parameter bytes and output bytes beside them.
+Identical layers are measured once. A ``Profile`` saves to and loads from
+JSON, so costs can be cached and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .partition import layer_flops
+from .stages import LayerSpec, apply_layer, split_layers, trace_boundaries
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """Costs of one layer on one micro-batch.
+
+    Attributes:
+      index: position of the layer in the model's layer list.
+      name: the layer's class name.
+      forward_s: median wall seconds of the jitted forward.
+      backward_s: median wall seconds of the jitted backward: the vjp with
+        respect to the parameters and the float inputs, given the forward's
+        residuals (no recomputation of the forward).
+      flops: XLA's estimate of forward + backward flops, or ``None``.
+      param_bytes: bytes of the layer's parameters.
+      activation_bytes: bytes of the layer's output for one micro-batch.
+    """
+
+    index: int
+    name: str
+    forward_s: float
+    backward_s: float
+    flops: float | None
+    param_bytes: int
+    activation_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Per-layer costs of a model on one device, for micro-batches of a given size.
+
+    Attributes:
+      layers: one ``LayerCost`` per layer, in order.
+      microbatch_rows: rows per micro-batch the costs were measured with.
+      device: the device kind measured on, e.g. ``"cpu"`` or ``"NVIDIA H100 80GB HBM3"``.
+    """
+
+    layers: tuple[LayerCost, ...]
+    microbatch_rows: int
+    device: str
+
+    def forward(self) -> np.ndarray:
+        """``[L]`` forward seconds per layer."""
+        return np.asarray([c.forward_s for c in self.layers], dtype=np.float64)
+
+    def backward(self) -> np.ndarray:
+        """``[L]`` backward seconds per layer."""
+        return np.asarray([c.backward_s for c in self.layers], dtype=np.float64)
+
+    def total(self) -> np.ndarray:
+        """``[L]`` forward + backward seconds per layer."""
+        return self.forward() + self.backward()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the profile to ``path`` as JSON."""
+        layers = [dataclasses.asdict(c) for c in self.layers]
+        with open(path, "w") as f:
+            json.dump({"microbatch_rows": self.microbatch_rows, "device": self.device, "layers": layers}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        """Reads a profile written by ``save``.
+
+        Raises:
+          ValueError: if the file is not a saved profile.
+        """
+        with open(path) as f:
+            try:
+                data = json.load(f)
+                layers = tuple(LayerCost(**c) for c in data["layers"])
+                return cls(layers, int(data["microbatch_rows"]), str(data["device"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{os.fspath(path)} is not a saved jaxpipe Profile: {err}") from err
+
+    def __str__(self) -> str:
+        head = f"{'layer':>5}  {'name':<16}{'fwd ms':>10}{'bwd ms':>10}{'GFLOP':>10}{'param MB':>10}{'act MB':>10}"
+        lines = [f"Profile on {self.device}, {self.microbatch_rows} rows per micro-batch", head]
+        for c in self.layers:
+            gflop = "n/a" if c.flops is None else f"{c.flops / 1e9:.4f}"
+            lines.append(
+                f"{c.index:>5}  {c.name[:15]:<16}{c.forward_s * 1e3:>10.3f}{c.backward_s * 1e3:>10.3f}"
+                f"{gflop:>10}{c.param_bytes / 1e6:>10.3f}{c.activation_bytes / 1e6:>10.3f}"
+            )
+        flops = [c.flops for c in self.layers]
+        total_flops = "n/a" if None in flops else f"{sum(flops) / 1e9:.4f}"
+        lines.append(
+            f"{'total':>5}  {'':<16}{self.forward().sum() * 1e3:>10.3f}{self.backward().sum() * 1e3:>10.3f}"
+            f"{total_flops:>10}{sum(c.param_bytes for c in self.layers) / 1e6:>10.3f}{'':>10}"
+        )
+        return "\n".join(lines)
+
+
+def _time(fn: Callable, args: tuple, warmup: int, repeats: int) -> float:
+    """Median wall seconds of ``fn(*args)``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(np.prod(a.shape, dtype=np.int64) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def _is_float(a: Any) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def _layer_key(spec: LayerSpec, params: Any, x: Any) -> tuple:
+    """What makes two layers interchangeable: class, code, shapes and constant state."""
+    rest = [
+        (np.shape(a), str(np.asarray(a).dtype), hashlib.sha1(np.asarray(a).tobytes()).hexdigest())
+        for a in jax.tree.leaves(spec.rest)
+    ]
+    x = str(jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), x))
+    dtypes = tuple(str(leaf.dtype) for leaf in jax.tree.leaves(params))
+    return (spec.name, spec.shapes, dtypes, x, repr(spec.graphdef), str(rest))
+
+
+def _compile(spec: LayerSpec, x: Any) -> tuple[Callable, Callable, Callable]:
+    """Jitted ``forward(params, x) -> out``, ``residuals(params, floats, ints) ->
+    (float outputs, vjp)`` (``floats``, ``ints``: the float and other leaves of
+    ``x``) and ``backward(vjp, cotangents) -> (d params, d floats)``."""
+    leaves, treedef = jax.tree.flatten(x)
+    is_float = [_is_float(leaf) for leaf in leaves]
+
+    def merged(floats, ints):
+        fl, it = iter(floats), iter(ints)
+        return jax.tree.unflatten(treedef, [next(fl) if f else next(it) for f in is_float])
+
+    def residuals(params, floats, ints):
+        def float_out(p, f):
+            return [o for o in jax.tree.leaves(apply_layer(spec, p, merged(f, ints))) if _is_float(o)]
+
+        return jax.vjp(float_out, params, floats)
+
+    forward = jax.jit(lambda p, x_: apply_layer(spec, p, x_))
+    backward = jax.jit(lambda vjp, cotangents: vjp(cotangents))
+    return forward, jax.jit(residuals), backward
+
+
+def _check(microbatch_rows: int, sample: Any, repeats: int, warmup: int) -> None:
+    for name, value, low in (("microbatch_rows", microbatch_rows, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    leaves = jax.tree.leaves(sample)
+    if not leaves:
+        raise ValueError("sample_inputs is empty; give one batch of model inputs, [rows, ...]")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sample):
+        shape = np.shape(leaf)
+        if not shape or shape[0] < microbatch_rows:
+            at = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"sample_inputs has a leaf{' at ' + at if at else ''} of shape {tuple(shape)}; "
+                f"every leaf needs at least microbatch_rows={microbatch_rows} rows first"
+            )
+
+
+def profile(
+    layers: Sequence[nnx.Module] | Callable[[nnx.Rngs], Sequence[nnx.Module]],
+    sample_inputs: Any,
+    microbatch_rows: int,
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    cache: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Profile:
+    """Measures each layer's forward and backward time on one micro-batch.
+
+    Layer ``i`` runs on the output of layers ``0..i-1`` applied to the first
+    ``microbatch_rows`` rows of ``sample_inputs``, so its input values are
+    realistic and integer inputs stay integers. Its forward ``(params, x) ->
+    out`` and its backward (the vjp of its float outputs with respect to its
+    parameters and float inputs, cotangent ones, given the forward's
+    residuals) are jitted and timed on the default device: ``warmup`` untimed
+    calls, then the median of ``repeats`` timed ones. Layers with the same
+    class, code, parameter shapes, constant state and input shapes are
+    measured once and share their costs.
+
+    Args:
+      layers: the model's layers in order (what a ``model_fn`` returns), or a
+        ``model_fn`` ``(nnx.Rngs) -> list[nnx.Module]``, called with
+        ``nnx.Rngs(seed)``.
+      sample_inputs: one batch of model inputs, an array or pytree whose
+        leaves are ``[rows, ...]`` with ``rows >= microbatch_rows``.
+      microbatch_rows: B, rows per micro-batch.
+      repeats: timed calls per measurement (>= 1).
+      warmup: untimed calls before timing (>= 0); compilation happens before.
+      cache: a JSON file path. If it holds a profile of the same layers
+        (names, parameter and output bytes), rows and device kind, it is
+        returned without measuring; otherwise the new profile is saved there.
+      seed: seed for ``model_fn``'s ``nnx.Rngs`` when ``layers`` is one.
+
+    Returns:
+      The ``Profile``: per-layer seconds, flops, parameter and output bytes.
+
+    Raises:
+      TypeError: if ``layers`` is neither a list of ``nnx.Module`` nor a
+        ``model_fn``, or an integer argument is not an int.
+      ValueError: if there are no layers, ``microbatch_rows``, ``repeats`` or
+        ``warmup`` is out of range, the sample has fewer rows than
+        ``microbatch_rows``, or a layer fails on its input.
+    """
+    if callable(layers) and not isinstance(layers, (nnx.Module, Sequence)):
+        layers = layers(nnx.Rngs(seed))
+    if isinstance(layers, (str, bytes, nnx.Module)) or not isinstance(layers, Sequence):
+        raise TypeError(
+            "layers must be a list of nnx.Module layers in order, or a model_fn "
+            f"returning one, got {type(layers).__name__}"
+        )
+    if not layers:
+        raise ValueError("layers is empty; give the model's non-empty list of nnx.Module layers")
+    _check(microbatch_rows, sample_inputs, repeats, warmup)
+    specs, params, _ = split_layers(layers)
+    x = jax.tree.map(lambda a: jnp.asarray(a)[:microbatch_rows], sample_inputs)
+    structs = trace_boundaries(specs, params, x)
+    device = jax.devices()[0].device_kind
+    param_bytes = [_nbytes(p) for p in params]
+    act_bytes = [_nbytes(s) for s in structs[1:]]
+
+    if cache is not None and os.path.exists(cache):
+        try:
+            cached = Profile.load(cache)
+        except ValueError:
+            cached = None
+        if cached is not None and (
+            cached.microbatch_rows == microbatch_rows
+            and cached.device == device
+            and [(c.name, c.param_bytes, c.activation_bytes) for c in cached.layers]
+            == [(s.name, pb, ab) for s, pb, ab in zip(specs, param_bytes, act_bytes)]
+        ):
+            return cached
+
+    compiled: dict[tuple, tuple[Callable, Callable, Callable]] = {}
+    measured: dict[tuple, tuple[float, float, float | None]] = {}
+    costs = []
+    for spec, p, struct, pb, ab in zip(specs, params, structs, param_bytes, act_bytes):
+        key = _layer_key(spec, p, struct)
+        if key not in compiled:
+            compiled[key] = _compile(spec, struct)
+        forward, residuals, backward = compiled[key]
+        if key not in measured:
+            leaves = jax.tree.leaves(x)
+            floats = [leaf for leaf in leaves if _is_float(leaf)]
+            ints = [leaf for leaf in leaves if not _is_float(leaf)]
+            outs, vjp = residuals(p, floats, ints)
+            cotangents = [jnp.ones_like(o) for o in outs]
+            measured[key] = (
+                _time(forward, (p, x), warmup, repeats),
+                _time(backward, (vjp, cotangents), warmup, repeats),
+                layer_flops(spec, p, struct),
+            )
+        fwd_s, bwd_s, flops = measured[key]
+        costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab))
+        x = forward(p, x)
+    result = Profile(tuple(costs), microbatch_rows, device)
+    if cache is not None:
+        result.save(cache)
+    return result
