@@ -1,8 +1,11 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
 from .mesh import make_mesh
-from .pipeline import Pipeline, TrainState
+from .partition import Piece, fractional_partition, partition_layers
+from .pipeline import Pipeline, TrainState, plan
+from .planner import Candidate, Plan, make_plan
 from .plot import plot_timeline
+from .profile import LayerCost, Profile, profile
 from .schedule import (
     Schedule,
     ScheduleError,
@@ -17,7 +20,12 @@ from .simulate import Costs, SimResult, simulate
 from .train import TrainResult, train
 
 __all__ = [
+    "Candidate",
     "Costs",
+    "LayerCost",
+    "Piece",
+    "Plan",
+    "Profile",
     "Pipeline",
     "Schedule",
     "ScheduleError",
@@ -25,12 +33,17 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "assign_buffers",
+    "fractional_partition",
     "gpipe",
     "interleaved_1f1b",
     "make_mesh",
+    "make_plan",
     "make_schedule",
     "one_f_one_b",
+    "partition_layers",
+    "plan",
     "plot_timeline",
+    "profile",
     "simulate",
     "train",
     "validate",

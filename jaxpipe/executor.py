@@ -33,8 +33,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .schedule import BACKWARD, FORWARD, Buffers, Schedule
 from .partition import Piece
+from .schedule import BACKWARD, FORWARD, Buffers, Schedule
 from .stages import Boundary, Carrier, ParamLayout, apply_layer
 
 

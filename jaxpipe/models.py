@@ -167,3 +167,8 @@ def conv_net(channels: Sequence[int], classes: int, strides: Sequence[int] | Non
 def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy: logits ``[B, C]``, integer labels ``[B]``."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def demo_lm(rngs: nnx.Rngs) -> list[nnx.Module]:
+    """A ready ``model_fn`` for the command line: vocab 32000, seq 128, dim 256, 6 blocks."""
+    return transformer_lm(32000, 128, 256, 4, 6)(rngs)

@@ -27,6 +27,7 @@ from .partition import (
     partition_layers,
     pieces_from_counts,
 )
+from .planner import Plan, describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .stages import (
     Boundary,
@@ -38,7 +39,7 @@ from .stages import (
     trace_boundaries,
 )
 
-SCHEDULES = SCHEDULE_NAMES + ("balanced",)
+SCHEDULES = SCHEDULE_NAMES + ("balanced", "auto")
 
 
 def _check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
@@ -48,6 +49,28 @@ def _check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
             f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
         )
     return costs
+
+
+def _layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-layer ``(forward [L], backward [L], unit)`` for the partitioner and planner.
+
+    ``costs`` may be a ``Profile`` (measured forward and backward seconds), a
+    sequence of ``L`` forward+backward costs, or ``None`` for XLA's flop
+    estimate. Totals are split one third forward, two thirds backward.
+    """
+    if hasattr(costs, "forward") and hasattr(costs, "backward"):
+        forward = _check_costs(costs.forward(), len(specs))
+        return forward, _check_costs(costs.backward(), len(specs)), "s"
+    unit = "flop" if costs is None else "cost"
+    total = estimate_costs(specs, params, structs[:-1]) if costs is None else _check_costs(costs, len(specs))
+    return total / 3, 2 * total / 3, unit
+
+
+def _message_bytes(structs) -> float:
+    """Bytes of the largest activation between layers, one micro-batch."""
+    return float(max(
+        sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s)) for s in structs
+    ))
 
 
 def _check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -150,9 +173,11 @@ class Pipeline:
         *,
         schedule: str = "gpipe",
         virtual_stages: int = 1,
+        cut: str = "integer",
         partition: Sequence[int] | None = None,
-        costs: Sequence[float] | None = None,
+        costs: Any = None,
         unsplittable: Sequence[int] = (),
+        max_memory_per_device: float | None = None,
         executor: str = "table",
         remat: bool | None = None,
         seed: int = 0,
@@ -173,6 +198,12 @@ class Pipeline:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+        if cut not in ("integer", "fractional"):
+            raise ValueError(f"cut={cut!r} is not one of ('integer', 'fractional')")
+        if schedule == "balanced":
+            schedule, cut = "1f1b", "fractional"
+        if cut == "fractional" and executor == "autodiff":
+            raise ValueError("cut='fractional' (schedule='balanced') needs executor='table'")
         if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, (int, np.integer)):
             raise TypeError(f"virtual_stages must be an int, got {virtual_stages!r}")
         if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved"):
@@ -196,8 +227,8 @@ class Pipeline:
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
-        self.schedule = schedule
         self.num_chunks = int(virtual_stages)
+        self.plan = None
         self.optimizer = optimizer
         self.seed = seed
 
@@ -226,47 +257,71 @@ class Pipeline:
         structs = trace_boundaries(specs, params, x_mb)
         self._check_loss(loss_fn, structs[-1], y_mb)
 
-        num_stages = self.num_chunks * self.num_devices
-        self.unsplittable: tuple[int, ...] = ()
-        if schedule == "balanced":
+        # Cuts balance forward + backward: the table executor's backward tick
+        # (recompute + backward) is its longest, and the last stage's forward
+        # is folded into it, so these loads set the lock-step tick length.
+        forward, backward, unit = _layer_costs(costs, specs, params, structs)
+        if cut == "fractional" or schedule == "auto":
             if partition is not None:
                 raise ValueError(
-                    "schedule='balanced' computes its own fractional cut; drop "
-                    f"partition={partition!r} or use schedule='1f1b' with it"
+                    f"schedule={schedule!r} computes its own cut; drop "
+                    f"partition={partition!r}, or use cut='integer' with it"
                 )
-            costs = estimate_costs(specs, params, structs[:-1]) if costs is None else _check_costs(costs, len(specs))
-            self.unsplittable = tuple(sorted(
-                set(_check_layer_ids(unsplittable, len(specs)))
-                | {i for i, (spec, p) in enumerate(zip(specs, params)) if mixes_rows(spec, p, structs[i])}
-            ))
+            mixing = {i for i, (spec, p) in enumerate(zip(specs, params)) if mixes_rows(spec, p, structs[i])}
+        else:
+            mixing = set()
+        self.unsplittable = tuple(sorted(set(_check_layer_ids(unsplittable, len(specs))) | mixing))
+        common = dict(
+            forward=forward, backward=backward, num_devices=self.num_devices,
+            num_microbatches=self.num_microbatches, rows=self.microbatch_rows,
+            param_bytes=[spec.size * jnp.dtype(dtype).itemsize for spec in specs],
+            message_bytes=_message_bytes(structs), max_memory=max_memory_per_device,
+        )
+        names = [spec.name for spec in specs]
+        if schedule == "auto":
+            self.plan = make_plan(
+                **{k: v for k, v in common.items() if k != "max_memory"}, layer_names=names,
+                unsplittable=self.unsplittable, max_memory_per_device=max_memory_per_device, unit=unit,
+            )
+            schedule, self.num_chunks = self.plan.chosen.schedule, self.plan.chosen.virtual_stages
+            cut = self.plan.chosen.cut
+            self.stages = self.plan.chosen.stages
+        elif cut == "fractional":
             splittable = [i not in self.unsplittable for i in range(len(specs))]
-            self.stages = fractional_partition(costs, num_stages, self.microbatch_rows, splittable)
-            self.partition = tuple(
-                round(sum((p.stop - p.start) / self.microbatch_rows for p in stage), 4) for stage in self.stages
+            self.stages = fractional_partition(
+                forward + backward, self.num_chunks * self.num_devices, self.microbatch_rows, splittable
             )
         else:
             if partition is None:
-                if costs is None:
-                    costs = estimate_costs(specs, params, structs[:-1])
-                partition = partition_layers(_check_costs(costs, len(specs)), num_stages)
-            self.partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
-            self.stages = pieces_from_counts(self.partition, self.microbatch_rows)
-        self.plan = self._build_plan(specs, params, dtype, structs, x_mb)
-        self.layout = self.plan.layout
-        self._host_params = [params[layer] for layer in self.plan.slot_layer]
+                partition = partition_layers(forward + backward, self.num_chunks * self.num_devices)
+            partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
+            self.stages = pieces_from_counts(partition, self.microbatch_rows)
+        if schedule != "auto" and self.plan is None:
+            self.plan = describe_plan(
+                self.stages, schedule, self.num_chunks, cut, layer_names=names,
+                unsplittable=self.unsplittable, unit=unit, **common,
+            )
+        self.schedule, self.cut = schedule, cut
+        self.partition = tuple(
+            round(sum((p.stop - p.start) / self.microbatch_rows for p in stage), 4)
+            if any(p.stop - p.start < self.microbatch_rows for p in stage) else len(stage)
+            for stage in self.stages
+        )
+        self.stage_plan = self._build_plan(specs, params, dtype, structs, x_mb)
+        self.layout = self.stage_plan.layout
+        self._host_params = [params[layer] for layer in self.stage_plan.slot_layer]
 
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.executor = executor
         if executor == "autodiff":
-            loss = autodiff_gpipe_loss(self.plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
+            loss = autodiff_gpipe_loss(self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
             self._value_and_grad = jax.value_and_grad(loss)
         else:
-            order = "1f1b" if schedule == "balanced" else schedule
-            self.table = make_schedule(order, self.num_devices, self.num_microbatches, self.num_chunks)
+            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
             self.buffers = assign_buffers(self.table)
-            run = scheduled_loss_and_grad(self.plan, self.table, self.buffers, self.mesh, loss_fn)
+            run = scheduled_loss_and_grad(self.stage_plan, self.table, self.buffers, self.mesh, loss_fn)
 
             def value_and_grad(params, inputs, targets):
                 loss, grads = run(params, inputs, targets)
@@ -322,7 +377,7 @@ class Pipeline:
     @property
     def _copies(self) -> list[tuple[int, int, int, int, int]]:
         """``(owner device, owner start, copy device, copy start, size)`` per extra copy."""
-        layout, plan = self.layout, self.plan
+        layout, plan = self.layout, self.stage_plan
         device_of = {slot: p for p, slots in enumerate(layout.device_layers) for slot in slots}
         return [
             (device_of[layer], layout.starts[layer], device_of[slot], layout.starts[slot], layout.specs[slot].size)
@@ -461,7 +516,7 @@ class Pipeline:
 
         A layer split between devices is read from its owner copy.
         """
-        return self.layout.unpack(packed)[: self.plan.num_layers]
+        return self.layout.unpack(packed)[: self.stage_plan.num_layers]
 
     def layers(self, params: jax.Array) -> list[nnx.Module]:
         """The layers with the given packed parameters, as ``model_fn`` returns them."""
@@ -469,3 +524,41 @@ class Pipeline:
             nnx.merge(spec.graphdef, tree, spec.rest)
             for spec, tree in zip(self.layout.specs, self.unpack(params))
         ]
+
+
+def plan(
+    model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
+    mesh_shape: Sequence[int],
+    example_inputs: Any,
+    *,
+    num_microbatches: int,
+    schedule: str = "auto",
+    **options: Any,
+) -> Plan:
+    """The plan jaxpipe would run for a model, without compiling or training.
+
+    Args:
+      model_fn: ``(nnx.Rngs) -> list[nnx.Module]``.
+      mesh_shape: ``(D, P)``.
+      example_inputs: one global batch of model inputs, ``[R, ...]`` leaves.
+      num_microbatches: M.
+      schedule: as for ``Pipeline`` (default ``"auto"``: the planner picks).
+      **options: other ``Pipeline`` keyword options (``costs``,
+        ``virtual_stages``, ``max_memory_per_device``, ``unsplittable``...).
+
+    Returns:
+      The ``Plan``; ``print`` it for per-device layers, loads, memory,
+      predicted step time of the plain and chosen plan, and the reason.
+    """
+    rows = _rows(example_inputs, "example_inputs")
+    targets = np.zeros((rows,), np.float32)
+    pipe = Pipeline(
+        model_fn, mesh_shape, _plan_only_loss, optax.identity(), num_microbatches,
+        (example_inputs, targets), schedule=schedule, **options,
+    )
+    return pipe.plan
+
+
+def _plan_only_loss(outputs: Any, targets: Any) -> jax.Array:
+    leaves = [leaf for leaf in jax.tree.leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return sum(jnp.mean(leaf) for leaf in leaves) + 0.0 * jnp.mean(targets) if leaves else jnp.mean(targets)

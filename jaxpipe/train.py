@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from .pipeline import Pipeline, TrainState
+from .planner import Plan
 
 
 class TrainResult(NamedTuple):
@@ -28,6 +29,11 @@ class TrainResult(NamedTuple):
     state: TrainState
     pipeline: Pipeline
 
+    @property
+    def plan(self) -> Plan:
+        """The plan that ran: per device its layers, loads, memory, prediction, reason."""
+        return self.pipeline.plan
+
 
 def train(
     model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
@@ -40,10 +46,12 @@ def train(
     num_microbatches: int = 1,
     schedule: str = "gpipe",
     virtual_stages: int = 1,
+    cut: str = "integer",
     seed: int = 0,
     partition: Sequence[int] | None = None,
     costs: Sequence[float] | None = None,
     unsplittable: Sequence[int] = (),
+    max_memory_per_device: float | None = None,
     executor: str = "table",
     remat: bool | None = None,
     progress: bool = True,
@@ -61,9 +69,11 @@ def train(
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: number of optimizer steps.
       num_microbatches: M, micro-batches per data replica.
-      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"balanced"``
-        (see ``Pipeline``).
+      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"balanced"``
+        (fractional cuts, 1F1B order) or ``"auto"`` (the planner picks).
       virtual_stages: V, chunks per pipe device for ``"interleaved"``.
+      cut: ``"integer"`` (whole layers per stage) or ``"fractional"`` (equal
+        loads, layers split by rows); ``"balanced"`` implies fractional.
       seed: seed for ``model_fn``'s ``nnx.Rngs``.
       partition: ``[V * P]`` layers per stage (default: balanced by XLA's
         flop estimate).
@@ -71,6 +81,8 @@ def train(
         forward+backward flop estimate), e.g. ``profile(...).total()``.
       unsplittable: layer indices ``schedule="balanced"`` must not split by
         rows (layers found to mix rows are added automatically).
+      max_memory_per_device: bytes; ``schedule="auto"`` only picks plans
+        predicted to fit.
       executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
       remat: with ``executor="autodiff"``, rematerialise each device's layers.
       progress: show a progress bar with the loss.
@@ -112,9 +124,11 @@ def train(
         first,
         schedule=schedule,
         virtual_stages=virtual_stages,
+        cut=cut,
         partition=partition,
         costs=costs,
         unsplittable=unsplittable,
+        max_memory_per_device=max_memory_per_device,
         executor=executor,
         remat=remat,
         seed=seed,

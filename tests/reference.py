@@ -13,20 +13,27 @@ import numpy as np
 from flax import nnx
 
 
-def reference_run(model_fn, batches, loss_fn, optimizer, seed=0):
+def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1):
     """Trains on ``batches`` (one step each); returns (losses, grads of step 0, params).
 
-    ``grads`` and ``params`` are lists of per-layer ``nnx.State``.
+    ``grads`` and ``params`` are lists of per-layer ``nnx.State``. With
+    ``microbatches=k`` the loss is the mean over k contiguous row blocks
+    (needed only for layers that mix rows, whose output depends on the
+    grouping); otherwise the whole batch goes through at once.
     """
     layers = model_fn(nnx.Rngs(seed))
     parts = [nnx.split(layer, nnx.Param, ...) for layer in layers]
     params = [p for _, p, _ in parts]
 
-    def loss(params, x, y):
+    def full_loss(params, x, y):
         h = x
         for (graphdef, _, rest), p in zip(parts, params):
             h = nnx.merge(graphdef, p, rest)(h)
         return loss_fn(h, y)
+
+    def loss(params, x, y):
+        split = lambda t: jax.tree.map(lambda a: a.reshape((microbatches, -1) + a.shape[1:]), t)  # noqa: E731
+        return jnp.mean(jax.vmap(full_loss, in_axes=(None, 0, 0))(params, split(x), split(y)))
 
     @jax.jit
     def step(params, opt_state, x, y):

@@ -107,7 +107,7 @@ def test_gradients_match_reference(schedule, v, case_name, mesh):
 )
 def test_dict_inputs_targets_and_int_leaves_crossing_devices(mesh, m, schedule, v):
     pipe = _check("dict", mesh, m, check_grads=True, schedule=schedule, virtual_stages=v)
-    assert pipe.plan.sends_ints
+    assert pipe.stage_plan.sends_ints
 
 
 @pytest.mark.parametrize("case_name", ["lm", "conv"])

@@ -1,0 +1,286 @@
+"""The planner: predict each candidate schedule with the simulator, pick the fastest.
+
+Pure NumPy over per-layer costs (DESIGN.md rule 4). A candidate is a
+partition (integer min-max cuts, or fractional cuts that split layers by
+rows) with an order (GPipe, 1F1B, interleaved 1F1B with V chunks). Each is
+turned into per-stage forward and backward costs and run through the
+simulator's lock-step model, which is how the table executor runs (one action
+per device per tick, each tick as long as its slowest action). The plain plan
+(integer cuts, 1F1B) is always predicted too, so the printout shows what the
+choice gains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from .partition import Piece, fractional_partition, partition_layers, pieces_from_counts
+from .schedule import assign_buffers, make_schedule
+from .simulate import Costs, lockstep_time
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One predicted configuration.
+
+    Attributes:
+      schedule: the order: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+      virtual_stages: V.
+      cut: ``"integer"`` or ``"fractional"`` (layers split by rows).
+      stages: ``[S]`` tuples of pieces.
+      loads: ``[P]`` forward + backward cost of one micro-batch's share of the
+        model on each device (what the cuts balance).
+      step: predicted step time (cost units).
+      memory: ``[P]`` predicted bytes per device (parameters, optimizer
+        state and gradients as 4 x parameters, plus stashed messages).
+      fits: whether every device's memory is within the limit.
+    """
+
+    schedule: str
+    virtual_stages: int
+    cut: str
+    stages: tuple[tuple[Piece, ...], ...]
+    loads: np.ndarray
+    step: float
+    memory: np.ndarray
+    fits: bool
+
+    @property
+    def label(self) -> str:
+        """e.g. ``interleaved V=2``, ``balanced`` (fractional 1F1B), ``gpipe fractional``."""
+        if self.cut == "fractional" and self.schedule == "1f1b":
+            return "balanced"
+        return (
+            self.schedule
+            + (f" V={self.virtual_stages}" if self.virtual_stages > 1 else "")
+            + (" fractional" if self.cut == "fractional" else "")
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The chosen configuration, the plain one, and why.
+
+    Attributes:
+      chosen: the candidate picked.
+      plain: integer cuts with the 1F1B order, for comparison.
+      candidates: every candidate predicted.
+      layer_names: class name of each layer.
+      unsplittable: layers that mix rows (or were marked) and are never split.
+      num_microbatches: M.
+      rows: B, rows per micro-batch.
+      unit: what the costs measure (``"s"`` for profiled seconds, ``"flop"``).
+      reason: why ``chosen`` won.
+    """
+
+    chosen: Candidate
+    plain: Candidate
+    candidates: tuple[Candidate, ...]
+    layer_names: tuple[str, ...]
+    unsplittable: tuple[int, ...]
+    num_microbatches: int
+    rows: int
+    unit: str
+    reason: str
+
+    def __str__(self) -> str:
+        c, num_devices = self.chosen, len(self.chosen.loads)
+        lines = [
+            f"plan: {c.label}, M={self.num_microbatches} micro-batches of B={self.rows} rows, "
+            f"P={num_devices} pipe devices (costs in {self.unit})",
+        ]
+        for p in range(num_devices):
+            stages = [c.stages[v * num_devices + p] for v in range(c.virtual_stages)]
+            work = ", ".join(_piece_text(piece, self.layer_names, self.rows) for s in stages for piece in s)
+            lines.append(
+                f"  device {p}: load {c.loads[p]:.4g}  memory {c.memory[p] / 2**20:.1f} MiB  | {work}"
+            )
+        mean = float(np.mean(c.loads))
+        lines.append(
+            f"  max/mean load: chosen {float(np.max(c.loads)) / mean:.3f}, "
+            f"plain {float(np.max(self.plain.loads)) / float(np.mean(self.plain.loads)):.3f}"
+        )
+        lines.append(
+            f"  predicted step: chosen {c.step:.4g}, plain 1f1b {self.plain.step:.4g} "
+            f"({self.plain.step / c.step:.2f}x)"
+        )
+        if self.unsplittable:
+            names = ", ".join(f"{i} ({self.layer_names[i]})" for i in self.unsplittable)
+            lines.append(f"  never split (rows mix or marked): {names}")
+        lines.append("  candidates: " + "; ".join(
+            f"{k.label} {k.step:.4g}{'' if k.fits else ' (over memory)'}" for k in self.candidates
+        ))
+        lines.append(f"  reason: {self.reason}")
+        return "\n".join(lines)
+
+
+def _piece_text(piece: Piece, names: Sequence[str], rows: int) -> str:
+    text = f"{piece.layer}:{names[piece.layer]}"
+    if piece.stop - piece.start < rows:
+        text += f"[rows {piece.start}:{piece.stop}]"
+    return text
+
+
+def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows):
+    """``[P, V]`` forward and backward costs as the table executor pays them.
+
+    Its backward recomputes the stage's forward; the last stage's forward is
+    folded into its backward.
+    """
+    shape = (virtual_stages, num_devices)
+    fwd = np.array([sum(forward[p.layer] * (p.stop - p.start) / rows for p in st) for st in stages])
+    bwd = np.array([sum(backward[p.layer] * (p.stop - p.start) / rows for p in st) for st in stages])
+    bwd = bwd + fwd
+    fwd[-1] = 0.0
+    return fwd.reshape(shape).T, bwd.reshape(shape).T
+
+
+def predict(
+    stages, schedule: str, virtual_stages: int, cut: str, forward, backward, num_devices: int,
+    num_microbatches: int, rows: int, param_bytes, message_bytes: float, max_memory: float | None,
+) -> Candidate:
+    """Predicts one configuration's step time and memory.
+
+    Args:
+      stages: ``[S]`` tuples of pieces.
+      schedule: the order: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+      virtual_stages: V.
+      cut: ``"integer"`` or ``"fractional"``, for the label.
+      forward: ``[L]`` per-layer forward cost of one micro-batch.
+      backward: ``[L]`` per-layer backward cost.
+      num_devices: P.
+      num_microbatches: M.
+      rows: B.
+      param_bytes: ``[L]`` parameter bytes per layer.
+      message_bytes: bytes of one packed message (one stash slot).
+      max_memory: bytes allowed per device, or ``None``.
+
+    Returns:
+      The ``Candidate``.
+    """
+    table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages)
+    fwd, bwd = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows)
+    step = lockstep_time(table, Costs(forward=fwd, backward=bwd))
+    buffers = assign_buffers(table)
+    memory = np.zeros(num_devices)
+    for s, stage in enumerate(stages):
+        memory[s % num_devices] += 4 * sum(param_bytes[p.layer] for p in stage)
+    memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
+    loads = np.zeros(num_devices)
+    for s, stage in enumerate(stages):
+        loads[s % num_devices] += sum(
+            (forward[p.layer] + backward[p.layer]) * (p.stop - p.start) / rows for p in stage
+        )
+    fits = max_memory is None or bool(np.all(memory <= max_memory))
+    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits)
+
+
+def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer_names, unsplittable=(), unit="flop", **common) -> Plan:
+    """A ``Plan`` for a configuration the caller chose, beside the plain one.
+
+    Args:
+      stages: ``[S]`` tuples of pieces.
+      schedule: the order.
+      virtual_stages: V.
+      cut: ``"integer"`` or ``"fractional"``.
+      layer_names: ``[L]`` names for the printout.
+      unsplittable: layers never split.
+      unit: what the costs measure.
+      **common: ``predict``'s remaining keyword arguments.
+
+    Returns:
+      The ``Plan``.
+    """
+    total = np.asarray(common["forward"]) + np.asarray(common["backward"])
+    chosen = predict(stages, schedule, virtual_stages, cut, **common)
+    counts = partition_layers(total, common["num_devices"])
+    plain = predict(pieces_from_counts(counts, common["rows"]), "1f1b", 1, "integer", **common)
+    return Plan(chosen, plain, (chosen, plain), tuple(layer_names), tuple(unsplittable),
+                common["num_microbatches"], common["rows"], unit, "schedule and cut given by the caller")
+
+
+def make_plan(
+    forward: Sequence[float],
+    backward: Sequence[float],
+    num_devices: int,
+    num_microbatches: int,
+    rows: int,
+    *,
+    layer_names: Sequence[str],
+    param_bytes: Sequence[float],
+    message_bytes: float,
+    unsplittable: Sequence[int] = (),
+    max_memory_per_device: float | None = None,
+    unit: str = "flop",
+) -> Plan:
+    """Predicts every candidate and picks the fastest that fits in memory.
+
+    Candidates: integer and fractional cuts, each with the 1F1B and GPipe
+    orders and, when M is a multiple of P, interleaved 1F1B for each V with
+    ``V * P <= L``. Ties go to the earlier candidate in that order (integer
+    before fractional, 1F1B first: the least memory).
+
+    Args:
+      forward: ``[L]`` per-layer forward costs of one micro-batch.
+      backward: ``[L]`` per-layer backward costs.
+      num_devices: P.
+      num_microbatches: M.
+      rows: B.
+      layer_names: ``[L]`` names for the printout.
+      param_bytes: ``[L]`` parameter bytes per layer.
+      message_bytes: bytes of one packed message between stages.
+      unsplittable: layers the balanced cut must not split.
+      max_memory_per_device: bytes, or ``None`` for no limit.
+      unit: what the costs measure, for the printout.
+
+    Returns:
+      The ``Plan``.
+
+    Raises:
+      ValueError: if no candidate fits in ``max_memory_per_device``.
+    """
+    forward, backward = np.asarray(forward, float), np.asarray(backward, float)
+    # Balance forward + backward: the length of the executor's backward tick.
+    num_layers, total = len(forward), forward + backward
+    common = dict(forward=forward, backward=backward, num_devices=num_devices,
+                  num_microbatches=num_microbatches, rows=rows, param_bytes=param_bytes,
+                  message_bytes=message_bytes, max_memory=max_memory_per_device)
+    splittable = [i not in set(unsplittable) for i in range(num_layers)]
+    orders = [("1f1b", 1), ("gpipe", 1)]
+    if num_microbatches % num_devices == 0:
+        orders += [("interleaved", v) for v in range(2, num_layers // num_devices + 1)]
+    candidates = []
+    for cut in ("integer", "fractional"):
+        for order, v in orders:
+            if cut == "integer":
+                stages = pieces_from_counts(partition_layers(total, v * num_devices), rows)
+            else:
+                try:
+                    stages = fractional_partition(total, v * num_devices, rows, splittable)
+                except ValueError:
+                    continue
+            candidates.append(predict(stages, order, v, cut, **common))
+    plain = candidates[0]
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise ValueError(
+            f"no schedule fits max_memory_per_device={max_memory_per_device:.4g} bytes; the "
+            f"smallest needs {min(float(np.max(c.memory)) for c in candidates):.4g}: raise the "
+            "limit, use more pipe devices, or smaller micro-batches"
+        )
+    chosen = min(fitting, key=lambda c: c.step)
+    if chosen is plain:
+        reason = "integer cuts with 1F1B are already the fastest predicted plan"
+    else:
+        reason = (
+            f"{chosen.label} is predicted {plain.step / chosen.step:.2f}x faster than plain 1F1B"
+            + (f" (max/mean load {float(np.max(plain.loads) / np.mean(plain.loads)):.2f} -> "
+               f"{float(np.max(chosen.loads) / np.mean(chosen.loads)):.2f})" if chosen.cut == "fractional" else "")
+        )
+    if len(fitting) < len(candidates):
+        reason += f"; {len(candidates) - len(fitting)} candidate(s) exceed the memory limit"
+    return Plan(chosen, plain, tuple(candidates), tuple(layer_names), tuple(unsplittable),
+                num_microbatches, rows, unit, reason)

@@ -1,0 +1,195 @@
+"""The balanced schedule: fractional cuts, split layers, and the planner's choice.
+
+Equivalence against the single-device reference uses the tolerances of
+``test_pipeline.py`` (losses rtol 2e-5; parameters after 3 SGD momentum steps
+rtol 1e-4, atol 2e-6). Split-layer copies must stay bitwise identical.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from models_for_tests import CASES, mse
+from reference import assert_trees_close, reference_run
+
+import jaxpipe
+from jaxpipe import models
+from jaxpipe.partition import Piece, fractional_partition, stage_loads
+
+OPTIMIZER = optax.sgd(0.05, momentum=0.9)
+SIX = models.mlp([8] * 7)  # 6 equal blocks
+
+
+def _mlp_batch(rng, rows):
+    return rng.normal(size=(rows, 8)).astype(np.float32), rng.normal(size=(rows, 8)).astype(np.float32)
+
+
+def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMIZER, reference_microbatches=1,
+           **options):
+    rng = np.random.default_rng(0)
+    data = [make_batch(rng, mesh[0] * m * rows_per_mb) for _ in range(3)]
+    ref_losses, _, ref_params = reference_run(
+        model_fn, data, loss_fn, optimizer, microbatches=reference_microbatches
+    )
+    result = jaxpipe.train(
+        model_fn, mesh, data=data, loss_fn=loss_fn, optimizer=optimizer, steps=3,
+        num_microbatches=m, progress=False, **options,
+    )
+    pipe = result.pipeline
+    np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg="losses")
+    assert_trees_close(pipe.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
+    _assert_copies_identical(pipe, result.state.params)
+    return pipe
+
+
+def _assert_copies_identical(pipe, packed):
+    slots = pipe.layout.unpack(packed)
+    plan = pipe.stage_plan
+    for slot, layer in enumerate(plan.slot_layer):
+        for a, b in zip(jax.tree.leaves(slots[slot]), jax.tree.leaves(slots[layer])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"copy slot {slot} of layer {layer}")
+
+
+def _split_layers(pipe):
+    return sorted({p.layer for stage in pipe.stages for p in stage if p.stop - p.start < pipe.microbatch_rows})
+
+
+@pytest.mark.parametrize("mesh,m", [((1, 4), 4), ((2, 4), 5), ((4, 2), 2)], ids=str)
+def test_six_equal_blocks_on_four_devices(mesh, m):
+    pipe = _check(SIX, mse, _mlp_batch, mesh, m, 4, schedule="balanced", costs=[1.0] * 6)
+    if mesh[1] == 4:
+        assert pipe.partition == (1.5, 1.5, 1.5, 1.5)
+        assert _split_layers(pipe) == [1, 4]
+        assert np.allclose(pipe.plan.chosen.loads, 1.5)
+        assert pipe.plan.plain.step / pipe.plan.chosen.step > 1.1
+
+
+def test_layer_heavier_than_a_device_spans_three_devices():
+    pipe = _check(SIX, mse, _mlp_batch, (1, 4), 4, 6, schedule="balanced", costs=[1, 1, 8, 1, 1, 1])
+    holders = [s for s, stage in enumerate(pipe.stages) if any(p.layer == 2 for p in stage)]
+    assert holders == [0, 1, 2]
+
+
+def test_transformer_with_heavy_output_layer():
+    case = CASES["lm"]
+    costs = [0.2] + [1.0] * 6 + [3.0]  # the head costs about three blocks
+    pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (1, 4), 4, 4, schedule="balanced", costs=costs)
+    assert 7 in _split_layers(pipe)  # the head is split between the last devices
+    loads = pipe.plan.chosen.loads
+    assert loads.max() / loads.mean() < pipe.plan.plain.loads.max() / pipe.plan.plain.loads.mean()
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("interleaved", 2)])
+def test_fractional_cut_with_other_orders(schedule, v):
+    _check(SIX, mse, _mlp_batch, (2, 2), 4, 3, schedule=schedule, virtual_stages=v, cut="fractional",
+           costs=[1.0] * 6)
+
+
+def test_marked_unsplittable_layer_is_cut_around():
+    pipe = _check(SIX, mse, _mlp_batch, (1, 4), 4, 4, schedule="balanced", costs=[1.0] * 6, unsplittable=(1,))
+    assert 1 not in _split_layers(pipe)
+    assert pipe.unsplittable == (1,)
+    assert "never split" in str(pipe.plan) and "1 (Dense)" in str(pipe.plan)
+
+
+class Center(nnx.Module):
+    """Subtracts the micro-batch mean: mixes rows, so it must not be split."""
+
+    def __init__(self, dim, *, rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.linear(x)
+        return y - y.mean(axis=0, keepdims=True)
+
+
+def _mixing_model(rngs):
+    return [models.Dense(8, 8, rngs=rngs), Center(8, rngs=rngs)] + [models.Dense(8, 8, rngs=rngs) for _ in range(4)]
+
+
+def test_layer_that_mixes_rows_is_detected_and_not_split():
+    # Row-mixing output depends on the micro-batch grouping: the reference
+    # uses the same 4 micro-batches of 4 rows.
+    pipe = _check(_mixing_model, mse, _mlp_batch, (1, 4), 4, 4, schedule="balanced", costs=[1.0] * 6,
+                  reference_microbatches=4)
+    assert pipe.unsplittable == (1,)
+    assert 1 not in _split_layers(pipe)
+
+
+def test_global_norm_clipping_counts_split_parameters_once():
+    optimizer = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(0.5))
+    pipe = _check(SIX, mse, _mlp_batch, (1, 4), 4, 4, optimizer=optimizer, schedule="balanced", costs=[1.0] * 6)
+    assert _split_layers(pipe)
+
+
+def test_auto_trains_to_the_reference_and_explains_its_choice():
+    case = CASES["lm"]
+    costs = [0.2] + [1.0] * 6 + [3.0]
+    pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 2, schedule="auto", costs=costs)
+    text = str(pipe.plan)
+    assert pipe.plan.chosen.step <= pipe.plan.plain.step
+    assert pipe.plan.chosen is min((c for c in pipe.plan.candidates if c.fits), key=lambda c: c.step)
+    for needle in ("plan:", "device 0:", "device 3:", "predicted step", "reason:", "candidates:"):
+        assert needle in text
+
+
+def test_auto_respects_the_memory_limit():
+    case = CASES["lm"]
+    rng = np.random.default_rng(0)
+    batch = case.make_batch(rng, 16)
+    free = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto")
+    limit = float(free.plan.plain.memory.max()) * 1.0001
+    tight = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
+                             max_memory_per_device=limit)
+    assert all(np.all(c.memory <= limit) for c in [tight.plan.chosen])
+    with pytest.raises(ValueError, match="no schedule fits max_memory_per_device"):
+        jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
+                         max_memory_per_device=1.0)
+
+
+def test_balanced_rejects_an_explicit_partition():
+    with pytest.raises(ValueError, match="computes its own cut"):
+        jaxpipe.Pipeline(SIX, (1, 2), mse, OPTIMIZER, 2, _mlp_batch(np.random.default_rng(0), 4),
+                         schedule="balanced", partition=(3, 3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    costs=st.lists(st.floats(0.01, 10.0), min_size=1, max_size=12),
+    num_stages=st.integers(1, 8),
+    rows=st.integers(1, 16),
+)
+def test_fractional_partition_balances_to_one_row(costs, num_stages, rows):
+    # A stage can only be empty when one row of a layer outweighs a stage.
+    assume(max(costs) / rows < sum(costs) / num_stages)
+    stages = fractional_partition(costs, num_stages, rows, [True] * len(costs))
+    # Every row of every layer exactly once, in order.
+    flat = [p for stage in stages for p in stage]
+    for layer in range(len(costs)):
+        pieces = [p for p in flat if p.layer == layer]
+        assert pieces[0].start == 0 and pieces[-1].stop == rows
+        assert all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+    assert [p.layer for p in flat] == sorted(p.layer for p in flat)
+    # Each stage carries total/S up to one row of the layers split at its two cuts.
+    loads = stage_loads(costs, stages, rows)
+    row_cost = max(costs) / rows
+    assert np.all(np.abs(loads - sum(costs) / num_stages) <= row_cost + 1e-9)
+
+
+def test_fractional_partition_cuts_around_unsplittable_layers():
+    stages = fractional_partition([1.0] * 6, 4, 8, [True, False, True, True, False, True])
+    for stage in stages:
+        for p in stage:
+            if p.layer in (1, 4):
+                assert (p.start, p.stop) == (0, 8)
+    assert stages[0][0] == Piece(0, 0, 8)
+
+
+def test_fractional_partition_reports_a_stage_without_work():
+    with pytest.raises(ValueError, match="leaves stage .* without work"):
+        fractional_partition([1.0, 10.0, 1.0], 4, 8, [True, False, True])

@@ -1,0 +1,185 @@
+"""Per-layer cost profiling: measured times, bytes, flops, reuse and caching."""
+
+import dataclasses
+import importlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from models_for_tests import CASES
+
+from jaxpipe import models
+
+# ``jaxpipe.profile`` may name the function once the package exports it, so
+# take the module itself from the import system.
+prof = importlib.import_module("jaxpipe.profile")
+Profile, profile = prof.Profile, prof.profile
+
+ROWS = 4
+
+
+def _sample(case, rows=ROWS + 2):
+    return case.make_batch(np.random.default_rng(0), rows)[0]
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Records every function ``profile`` times."""
+    calls = []
+    original = prof._time
+
+    def counted(fn, args, warmup, repeats):
+        calls.append(fn)
+        return original(fn, args, warmup, repeats)
+
+    monkeypatch.setattr(prof, "_time", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def lm_run():
+    """The test LM's layers, sample, profile, and the number of timed calls."""
+    case = CASES["lm"]
+    layers, sample = case.model_fn(nnx.Rngs(0)), _sample(case)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = []
+        original = prof._time
+        mp.setattr(prof, "_time", lambda *a: calls.append(a[0]) or original(*a))
+        result = profile(layers, sample, ROWS, repeats=2, warmup=1)
+    return layers, sample, result, len(calls)
+
+
+def _check_costs(layers, sample, result):
+    assert isinstance(result, Profile)
+    assert result.microbatch_rows == ROWS and result.device == jax.devices()[0].device_kind
+    assert len(result.layers) == len(layers)
+    for arr in (result.forward(), result.backward(), result.total()):
+        assert arr.shape == (len(layers),) and np.all(np.isfinite(arr)) and np.all(arr > 0)
+    np.testing.assert_allclose(result.total(), result.forward() + result.backward())
+    h = jax.tree.map(lambda a: jax.ShapeDtypeStruct((ROWS,) + a.shape[1:], a.dtype), sample)
+    for i, (layer, cost) in enumerate(zip(layers, result.layers)):
+        count = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+        h = jax.eval_shape(layer, h)
+        assert (cost.index, cost.name) == (i, type(layer).__name__)
+        assert cost.param_bytes == 4 * count
+        assert cost.activation_bytes == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(h))
+        assert cost.flops is not None and cost.flops > 0
+
+
+def test_lm_costs_are_measured_and_sized(lm_run):
+    layers, sample, result, _ = lm_run
+    _check_costs(layers, sample, result)
+
+
+@pytest.mark.parametrize("name", ["mlp", "dict"])
+def test_costs_are_measured_and_sized(name):
+    case = CASES[name]
+    layers, sample = case.model_fn(nnx.Rngs(0)), _sample(case)
+    _check_costs(layers, sample, profile(layers, sample, ROWS, repeats=2, warmup=1))
+
+
+def test_identical_layers_are_measured_once(lm_run):
+    _, _, result, calls = lm_run
+    # Embed, Block (x6, measured once) and Head: a forward and a backward each.
+    assert calls == 2 * 3
+    blocks = result.layers[1:7]
+    assert all(
+        (c.forward_s, c.backward_s, c.flops) == (blocks[0].forward_s, blocks[0].backward_s, blocks[0].flops)
+        for c in blocks
+    )
+
+
+def test_layers_differing_in_code_are_measured_separately(timed):
+    # Same class and shapes; only the static ``activate`` flag differs.
+    layers = [models.Dense(4, 4, activate=True, rngs=nnx.Rngs(0)), models.Dense(4, 4, activate=False, rngs=nnx.Rngs(1))]
+    profile(layers, np.ones((2, 4), np.float32), 2, repeats=1, warmup=0)
+    assert len(timed) == 2 * 2
+
+
+def test_model_fn_is_accepted():
+    result = profile(models.mlp([4, 3]), np.ones((2, 4), np.float32), 2, repeats=1, warmup=0, seed=3)
+    assert [c.name for c in result.layers] == ["Dense"]
+    assert result.layers[0].param_bytes == 4 * (4 * 3 + 3)
+
+
+def test_wider_layer_costs_more():
+    def cost(width):
+        layers = [nnx.Linear(width, width, rngs=nnx.Rngs(0))]
+        sample = np.ones((256, width), np.float32)
+        return profile(layers, sample, 256, repeats=3, warmup=1).total()[0]
+
+    assert cost(1024) > cost(8)
+
+
+def test_save_load_round_trip(lm_run, tmp_path):
+    result = lm_run[2]
+    path = tmp_path / "costs.json"
+    result.save(path)
+    assert Profile.load(path) == result
+    edited = dataclasses.replace(result, layers=(dataclasses.replace(result.layers[0], flops=None),) + result.layers[1:])
+    edited.save(path)
+    assert Profile.load(path) == edited
+    (tmp_path / "bad.json").write_text('{"layers": 3}')
+    with pytest.raises(ValueError, match="not a saved jaxpipe Profile"):
+        Profile.load(tmp_path / "bad.json")
+
+
+def test_cache_is_reused_and_refreshed(tmp_path, timed):
+    layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1))]
+    sample = np.ones((3, 4), np.float32)
+    path = tmp_path / "costs.json"
+    first = profile(layers, sample, 2, repeats=1, warmup=0, cache=path)
+    assert len(timed) == 2 and Profile.load(path) == first
+
+    timed.clear()
+    assert profile(layers, sample, 2, repeats=1, warmup=0, cache=path) == first
+    assert timed == []
+
+    # Another micro-batch size does not match the cache: measured and saved anew.
+    other = profile(layers, sample, 3, repeats=1, warmup=0, cache=path)
+    assert len(timed) == 2 and other.microbatch_rows == 3
+    assert Profile.load(path) == other
+
+    # Other layers (a different width) do not match either.
+    timed.clear()
+    wider = [nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1))]
+    profile(wider, sample, 3, repeats=1, warmup=0, cache=path)
+    assert len(timed) == 4
+
+
+def test_str_is_a_table(lm_run):
+    lines = str(lm_run[2]).splitlines()
+    assert lines[0] == f"Profile on {jax.devices()[0].device_kind}, {ROWS} rows per micro-batch"
+    assert all(col in lines[1] for col in ("layer", "name", "fwd ms", "bwd ms", "GFLOP", "param MB", "act MB"))
+    assert len(lines) == 2 + 8 + 1
+    assert "Embed" in lines[2] and "Head" in lines[-2] and lines[-1].startswith("total")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"microbatch_rows": 0}, ValueError, "microbatch_rows must be >= 1"),
+        ({"microbatch_rows": 7}, ValueError, "at least microbatch_rows=7 rows"),
+        ({"microbatch_rows": 2.0}, TypeError, "microbatch_rows must be an int"),
+        ({"repeats": 0}, ValueError, "repeats must be >= 1"),
+        ({"warmup": -1}, ValueError, "warmup must be >= 0"),
+        ({"layers": []}, ValueError, "layers is empty"),
+        ({"layers": [lambda x: x]}, TypeError, "expected an nnx.Module"),
+        ({"layers": "Dense"}, TypeError, "list of nnx.Module"),
+        ({"sample": {}}, ValueError, "sample_inputs is empty"),
+        ({"sample": np.float32(1.0)}, ValueError, r"shape \(\)"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    layers = kwargs.pop("layers", [nnx.Linear(6, 3, rngs=nnx.Rngs(0))])
+    sample = kwargs.pop("sample", np.ones((6, 6), np.float32))
+    kwargs.setdefault("microbatch_rows", ROWS)
+    with pytest.raises(error, match=match):
+        profile(layers, sample, **kwargs)
+
+
+def test_layer_failing_on_its_input_is_named():
+    layers = [nnx.Linear(6, 3, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(0))]
+    with pytest.raises(ValueError, match=r"layer 1 \(Linear\) fails"):
+        profile(layers, np.ones((2, 6), np.float32), 2)
