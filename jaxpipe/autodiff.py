@@ -12,20 +12,15 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from .executor import StagePlan
+from .executor import StagePlan, index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .stages import apply_layer
-
-
-def _index(tree: Any, m: jax.Array) -> Any:
-    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
 
 
 def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool) -> Callable:
@@ -80,12 +75,9 @@ def autodiff_gpipe_loss(
     num_devices, num_mb = plan.num_devices, plan.num_microbatches
     programs = [_device_program(plan, q, loss_fn, remat) for q in range(num_devices)]
     forward_perm = [(q, q + 1) for q in range(num_devices - 1)]
-    send_ints = any(b is not None and "int" in b.kinds for b in plan.boundaries)
 
     def body(params, inputs, targets):
-        row = params[0]
-        inputs = jax.tree.map(lambda a: a[0], inputs)
-        targets = jax.tree.map(lambda a: a[0], targets)
+        row, inputs, targets = local_views(params, inputs, targets)
         q = lax.axis_index(PIPE_AXIS)
 
         def tick(carry, t):
@@ -93,7 +85,7 @@ def autodiff_gpipe_loss(
             m = t - q
             active = (m >= 0) & (m < num_mb)
             mc = jnp.clip(m, 0, num_mb - 1)
-            x, y = _index(inputs, mc), _index(targets, mc)
+            x, y = index_microbatch(inputs, mc), index_microbatch(targets, mc)
 
             def work():
                 return lax.switch(q, programs, row, recv_f, recv_i, x, y)
@@ -105,7 +97,7 @@ def autodiff_gpipe_loss(
             send_f, send_i, loss = lax.cond(active, work, idle) if skip_idle else work()
             if num_devices > 1:
                 send_f = lax.ppermute(send_f, PIPE_AXIS, forward_perm)
-                if send_ints:
+                if plan.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, forward_perm)
             return (send_f, send_i, loss_sum + loss), None
 

@@ -100,8 +100,15 @@ class StagePlan:
         return first.layer, first.start
 
 
-def _index(tree: Any, m: jax.Array) -> Any:
+def index_microbatch(tree: Any, m: jax.Array) -> Any:
+    """Micro-batch ``m`` of ``[M, B, ...]`` leaves (``m`` traced)."""
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
+
+
+def local_views(params: jax.Array, inputs: Any, targets: Any) -> tuple[jax.Array, Any, Any]:
+    """Inside ``shard_map``: this device's ``[N]`` row and ``[M, B, ...]`` data."""
+    drop = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    return params[0], drop(inputs), drop(targets)
 
 
 def _rows(tree: Any, start: int, stop: int | None = None) -> Any:
@@ -290,9 +297,7 @@ def scheduled_loss_and_grad(
     zero_f, zero_i = carrier.zeros()
 
     def body(params, inputs, targets):
-        row = params[0]
-        inputs = jax.tree.map(lambda a: a[0], inputs)
-        targets = jax.tree.map(lambda a: a[0], targets)
+        row, inputs, targets = local_views(params, inputs, targets)
         p = lax.axis_index(PIPE_AXIS)
 
         def tick(carry, cells):
@@ -307,7 +312,7 @@ def scheduled_loss_and_grad(
             send_f, send_i, grad, send_g, loss = lax.switch(
                 branch, branches, row,
                 _read(act_f, act_slot), _read(act_i, act_slot), _read(grads_in, grad_slot),
-                _index(inputs, mc), _index(targets, mc),
+                index_microbatch(inputs, mc), index_microbatch(targets, mc),
             )
             current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
             grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current + grad, start, 0)

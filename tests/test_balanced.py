@@ -193,3 +193,11 @@ def test_fractional_partition_cuts_around_unsplittable_layers():
 def test_fractional_partition_reports_a_stage_without_work():
     with pytest.raises(ValueError, match="leaves stage .* without work"):
         fractional_partition([1.0, 10.0, 1.0], 4, 8, [True, False, True])
+
+
+@pytest.mark.parametrize("schedule", ["balanced", "auto"])
+@pytest.mark.parametrize("case_name", ["mlp", "lm", "conv", "dict"])
+def test_every_test_model_trains_to_the_reference(case_name, schedule):
+    case = CASES[case_name]
+    pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)
+    assert pipe.plan.chosen.step <= pipe.plan.plain.step * (1 + 1e-9) or schedule == "balanced"
