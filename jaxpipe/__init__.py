@@ -2,7 +2,7 @@
 
 from .mesh import make_mesh
 from .partition import Piece, fractional_partition, partition_layers
-from .pipeline import Pipeline, TrainState, plan
+from .pipeline import Pipeline, TrainState
 from .planner import Candidate, Plan, make_plan
 from .plot import plot_timeline
 from .profile import LayerCost, Profile, profile
@@ -17,7 +17,7 @@ from .schedule import (
     validate,
 )
 from .simulate import Costs, SimResult, simulate
-from .train import TrainResult, train
+from .train import TrainResult, plan, train
 
 __all__ = [
     "Candidate",

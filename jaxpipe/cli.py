@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flag = f"--xla_force_host_platform_device_count={args.host_devices}"
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    from .pipeline import plan
+    from .train import plan
 
     inputs = np.zeros(args.input_shape, args.input_dtype)
     result = plan(

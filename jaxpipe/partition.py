@@ -305,3 +305,37 @@ def mixes_rows(spec: LayerSpec, params: Any, x: Any, seed: int = 0) -> bool:
         np.allclose(np.asarray(a)[: rows // 2], np.asarray(b), rtol=1e-4, atol=1e-5)
         for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part))
     )
+
+
+def check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
+    """``[L]`` finite non-negative costs as float64, or a ValueError naming them."""
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.shape != (num_layers,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
+        raise ValueError(
+            f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
+        )
+    return costs
+
+
+def layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-layer ``(forward [L], backward [L], unit)`` for the partitioner and planner.
+
+    ``costs`` may be a ``Profile`` (measured forward and backward seconds), a
+    sequence of ``L`` forward+backward costs, or ``None`` for XLA's flop
+    estimate. Totals are split one third forward, two thirds backward.
+    """
+    if hasattr(costs, "forward") and hasattr(costs, "backward"):
+        forward = check_costs(costs.forward(), len(specs))
+        return forward, check_costs(costs.backward(), len(specs)), "s"
+    unit = "flop" if costs is None else "cost"
+    total = estimate_costs(specs, params, structs[:-1]) if costs is None else check_costs(costs, len(specs))
+    return total / 3, 2 * total / 3, unit
+
+
+def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Validates ``unsplittable`` layer indices."""
+    ids = tuple(ids)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"unsplittable={ids}: {bad} are not layer indices in [0, {num_layers})")
+    return tuple(int(i) for i in ids)

@@ -17,68 +17,23 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .autodiff import autodiff_gpipe_loss
-from .executor import StagePlan, scheduled_loss_and_grad
+from .executor import scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .partition import (
+    check_layer_ids,
     check_partition,
-    estimate_costs,
     fractional_partition,
+    layer_costs,
     mixes_rows,
     partition_layers,
     pieces_from_counts,
 )
-from .planner import Plan, describe_plan, make_plan
+from .placement import merge_copies, place_stages, sync_copies
+from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
-from .stages import (
-    Boundary,
-    Carrier,
-    ParamLayout,
-    check_rows_follow,
-    split_layers,
-    trace_at_rows,
-    trace_boundaries,
-)
+from .stages import largest_activation_bytes, split_layers, trace_boundaries
 
 SCHEDULES = SCHEDULE_NAMES + ("balanced", "auto")
-
-
-def _check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
-    costs = np.asarray(costs, dtype=np.float64)
-    if costs.shape != (num_layers,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
-        raise ValueError(
-            f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
-        )
-    return costs
-
-
-def _layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per-layer ``(forward [L], backward [L], unit)`` for the partitioner and planner.
-
-    ``costs`` may be a ``Profile`` (measured forward and backward seconds), a
-    sequence of ``L`` forward+backward costs, or ``None`` for XLA's flop
-    estimate. Totals are split one third forward, two thirds backward.
-    """
-    if hasattr(costs, "forward") and hasattr(costs, "backward"):
-        forward = _check_costs(costs.forward(), len(specs))
-        return forward, _check_costs(costs.backward(), len(specs)), "s"
-    unit = "flop" if costs is None else "cost"
-    total = estimate_costs(specs, params, structs[:-1]) if costs is None else _check_costs(costs, len(specs))
-    return total / 3, 2 * total / 3, unit
-
-
-def _message_bytes(structs) -> float:
-    """Bytes of the largest activation between layers, one micro-batch."""
-    return float(max(
-        sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s)) for s in structs
-    ))
-
-
-def _check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
-    ids = tuple(ids)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"unsplittable={ids}: {bad} are not layer indices in [0, {num_layers})")
-    return tuple(int(i) for i in ids)
 
 
 class TrainState(NamedTuple):
@@ -95,7 +50,8 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
-def _rows(tree: Any, what: str) -> int:
+def check_rows(tree: Any, what: str) -> int:
+    """The common leading dimension (rows) of a batch pytree, or a ValueError."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError(f"{what} is empty; give an array or a pytree of arrays")
@@ -139,9 +95,25 @@ class Pipeline:
       num_microbatches: M, micro-batches per data replica per step.
       example_batch: ``(inputs, targets)``, one global batch (``[R, ...]``
         leaves): fixes the shapes the pipeline is compiled for.
-      schedule: ``"gpipe"``.
-      partition: ``[P]`` layers per pipe device; default: the contiguous cut
-        minimising the largest device's XLA-estimated forward+backward flops.
+      schedule: the order of work, a table from ``schedule.py``:
+        ``"gpipe"`` (Huang et al. 2019), ``"1f1b"`` (PipeDream-Flush,
+        Narayanan et al. 2021), ``"interleaved"`` (Megatron-LM interleaved
+        1F1B, needs M a multiple of P), ``"balanced"`` (``"1f1b"`` with
+        ``cut="fractional"``), or ``"auto"`` (the planner predicts every cut,
+        order and V and picks the fastest; see ``self.plan``).
+      virtual_stages: V, chunks per device for ``"interleaved"``.
+      cut: ``"integer"``: whole layers per stage, cut to minimise the
+        largest stage's cost. ``"fractional"``: every stage gets the same
+        cost; a layer straddling a cut is split by micro-batch rows between
+        neighbouring devices (each holds a copy of its parameters).
+      partition: ``[V * P]`` layers per stage for ``cut="integer"``.
+      costs: per-layer costs for the cuts and the planner: a ``Profile``
+        (measured seconds), ``[L]`` numbers, or ``None`` for XLA's
+        forward+backward flop estimate.
+      unsplittable: layers a fractional cut must not split (layers whose
+        outputs mix rows are found and added automatically).
+      max_memory_per_device: bytes; ``"auto"`` only picks plans predicted to
+        fit.
       executor: ``"table"`` (default): the schedule-table executor, which
         stashes only each stage's input and recomputes the stage in its
         backward with ``jax.vjp`` (always rematerialised). ``"autodiff"``
@@ -260,7 +232,7 @@ class Pipeline:
         # Cuts balance forward + backward: the table executor's backward tick
         # (recompute + backward) is its longest, and the last stage's forward
         # is folded into it, so these loads set the lock-step tick length.
-        forward, backward, unit = _layer_costs(costs, specs, params, structs)
+        forward, backward, unit = layer_costs(costs, specs, params, structs)
         if cut == "fractional" or schedule == "auto":
             if partition is not None:
                 raise ValueError(
@@ -270,12 +242,12 @@ class Pipeline:
             mixing = {i for i, (spec, p) in enumerate(zip(specs, params)) if mixes_rows(spec, p, structs[i])}
         else:
             mixing = set()
-        self.unsplittable = tuple(sorted(set(_check_layer_ids(unsplittable, len(specs))) | mixing))
+        self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing))
         common = dict(
             forward=forward, backward=backward, num_devices=self.num_devices,
             num_microbatches=self.num_microbatches, rows=self.microbatch_rows,
             param_bytes=[spec.size * jnp.dtype(dtype).itemsize for spec in specs],
-            message_bytes=_message_bytes(structs), max_memory=max_memory_per_device,
+            message_bytes=largest_activation_bytes(structs), max_memory=max_memory_per_device,
         )
         names = [spec.name for spec in specs]
         if schedule == "auto":
@@ -307,7 +279,9 @@ class Pipeline:
             if any(p.stop - p.start < self.microbatch_rows for p in stage) else len(stage)
             for stage in self.stages
         )
-        self.stage_plan = self._build_plan(specs, params, dtype, structs, x_mb)
+        self.stage_plan = place_stages(
+            self.stages, self.num_devices, self.num_microbatches, specs, params, dtype, structs, x_mb
+        )
         self.layout = self.stage_plan.layout
         self._host_params = [params[layer] for layer in self.stage_plan.slot_layer]
 
@@ -325,87 +299,17 @@ class Pipeline:
 
             def value_and_grad(params, inputs, targets):
                 loss, grads = run(params, inputs, targets)
-                return loss, self._merge_copies(grads)
+                return loss, merge_copies(self.stage_plan, grads)
 
             self._value_and_grad = value_and_grad
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
-    def _build_plan(self, specs, params, dtype, structs, x_mb) -> StagePlan:
-        """Places ``self.stages`` on devices: stage ``s = c * P + p`` on device ``p``.
-
-        A layer in several stages gets one parameter slot per stage: slot
-        ``i`` (its first stage) is the owner, the others are copies.
-        """
-        num_layers, rows = len(specs), self.microbatch_rows
-        slot_layer, stage_slots, seen = list(range(num_layers)), [], set()
-        for stage in self.stages:
-            slots = []
-            for piece in stage:
-                if piece.layer in seen:
-                    slots.append(len(slot_layer))
-                    slot_layer.append(piece.layer)
-                else:
-                    seen.add(piece.layer)
-                    slots.append(piece.layer)
-            stage_slots.append(tuple(slots))
-        device_slots = [
-            sum((stage_slots[c * self.num_devices + p] for c in range(self.num_chunks)), ())
-            for p in range(self.num_devices)
-        ]
-        needed = set()
-        for stage in self.stages[1:]:
-            needed.add(stage[0].layer)
-            if stage[0].start:
-                needed.add(stage[0].layer + 1)
-        boundaries = tuple(
-            Boundary.from_struct(structs[i], rows, f"the output of layer {i - 1}") if i in needed else None
-            for i in range(len(structs))
-        )
-        if needed:
-            probe_rows = rows + 1
-            probe = trace_at_rows(specs[: max(needed)], params, x_mb, probe_rows)
-            for i in sorted(needed) if probe is not None else ():
-                check_rows_follow(structs[i], probe[i], probe_rows, f"the output of layer {i - 1}")
-        carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], rows)
-        slot_specs = [specs[layer] for layer in slot_layer]
-        layout = ParamLayout.build(slot_specs, device_slots, dtype, groups=stage_slots)
-        return StagePlan(
-            layout, self.stages, tuple(stage_slots), boundaries, carrier, self.num_microbatches, tuple(slot_layer)
-        )
-
-    @property
-    def _copies(self) -> list[tuple[int, int, int, int, int]]:
-        """``(owner device, owner start, copy device, copy start, size)`` per extra copy."""
-        layout, plan = self.layout, self.stage_plan
-        device_of = {slot: p for p, slots in enumerate(layout.device_layers) for slot in slots}
-        return [
-            (device_of[layer], layout.starts[layer], device_of[slot], layout.starts[slot], layout.specs[slot].size)
-            for slot, layer in enumerate(plan.slot_layer)
-            if slot >= plan.num_layers and layout.specs[slot].size
-        ]
-
-    def _merge_copies(self, grads: jax.Array) -> jax.Array:
-        """Sums each split layer's partial gradients into its owner slot, zeroing the copies.
-
-        Global-norm clipping and the optimizer then see every parameter once.
-        """
-        for po, so, pc, sc, n in self._copies:
-            total = grads[po, so : so + n] + grads[pc, sc : sc + n]
-            grads = grads.at[po, so : so + n].set(total).at[pc, sc : sc + n].set(0)
-        return grads
-
-    def _sync_copies(self, params: jax.Array) -> jax.Array:
-        """Overwrites each copy of a split layer with its owner's parameters."""
-        for po, so, pc, sc, n in self._copies:
-            params = params.at[pc, sc : sc + n].set(params[po, so : so + n])
-        return params
-
     def _check_rows(self, inputs: Any, targets: Any) -> int:
-        rows = _rows(inputs, "inputs")
-        if _rows(targets, "targets") != rows:
+        rows = check_rows(inputs, "inputs")
+        if check_rows(targets, "targets") != rows:
             raise ValueError(
-                f"inputs have {rows} rows but targets have {_rows(targets, 'targets')}; "
+                f"inputs have {rows} rows but targets have {check_rows(targets, 'targets')}; "
                 "they must match"
             )
         per_step = self.num_replicas * self.num_microbatches
@@ -436,7 +340,7 @@ class Pipeline:
     def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
         loss, grads = self._value_and_grad(state.params, inputs, targets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = self._sync_copies(optax.apply_updates(state.params, updates))
+        params = sync_copies(self.stage_plan, optax.apply_updates(state.params, updates))
         return TrainState(params, opt_state, state.step + 1), loss
 
     def init(self) -> TrainState:
@@ -525,40 +429,3 @@ class Pipeline:
             for spec, tree in zip(self.layout.specs, self.unpack(params))
         ]
 
-
-def plan(
-    model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
-    mesh_shape: Sequence[int],
-    example_inputs: Any,
-    *,
-    num_microbatches: int,
-    schedule: str = "auto",
-    **options: Any,
-) -> Plan:
-    """The plan jaxpipe would run for a model, without compiling or training.
-
-    Args:
-      model_fn: ``(nnx.Rngs) -> list[nnx.Module]``.
-      mesh_shape: ``(D, P)``.
-      example_inputs: one global batch of model inputs, ``[R, ...]`` leaves.
-      num_microbatches: M.
-      schedule: as for ``Pipeline`` (default ``"auto"``: the planner picks).
-      **options: other ``Pipeline`` keyword options (``costs``,
-        ``virtual_stages``, ``max_memory_per_device``, ``unsplittable``...).
-
-    Returns:
-      The ``Plan``; ``print`` it for per-device layers, loads, memory,
-      predicted step time of the plain and chosen plan, and the reason.
-    """
-    rows = _rows(example_inputs, "example_inputs")
-    targets = np.zeros((rows,), np.float32)
-    pipe = Pipeline(
-        model_fn, mesh_shape, _plan_only_loss, optax.identity(), num_microbatches,
-        (example_inputs, targets), schedule=schedule, **options,
-    )
-    return pipe.plan
-
-
-def _plan_only_loss(outputs: Any, targets: Any) -> jax.Array:
-    leaves = [leaf for leaf in jax.tree.leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    return sum(jnp.mean(leaf) for leaf in leaves) + 0.0 * jnp.mean(targets) if leaves else jnp.mean(targets)

@@ -460,3 +460,10 @@ def trace_at_rows(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any, row
         return jax.eval_shape(run, list(params), x)
     except Exception:  # noqa: BLE001 - a layer tied to one row count: nothing to compare
         return None
+
+
+def largest_activation_bytes(structs: Sequence[Any]) -> float:
+    """Bytes of the largest activation between layers, one micro-batch."""
+    return float(max(
+        sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s)) for s in structs
+    ))

@@ -6,11 +6,12 @@ from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from .pipeline import Pipeline, TrainState
+from .pipeline import Pipeline, TrainState, check_rows
 from .planner import Plan
 
 
@@ -167,3 +168,41 @@ def _progress(steps: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=steps, desc="train", unit="step")
+
+
+def plan(
+    model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
+    mesh_shape: Sequence[int],
+    example_inputs: Any,
+    *,
+    num_microbatches: int,
+    schedule: str = "auto",
+    **options: Any,
+) -> Plan:
+    """The plan jaxpipe would run for a model, without compiling or training.
+
+    Args:
+      model_fn: ``(nnx.Rngs) -> list[nnx.Module]``.
+      mesh_shape: ``(D, P)``.
+      example_inputs: one global batch of model inputs, ``[R, ...]`` leaves.
+      num_microbatches: M.
+      schedule: as for ``Pipeline`` (default ``"auto"``: the planner picks).
+      **options: other ``Pipeline`` keyword options (``costs``,
+        ``virtual_stages``, ``max_memory_per_device``, ``unsplittable``...).
+
+    Returns:
+      The ``Plan``; ``print`` it for per-device layers, loads, memory,
+      predicted step time of the plain and chosen plan, and the reason.
+    """
+    rows = check_rows(example_inputs, "example_inputs")
+    targets = np.zeros((rows,), np.float32)
+    pipe = Pipeline(
+        model_fn, mesh_shape, _plan_only_loss, optax.identity(), num_microbatches,
+        (example_inputs, targets), schedule=schedule, **options,
+    )
+    return pipe.plan
+
+
+def _plan_only_loss(outputs: Any, targets: Any) -> jax.Array:
+    leaves = [leaf for leaf in jax.tree.leaves(outputs) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return sum(jnp.mean(leaf) for leaf in leaves) + 0.0 * jnp.mean(targets) if leaves else jnp.mean(targets)
