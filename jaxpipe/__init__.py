@@ -1,5 +1,6 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
+from . import distributed
 from .mesh import make_mesh
 from .partition import Piece, fractional_partition, partition_layers
 from .pipeline import Pipeline, TrainState
@@ -20,6 +21,7 @@ from .simulate import Costs, SimResult, simulate
 from .train import TrainResult, plan, train
 
 __all__ = [
+    "distributed",
     "Candidate",
     "Costs",
     "LayerCost",

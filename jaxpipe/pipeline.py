@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .autodiff import autodiff_gpipe_loss
@@ -420,6 +421,9 @@ class Pipeline:
 
         A layer split between devices is read from its owner copy.
         """
+        if isinstance(packed, jax.Array) and not packed.is_fully_addressable:
+            # Several processes (jax.distributed): gather the rows held elsewhere.
+            packed = multihost_utils.process_allgather(packed, tiled=True)
         return self.layout.unpack(packed)[: self.stage_plan.num_layers]
 
     def layers(self, params: jax.Array) -> list[nnx.Module]:

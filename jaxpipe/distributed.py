@@ -1,0 +1,66 @@
+"""Joining several JAX processes into one job (``jax.distributed``).
+
+One call at the top of a training script, before anything touches a device:
+
+```python
+import jaxpipe
+jaxpipe.distributed.initialize()
+```
+
+Under ``python -m jaxpipe.launch`` it reads the coordinator, process count
+and rank the launcher set, and selects the gloo collectives for CPU devices.
+On a TPU pod or a SLURM GPU allocation, where JAX finds the cluster itself,
+it calls ``jax.distributed.initialize()`` with no arguments. With neither,
+it does nothing (one process).
+
+Every process then runs the same script: ``jaxpipe.train`` and ``Pipeline``
+build global arrays from the global batch each process passes (all processes
+must pass the same batches, e.g. from the same seed), so results equal the
+single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+COORDINATOR_ENV = "JAXPIPE_COORDINATOR"
+NUM_PROCESSES_ENV = "JAXPIPE_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAXPIPE_PROCESS_ID"
+CORE_ENV = "JAXPIPE_CPU_CORE"
+_CLUSTER_ENVS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize() -> bool:
+    """Joins this process to the job described by the environment.
+
+    Returns:
+      True if ``jax.distributed`` was initialised, False for a single process.
+
+    Raises:
+      ValueError: if the launcher's variables are malformed.
+    """
+    if COORDINATOR_ENV in os.environ:
+        try:
+            num_processes = int(os.environ[NUM_PROCESSES_ENV])
+            process_id = int(os.environ[PROCESS_ID_ENV])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{COORDINATOR_ENV} is set, so {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} must be "
+                f"integers, got {os.environ.get(NUM_PROCESSES_ENV)!r} and {os.environ.get(PROCESS_ID_ENV)!r}"
+            ) from None
+        if CORE_ENV in os.environ:
+            # Before the backend starts its threads, so they inherit the core.
+            os.sched_setaffinity(0, {int(os.environ[CORE_ENV])})
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ[COORDINATOR_ENV],
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+        return True
+    if any(name in os.environ for name in _CLUSTER_ENVS):
+        jax.distributed.initialize()
+        return True
+    return False

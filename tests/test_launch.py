@@ -1,0 +1,65 @@
+"""Two real processes joined by jax.distributed train like one device; the launcher never hangs."""
+
+import io
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+from models_for_tests import CASES, batches
+from reference import reference_run
+
+from jaxpipe.launch import launch
+
+HERE = pathlib.Path(__file__).parent
+
+
+@pytest.mark.parametrize("mesh,schedule", [("1,2", "1f1b"), ("2,1", "gpipe"), ("1,2", "balanced")])
+def test_two_processes_match_the_reference(tmp_path, mesh, schedule):
+    out = tmp_path / "result.npz"
+    log = io.StringIO()
+    env_cmd = [sys.executable, str(HERE / "distributed_worker.py"), "lm", mesh, "4", schedule, str(out)]
+    code = launch(env_cmd, nproc=2, timeout=240, out=log)
+    assert code == 0, log.getvalue()
+    assert "[rank 0] process 0 of 2" in log.getvalue() and "[rank 1] process 1 of 2" in log.getvalue()
+    d = int(mesh.split(",")[0])
+    case = CASES["lm"]
+    ref_losses, _, ref_params = reference_run(case.model_fn, batches(case, d * 4 * 2), case.loss_fn,
+                                              optax.sgd(0.05, momentum=0.9))
+    saved = np.load(out)
+    np.testing.assert_allclose(saved["losses"], ref_losses, rtol=2e-5)
+    for i, want in enumerate(jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(saved[f"arr_{i}"], np.asarray(want), rtol=1e-4, atol=2e-6)
+
+
+def test_a_failing_rank_stops_the_others_and_is_named():
+    script = ("import os, sys, time\n"
+              "rank = int(os.environ['JAXPIPE_PROCESS_ID'])\n"
+              "print('started', flush=True)\n"
+              "sys.exit(3) if rank == 1 else time.sleep(120)\n")
+    log = io.StringIO()
+    start = time.monotonic()
+    code = launch([sys.executable, "-c", script], nproc=2, timeout=60, out=log)
+    assert code == 3
+    assert time.monotonic() - start < 20
+    assert "rank 1 exited with code 3" in log.getvalue()
+
+
+def test_timeout_stops_everything():
+    log = io.StringIO()
+    start = time.monotonic()
+    code = launch([sys.executable, "-c", "import time; time.sleep(120)"], nproc=2, timeout=2, out=log)
+    assert code == 124 and time.monotonic() - start < 15
+    assert "timeout after 2 s" in log.getvalue()
+
+
+def test_command_line_errors():
+    done = subprocess.run([sys.executable, "-m", "jaxpipe.launch", "--nproc", "0", "--", "true"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "--nproc must be >= 1, got 0" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "jaxpipe.launch", "--nproc", "2"], capture_output=True, text=True)
+    assert done.returncode != 0 and "give the command to run after '--'" in done.stderr
