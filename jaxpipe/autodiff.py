@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from .executor import StagePlan, index_microbatch, local_views
+from .executor import index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
+from .placement import StagePlan
 from .stages import apply_layer
 
 

@@ -22,7 +22,6 @@ cells compute nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -33,71 +32,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .partition import Piece
+from .placement import StagePlan, merge_copies_local
 from .schedule import BACKWARD, FORWARD, Buffers, Schedule
-from .stages import Boundary, Carrier, ParamLayout, apply_layer
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-    """Everything static the executors need, derived before tracing.
-
-    Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
-    ``stage_pieces[s]``: rows of a micro-batch through consecutive layers
-    (``partition.Piece``). A layer split by rows between stages has a copy of
-    its parameters on each of their devices: the packed layout holds
-    parameter *slots*, slot ``i < L`` is layer ``i`` (its owner copy) and
-    slots ``L, L + 1, ...`` are the extra copies (``slot_layer`` maps back).
-
-    Attributes:
-      layout: the packed parameter layout over slots.
-      stage_pieces: ``[S]`` tuples of pieces.
-      stage_slots: ``[S]`` tuples, the parameter slot of each piece.
-      boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
-        ``i``'s input for one micro-batch (``i = L``: the model output) where
-        a stage message carries it, else ``None``.
-      carrier: the wire format shared by all messages.
-      num_microbatches: M.
-      slot_layer: the layer of each parameter slot.
-    """
-
-    layout: ParamLayout
-    stage_pieces: tuple[tuple[Piece, ...], ...]
-    stage_slots: tuple[tuple[int, ...], ...]
-    boundaries: tuple[Boundary | None, ...]
-    carrier: Carrier
-    num_microbatches: int
-    slot_layer: tuple[int, ...]
-
-    @property
-    def num_devices(self) -> int:
-        """P."""
-        return len(self.layout.device_layers)
-
-    @property
-    def num_stages(self) -> int:
-        """S = V * P."""
-        return len(self.stage_pieces)
-
-    @property
-    def num_layers(self) -> int:
-        """L; parameter slots ``>= L`` are copies of split layers."""
-        return len(set(self.slot_layer))
-
-    @property
-    def window(self) -> int:
-        """G, the largest stage's parameter count (>= 1)."""
-        return max([1] + [self.layout.segment(slots)[1] for slots in self.stage_slots])
-
-    @property
-    def sends_ints(self) -> bool:
-        """Whether an integer leaf crosses a stage boundary."""
-        return any(b is not None and "int" in b.kinds for b in self.boundaries)
-
-    def entry(self, s: int) -> tuple[int, int]:
-        """``(layer, k)``: stage ``s`` receives layer ``layer`` done for rows ``[0, k)``."""
-        first = self.stage_pieces[s][0]
-        return first.layer, first.start
+from .stages import apply_layer
 
 
 def index_microbatch(tree: Any, m: jax.Array) -> Any:
@@ -335,7 +272,7 @@ def scheduled_loss_and_grad(
         carry, _ = lax.scan(tick, init, table)
         grad_acc, loss_sum = carry[3], carry[4]
         loss = lax.psum(lax.psum(loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)
-        grads = lax.psum(grad_acc, DATA_AXIS)
+        grads = merge_copies_local(plan, lax.psum(grad_acc, DATA_AXIS), p)
         return loss, grads[None]
 
     return jax.shard_map(

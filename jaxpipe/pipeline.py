@@ -29,7 +29,7 @@ from .partition import (
     partition_layers,
     pieces_from_counts,
 )
-from .placement import merge_copies, place_stages, sync_copies
+from .placement import place_stages, sync_copies
 from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
 from .stages import largest_activation_bytes, split_layers, trace_boundaries
@@ -234,6 +234,13 @@ class Pipeline:
         # (recompute + backward) is its longest, and the last stage's forward
         # is folded into it, so these loads set the lock-step tick length.
         forward, backward, unit = layer_costs(costs, specs, params, structs)
+        if jax.process_count() > 1:
+            # Measured costs differ between processes; every process must cut
+            # (and so pack) the same way: all take process 0's.
+            forward, backward = (
+                np.asarray(a, np.float64)
+                for a in multihost_utils.broadcast_one_to_all((forward.astype(np.float32), backward.astype(np.float32)))
+            )
         if cut == "fractional" or schedule == "auto":
             if partition is not None:
                 raise ValueError(
@@ -296,13 +303,10 @@ class Pipeline:
         else:
             self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
             self.buffers = assign_buffers(self.table)
-            run = scheduled_loss_and_grad(self.stage_plan, self.table, self.buffers, self.mesh, loss_fn)
-
-            def value_and_grad(params, inputs, targets):
-                loss, grads = run(params, inputs, targets)
-                return loss, merge_copies(self.stage_plan, grads)
-
-            self._value_and_grad = value_and_grad
+            self._value_and_grad = scheduled_loss_and_grad(
+                self.stage_plan, self.table, self.buffers, self.mesh, loss_fn
+            )
+        self._sync_copies = sync_copies(self.stage_plan, self.mesh)
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
@@ -341,7 +345,7 @@ class Pipeline:
     def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
         loss, grads = self._value_and_grad(state.params, inputs, targets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = sync_copies(self.stage_plan, optax.apply_updates(state.params, updates))
+        params = self._sync_copies(optax.apply_updates(state.params, updates))
         return TrainState(params, opt_state, state.step + 1), loss
 
     def init(self) -> TrainState:

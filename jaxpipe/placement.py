@@ -10,12 +10,16 @@ the optimizer sees each parameter once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
-from .executor import StagePlan
+from .mesh import PIPE_AXIS
 from .partition import Piece
 from .stages import (
     Boundary,
@@ -25,6 +29,68 @@ from .stages import (
     check_rows_follow,
     trace_at_rows,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """Everything static the executors need, derived before tracing.
+
+    Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
+    ``stage_pieces[s]``: rows of a micro-batch through consecutive layers
+    (``partition.Piece``). A layer split by rows between stages has a copy of
+    its parameters on each of their devices: the packed layout holds
+    parameter *slots*, slot ``i < L`` is layer ``i`` (its owner copy) and
+    slots ``L, L + 1, ...`` are the extra copies (``slot_layer`` maps back).
+
+    Attributes:
+      layout: the packed parameter layout over slots.
+      stage_pieces: ``[S]`` tuples of pieces.
+      stage_slots: ``[S]`` tuples, the parameter slot of each piece.
+      boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
+        ``i``'s input for one micro-batch (``i = L``: the model output) where
+        a stage message carries it, else ``None``.
+      carrier: the wire format shared by all messages.
+      num_microbatches: M.
+      slot_layer: the layer of each parameter slot.
+    """
+
+    layout: ParamLayout
+    stage_pieces: tuple[tuple[Piece, ...], ...]
+    stage_slots: tuple[tuple[int, ...], ...]
+    boundaries: tuple[Boundary | None, ...]
+    carrier: Carrier
+    num_microbatches: int
+    slot_layer: tuple[int, ...]
+
+    @property
+    def num_devices(self) -> int:
+        """P."""
+        return len(self.layout.device_layers)
+
+    @property
+    def num_stages(self) -> int:
+        """S = V * P."""
+        return len(self.stage_pieces)
+
+    @property
+    def num_layers(self) -> int:
+        """L; parameter slots ``>= L`` are copies of split layers."""
+        return len(set(self.slot_layer))
+
+    @property
+    def window(self) -> int:
+        """G, the largest stage's parameter count (>= 1)."""
+        return max([1] + [self.layout.segment(slots)[1] for slots in self.stage_slots])
+
+    @property
+    def sends_ints(self) -> bool:
+        """Whether an integer leaf crosses a stage boundary."""
+        return any(b is not None and "int" in b.kinds for b in self.boundaries)
+
+    def entry(self, s: int) -> tuple[int, int]:
+        """``(layer, k)``: stage ``s`` receives layer ``layer`` done for rows ``[0, k)``."""
+        first = self.stage_pieces[s][0]
+        return first.layer, first.start
 
 
 def place_stages(
@@ -107,19 +173,48 @@ def split_copies(plan: StagePlan) -> list[tuple[int, int, int, int, int]]:
     ]
 
 
-def merge_copies(plan: StagePlan, grads: jax.Array) -> jax.Array:
-    """Sums each split layer's partial gradients ``[P, N]`` into its owner slot, zeroing the copies.
+def merge_copies_local(plan: StagePlan, row: jax.Array, p: jax.Array) -> jax.Array:
+    """Inside ``shard_map``: adds each split layer's copy gradient into its owner, zeroing the copy.
 
-    Global-norm clipping and the optimizer then see every parameter once.
+    One ``ppermute`` of just that layer's gradient per copy. Global-norm
+    clipping and the optimizer then see every parameter once.
+
+    Args:
+      plan: the stage plan.
+      row: this device's ``[N]`` gradient row.
+      p: this device's pipe index (traced).
+
+    Returns:
+      The merged ``[N]`` row.
     """
     for po, so, pc, sc, n in split_copies(plan):
-        total = grads[po, so : so + n] + grads[pc, sc : sc + n]
-        grads = grads.at[po, so : so + n].set(total).at[pc, sc : sc + n].set(0)
-    return grads
+        at_copy = jnp.where(p == pc, sc, 0)
+        sent = lax.ppermute(lax.dynamic_slice_in_dim(row, at_copy, n), PIPE_AXIS, [(pc, po)])
+        at_owner = jnp.where(p == po, so, 0)
+        row = lax.dynamic_update_slice_in_dim(row, lax.dynamic_slice_in_dim(row, at_owner, n) + sent, at_owner, 0)
+        kept = lax.dynamic_slice_in_dim(row, at_copy, n)
+        row = lax.dynamic_update_slice_in_dim(row, jnp.where(p == pc, jnp.zeros_like(kept), kept), at_copy, 0)
+    return row
 
 
-def sync_copies(plan: StagePlan, params: jax.Array) -> jax.Array:
-    """Overwrites each copy of a split layer in ``[P, N]`` with its owner's parameters."""
-    for po, so, pc, sc, n in split_copies(plan):
-        params = params.at[pc, sc : sc + n].set(params[po, so : so + n])
-    return params
+def sync_copies(plan: StagePlan, mesh: Mesh):
+    """``params [P, N] -> params``: each copy of a split layer overwritten by its owner.
+
+    A ``shard_map`` with one ``ppermute`` of that layer's parameters per copy;
+    the identity when nothing is split.
+    """
+    copies = split_copies(plan)
+    if not copies:
+        return lambda params: params
+
+    def body(params):
+        row, p = params[0], lax.axis_index(PIPE_AXIS)
+        for po, so, pc, sc, n in copies:
+            sent = lax.ppermute(lax.dynamic_slice_in_dim(row, jnp.where(p == po, so, 0), n), PIPE_AXIS, [(po, pc)])
+            at_copy = jnp.where(p == pc, sc, 0)
+            kept = lax.dynamic_slice_in_dim(row, at_copy, n)
+            row = lax.dynamic_update_slice_in_dim(row, jnp.where(p == pc, sent, kept), at_copy, 0)
+        return row[None]
+
+    spec = PartitionSpec(PIPE_AXIS)
+    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
