@@ -17,7 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .partition import Piece, fractional_partition, partition_layers, pieces_from_counts
+from .partition import (
+    Piece,
+    fractional_partition,
+    partition_layers,
+    pieces_from_counts,
+    stage_loads,
+)
 from .schedule import assign_buffers, make_schedule
 from .simulate import Costs, lockstep_time
 
@@ -131,9 +137,8 @@ def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows):
     folded into its backward.
     """
     shape = (virtual_stages, num_devices)
-    fwd = np.array([sum(forward[p.layer] * (p.stop - p.start) / rows for p in st) for st in stages])
-    bwd = np.array([sum(backward[p.layer] * (p.stop - p.start) / rows for p in st) for st in stages])
-    bwd = bwd + fwd
+    fwd = stage_loads(forward, stages, rows)
+    bwd = stage_loads(backward, stages, rows) + fwd
     fwd[-1] = 0.0
     return fwd.reshape(shape).T, bwd.reshape(shape).T
 
@@ -169,11 +174,8 @@ def predict(
     for s, stage in enumerate(stages):
         memory[s % num_devices] += 4 * sum(param_bytes[p.layer] for p in stage)
     memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
-    loads = np.zeros(num_devices)
-    for s, stage in enumerate(stages):
-        loads[s % num_devices] += sum(
-            (forward[p.layer] + backward[p.layer]) * (p.stop - p.start) / rows for p in stage
-        )
+    loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
+    loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
     return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits)
 
