@@ -43,6 +43,10 @@ class Candidate:
       memory: ``[P]`` predicted bytes per device (parameters, optimizer
         state and gradients as 4 x parameters, plus stashed messages).
       fits: whether every device's memory is within the limit.
+      costs: ``[P, V]`` per-stage forward and backward costs as the table
+        executor pays them (backward includes the recompute; the last
+        stage's forward is folded into its backward), from which ``step``
+        is predicted; ``simulate`` them for a timeline.
     """
 
     schedule: str
@@ -53,6 +57,7 @@ class Candidate:
     step: float
     memory: np.ndarray
     fits: bool
+    costs: Costs
 
     @property
     def label(self) -> str:
@@ -168,7 +173,8 @@ def predict(
     """
     table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages)
     fwd, bwd = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows)
-    step = lockstep_time(table, Costs(forward=fwd, backward=bwd))
+    costs = Costs(forward=fwd, backward=bwd)
+    step = lockstep_time(table, costs)
     buffers = assign_buffers(table)
     memory = np.zeros(num_devices)
     for s, stage in enumerate(stages):
@@ -177,7 +183,7 @@ def predict(
     loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
-    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits)
+    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits, costs)
 
 
 def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer_names, unsplittable=(), unit="flop", **common) -> Plan:
