@@ -342,11 +342,18 @@ class Pipeline:
                 f"micro-batch), got {jax.tree.map(lambda a: f'{a.dtype}{list(a.shape)}', out)}"
             )
 
-    def _train_step(self, state: TrainState, inputs: Any, targets: Any) -> tuple[TrainState, jax.Array]:
+    def _train_step(
+        self, state: TrainState, inputs: Any, targets: Any
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
         loss, grads = self._value_and_grad(state.params, inputs, targets)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = self._sync_copies(optax.apply_updates(state.params, updates))
-        return TrainState(params, opt_state, state.step + 1), loss
+        # A non-finite loss or gradient leaves the state as it was, so the
+        # caller still holds the last good state (the input is donated).
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(params, opt_state, state.step + 1)
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), loss, grad_norm
 
     def init(self) -> TrainState:
         """The initial state: ``model_fn``'s parameters, packed and placed.
@@ -398,9 +405,11 @@ class Pipeline:
 
         Returns:
           ``(new_state, loss)`` with ``loss`` the step's mean training loss.
+          If the loss or the gradient is not finite, ``new_state`` equals
+          ``state`` (the update is skipped); check ``loss``.
         """
-        inputs, targets = self._placed(batch)
-        return self._step(state, inputs, targets)
+        state, loss, _ = self.train_step_stats(state, batch)
+        return state, loss
 
     def loss_and_grad(self, params: jax.Array, batch: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
         """The mean loss of a global batch and its gradient.
@@ -437,3 +446,107 @@ class Pipeline:
             for spec, tree in zip(self.layout.specs, self.unpack(params))
         ]
 
+    def train_step_stats(
+        self, state: TrainState, batch: tuple[Any, Any]
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
+        """``train_step`` that also returns the gradient's global norm. ``state`` is donated.
+
+        Args:
+          state: the current state (its buffers are reused for the result).
+          batch: ``(inputs, targets)``, ``[R, ...]`` leaves, or placed ones.
+
+        Returns:
+          ``(new_state, loss, grad_norm)``. If ``loss`` or ``grad_norm`` is
+          not finite the update is skipped: ``new_state`` equals ``state``.
+        """
+        inputs, targets = self._placed(batch)
+        return self._step(state, inputs, targets)
+
+    def pack(self, trees: Sequence[Any], dtype: Any = None) -> jax.Array:
+        """Packed ``[P, N]`` parameters, placed on the mesh, from per-layer trees.
+
+        The inverse of ``unpack``: every copy of a layer split between
+        devices is filled from the layer's tree.
+
+        Args:
+          trees: ``[L]`` per-layer trees (``nnx.State`` or anything whose
+            leaves come in the layer's parameter order), as ``unpack`` gives.
+          dtype: the buffer's dtype; default the parameters' dtype.
+
+        Returns:
+          A ``[P, N]`` array sharded over ``pipe``.
+
+        Raises:
+          ValueError: if the number of layers or a leaf's shape differs.
+        """
+        layout, plan = self.layout, self.stage_plan
+        if len(trees) != plan.num_layers:
+            raise ValueError(f"pack needs {plan.num_layers} per-layer trees, got {len(trees)}")
+        out = np.zeros((self.num_devices, layout.width), dtype or layout.dtype)
+        for p, slots in enumerate(layout.device_layers):
+            for slot in slots:
+                layer = plan.slot_layer[slot]
+                leaves = jax.tree.leaves(trees[layer])
+                shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+                if shapes != list(layout.specs[slot].shapes):
+                    raise ValueError(
+                        f"layer {layer} ({layout.specs[slot].name}) has parameter shapes "
+                        f"{list(layout.specs[slot].shapes)}, got {shapes}"
+                    )
+                for offset, leaf in zip(layout.offsets[slot], leaves):
+                    out[p, offset : offset + np.size(leaf)] = np.asarray(leaf).reshape(-1)
+        return jax.device_put(out, self._param_sharding)
+
+    def to_layers(self, state: TrainState) -> tuple[list[Any], Any, int]:
+        """A state in per-layer form, independent of mesh, schedule and cut.
+
+        Args:
+          state: a ``TrainState`` of this pipeline.
+
+        Returns:
+          ``(params, opt_state, step)``: ``params`` as ``unpack`` gives;
+          ``opt_state`` the optimizer's tree with each parameter-shaped
+          ``[P, N]`` leaf replaced by its ``[L]`` per-layer trees and every
+          other leaf (counts, scalars) a NumPy array; ``step`` an int.
+        """
+        shape = state.params.shape
+
+        def host(leaf):
+            if np.shape(leaf) == shape:
+                return self.unpack(leaf)
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+            return np.asarray(jax.device_get(leaf))
+
+        return self.unpack(state.params), jax.tree.map(host, state.opt_state), int(host(state.step))
+
+    def from_layers(self, params: Sequence[Any], opt_state: Any, step: int) -> TrainState:
+        """The inverse of ``to_layers``: packs and places a per-layer state on this mesh.
+
+        Args:
+          params: ``[L]`` per-layer parameter trees.
+          opt_state: the optimizer's tree with ``[L]`` per-layer trees in
+            place of each parameter-shaped leaf and arrays elsewhere.
+          step: the step count.
+
+        Returns:
+          A ``TrainState`` laid out for this pipeline.
+
+        Raises:
+          ValueError: if a shape differs from this pipeline's.
+        """
+        packed = self.pack(params)
+        shapes = jax.eval_shape(self.optimizer.init, jax.ShapeDtypeStruct(packed.shape, packed.dtype))
+
+        def place(struct, value):
+            if struct.shape == packed.shape:
+                return self.pack(value, struct.dtype)
+            if np.shape(value) != struct.shape:
+                raise ValueError(
+                    f"optimizer state leaf has shape {list(struct.shape)} here, got {list(np.shape(value))}"
+                )
+            return jax.device_put(np.asarray(value, struct.dtype), self._replicated)
+
+        opt_state = jax.tree.map(place, shapes, opt_state)
+        step = jax.device_put(jnp.asarray(step, jnp.int32), self._replicated)
+        return TrainState(packed, opt_state, step)

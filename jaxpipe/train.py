@@ -1,8 +1,14 @@
-"""``jaxpipe.train``: the one-call entry point."""
+"""``jaxpipe.train``: the one-call entry point, with checkpoints, metrics and preemption."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence, Sized
+import itertools
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, NamedTuple
 
 import jax
@@ -10,25 +16,58 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from .checkpoint import CheckpointInfo, Checkpoints
+from .metrics import MetricsFile, Progress, StepMetrics
 from .pipeline import Pipeline, TrainState, check_rows
 from .planner import Plan
+
+
+class NonFiniteError(ValueError):
+    """Training produced a non-finite loss or gradient.
+
+    Attributes:
+      step: the step (1-based) whose loss or gradient was not finite; its
+        update was not applied.
+      loss: that step's loss.
+      grad_norm: that step's gradient global norm.
+      layers: indices of the layers whose gradient (or parameters) hold a
+        non-finite value.
+    """
+
+    def __init__(self, message: str, step: int, loss: float, grad_norm: float, layers: tuple[int, ...]):
+        super().__init__(message)
+        self.step, self.loss, self.grad_norm, self.layers = step, loss, grad_norm, layers
 
 
 class TrainResult(NamedTuple):
     """What ``train`` returns.
 
     Attributes:
-      losses: the mean training loss of each step.
+      losses: the mean training loss of each step this call ran (steps
+        ``start_step + 1`` onwards).
       layers: the trained layers, as ``model_fn`` returns them.
       state: the final ``TrainState`` (packed parameters and optimizer state).
       pipeline: the ``Pipeline`` that ran, for further steps or evaluation.
+      start_step: the step this call started from: 0, or the step of the
+        checkpoint it resumed.
+      stopped: ``None`` if training reached ``steps``; ``"sigterm"`` if a
+        SIGTERM stopped it (preemption) and ``"callback"`` if a callback
+        returned True, after saving a checkpoint where ``checkpoint_dir`` is
+        set.
+      eval_losses: ``(step, eval loss)`` pairs, one per evaluation.
+      checkpoint: the newest checkpoint saved or resumed, or ``None``.
     """
 
     losses: list[float]
     layers: list[nnx.Module]
     state: TrainState
     pipeline: Pipeline
+    start_step: int = 0
+    stopped: str | None = None
+    eval_losses: tuple[tuple[int, float], ...] = ()
+    checkpoint: CheckpointInfo | None = None
 
     @property
     def plan(self) -> Plan:
@@ -40,7 +79,7 @@ def train(
     model_fn: Callable[[nnx.Rngs], Sequence[nnx.Module]],
     mesh_shape: Sequence[int] = (1, 1),
     *,
-    data: Iterable[tuple[Any, Any]],
+    data: Iterable[tuple[Any, Any]] | Callable[[int], Iterable[tuple[Any, Any]]],
     loss_fn: Callable[[Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
     steps: int,
@@ -57,8 +96,23 @@ def train(
     remat: bool | None = None,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = 3,
+    log_every: int = 10,
+    metrics_path: str | os.PathLike | None = None,
+    eval_data: Iterable[tuple[Any, Any]] | None = None,
+    eval_every: int | None = None,
+    callbacks: Sequence[Callable[[StepMetrics], Any]] = (),
 ) -> TrainResult:
     """Trains ``model_fn``'s layers with pipeline and data parallelism.
+
+    With ``checkpoint_dir``, a call first resumes from the newest complete
+    checkpoint there (on any mesh, schedule or cut: checkpoints are stored
+    per layer), skips the batches it already used, and trains on to
+    ``steps`` in total; a directory whose newest checkpoint is at ``steps``
+    returns at once. A SIGTERM (preemption) finishes the current step, saves
+    a checkpoint and returns with ``stopped="sigterm"``.
 
     Args:
       model_fn: ``(nnx.Rngs) -> list[nnx.Module]``, the layers in order.
@@ -66,16 +120,21 @@ def train(
         are used. ``(1, 1)`` is plain single-device training.
       data: iterable of global batches ``(inputs, targets)``, each an array or
         pytree of arrays with ``R`` leading rows, ``R`` a multiple of ``D * M``.
+        To resume, it must yield the same batches from the start again (a
+        list, or a fresh generator with the same seed): the first ``step``
+        batches are read and dropped. A stream that cannot replay loses those
+        batches; give instead a function ``data(position)`` returning an
+        iterable that starts at batch ``position``.
       loss_fn: ``(outputs, targets) -> []``, mean loss over one micro-batch.
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
-      steps: number of optimizer steps.
+      steps: total optimizer steps, counting those of a resumed checkpoint.
       num_microbatches: M, micro-batches per data replica.
       schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"balanced"``
         (fractional cuts, 1F1B order) or ``"auto"`` (the planner picks).
       virtual_stages: V, chunks per pipe device for ``"interleaved"``.
       cut: ``"integer"`` (whole layers per stage) or ``"fractional"`` (equal
         loads, layers split by rows); ``"balanced"`` implies fractional.
-      seed: seed for ``model_fn``'s ``nnx.Rngs``.
+      seed: seed for ``model_fn``'s ``nnx.Rngs`` (unused when resuming).
       partition: ``[V * P]`` layers per stage (default: balanced by XLA's
         flop estimate).
       costs: ``[L]`` per-layer costs for the partitioner (default: XLA's
@@ -85,17 +144,39 @@ def train(
       max_memory_per_device: bytes; ``schedule="auto"`` only picks plans
         predicted to fit.
       executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
-      remat: with ``executor="autodiff"``, rematerialise each device's layers.
-      progress: show a progress bar with the loss.
+      remat: rematerialise each stage in the backward (see ``Pipeline``).
+      progress: show a progress bar with step, loss, step time and
+        examples/s; ``False`` prints nothing.
       devices: devices for the mesh; default ``jax.devices()``.
+      checkpoint_dir: folder for checkpoints (orbax, see ``checkpoint.py``);
+        resumes from it when it holds one. A checkpoint is also saved after
+        the last step and when stopped early.
+      checkpoint_every: save every this many steps (needs ``checkpoint_dir``).
+      keep_checkpoints: how many checkpoints to keep; ``None`` keeps all.
+      log_every: write metrics (and refresh the bar's numbers) every this
+        many steps; the last step and evaluated steps are always written.
+      metrics_path: JSON-lines metrics file (one object per logged step:
+        ``step``, ``loss``, ``step_time_s``, ``examples_per_s``,
+        ``grad_norm``, and ``eval_loss`` when evaluated). Default
+        ``checkpoint_dir/metrics.jsonl`` with a ``checkpoint_dir``, else none.
+        Lines of steps after the starting step are dropped on opening.
+      eval_data: a finite iterable of held-out global batches (same rows as
+        training batches), read once; the eval loss is their mean loss.
+      eval_every: evaluate every this many steps (needs ``eval_data``); with
+        ``eval_data`` the last step is always evaluated.
+      callbacks: functions called after every step with its ``StepMetrics``;
+        one returning ``True`` stops training after that step (a checkpoint
+        is saved first when ``checkpoint_dir`` is set).
 
     Returns:
-      A ``TrainResult`` with ``losses``, trained ``layers``, ``state`` and
-      ``pipeline``.
+      A ``TrainResult``.
 
     Raises:
-      ValueError: for bad shapes, sizes or options (see ``Pipeline``), or if
-        ``data`` runs out before ``steps`` batches.
+      ValueError: for bad shapes, sizes or options (see ``Pipeline``), if
+        ``data`` runs out before ``steps`` batches, or if a checkpoint holds
+        another model or optimizer.
+      NonFiniteError: (a ``ValueError``) if a step's loss or gradient is not
+        finite; that update is not applied and no checkpoint is written for it.
       TypeError: for wrongly typed arguments.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -103,53 +184,143 @@ def train(
     steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_options(
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
+        metrics_path=metrics_path, eval_data=eval_data, eval_every=eval_every, callbacks=callbacks,
+        progress=progress,
+    )
+    store = Checkpoints(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
+    latest = store.latest() if store is not None else None
+    resumed = store.info(latest) if latest is not None else None
+    position = resumed.data_position if resumed is not None else 0
+    batches, example = _open_data(data, position, steps)
+    pipe = Pipeline(
+        model_fn, mesh_shape, loss_fn, optimizer, num_microbatches, example,
+        schedule=schedule, virtual_stages=virtual_stages, cut=cut, partition=partition, costs=costs,
+        unsplittable=unsplittable, max_memory_per_device=max_memory_per_device, executor=executor,
+        remat=remat, seed=seed, devices=devices,
+    )
+    if resumed is not None:
+        state, resumed = store.restore(pipe, latest)
+    else:
+        state = pipe.init()
+    start = resumed.step if resumed is not None else 0
+    if start >= steps:
+        return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
+    evals = _place_eval(pipe, eval_data)
+    main = jax.process_index() == 0
+    if metrics_path is None and checkpoint_dir is not None:
+        metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
+    log = MetricsFile(metrics_path, start) if metrics_path is not None and main else None
+    bar = Progress(steps, start, progress and main)
+    rows = jax.tree.leaves(example)[0].shape[0]
+    losses, eval_losses, saved, stopped = [], [], resumed, None
+    try:
+        with _SigtermFlag() as sigterm:
+            for step in range(start + 1, steps + 1):
+                batch = next(batches)
+                began = time.perf_counter()
+                state, loss, grad_norm = pipe.train_step_stats(state, batch)
+                loss, grad_norm = float(loss), float(grad_norm)
+                elapsed = time.perf_counter() - began
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise _non_finite(pipe, state, batch, step, loss, grad_norm, saved)
+                losses.append(loss)
+                eval_loss = None
+                if evals and (step == steps or (eval_every and step % eval_every == 0)):
+                    eval_loss = _evaluate(pipe, state, evals)
+                    eval_losses.append((step, eval_loss))
+                metrics = StepMetrics(step, loss, elapsed, rows / elapsed, grad_norm, eval_loss)
+                stop = [callback(metrics) is True for callback in callbacks]
+                stopped = _agree(sigterm.raised, any(stop))
+                if log is not None and (step % log_every == 0 or step == steps or eval_loss is not None or stopped):
+                    log.write(metrics)
+                bar.update(metrics, show=step % log_every == 0 or step == steps or step == start + 1)
+                if store is not None and (
+                    step == steps or stopped or (checkpoint_every and step % checkpoint_every == 0)
+                ):
+                    saved = store.save(pipe, state, data_position=step)
+                if stopped:
+                    bar.write(f"stopped after step {step} ({stopped})" + (
+                        f"; checkpoint in {saved.path}" if store is not None else ""))
+                    break
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if store is not None:
+            store.close()
+    return TrainResult(
+        losses, pipe.layers(state.params), state, pipe, start, stopped, tuple(eval_losses), saved
+    )
+
+
+def _check_options(*, checkpoint_dir, checkpoint_every, log_every, metrics_path, eval_data, eval_every,
+                   callbacks, progress) -> None:
+    for name, value in (("checkpoint_dir", checkpoint_dir), ("metrics_path", metrics_path)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
+    for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every), ("log_every", log_every)):
+        if value is None and name != "log_every":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} needs checkpoint_dir: give the folder to save checkpoints in"
+        )
+    if eval_every is not None and eval_data is None:
+        raise ValueError(f"eval_every={eval_every} needs eval_data: give the held-out batches to evaluate")
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or callable(callbacks):
+        raise TypeError(
+            f"callbacks must be a list or tuple of functions, got {type(callbacks).__name__}; "
+            "wrap a single function in a list"
+        )
+    for i, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise TypeError(f"callbacks[{i}] must be callable, got {type(callback).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+
+
+def _open_data(data, position: int, steps: int) -> tuple[Iterator, Any]:
+    """``(batches, example)``: an iterator at batch ``position`` and one batch for the shapes."""
+    if not isinstance(data, Iterable) and callable(data):
+        batches = _iterate(data(position), f"data({position})")
+        example = _next_batch(batches, position, steps) if position < steps else None
+        if example is None:
+            return batches, _next_batch(_iterate(data(0), "data(0)"), 0, steps)
+        return itertools.chain([example], batches), example
     if isinstance(data, Sized) and len(data) < steps:
         raise ValueError(
             f"data has {len(data)} batches but steps={steps}; give an iterable "
             "with at least one batch per step"
         )
+    batches = _iterate(data, "data")
+    example = _next_batch(batches, 0, steps)
+    if position == 0:
+        return itertools.chain([example], batches), example
+    for used in range(1, position):
+        try:
+            next(batches)
+        except StopIteration:
+            raise ValueError(
+                f"data ran out after {used} batches while skipping the {position} batches the checkpoint "
+                "already used; give data that yields the same batches from the start again"
+            ) from None
+    return batches, example
+
+
+def _iterate(data, what: str) -> Iterator:
     try:
-        batches = iter(data)
+        return iter(data)
     except TypeError:
         raise TypeError(
-            "data must be an iterable of (inputs, targets) batches, got "
-            f"{type(data).__name__}"
+            f"{what} must be an iterable of (inputs, targets) batches, or a function "
+            f"position -> iterable, got {type(data).__name__}"
         ) from None
-    first = _next_batch(batches, 0, steps)
-    pipe = Pipeline(
-        model_fn,
-        mesh_shape,
-        loss_fn,
-        optimizer,
-        num_microbatches,
-        first,
-        schedule=schedule,
-        virtual_stages=virtual_stages,
-        cut=cut,
-        partition=partition,
-        costs=costs,
-        unsplittable=unsplittable,
-        max_memory_per_device=max_memory_per_device,
-        executor=executor,
-        remat=remat,
-        seed=seed,
-        devices=devices,
-    )
-    state = pipe.init()
-    losses: list[float] = []
-    bar = _progress(steps, progress)
-    batch = first
-    for step in range(steps):
-        if step:
-            batch = _next_batch(batches, step, steps)
-        state, loss = pipe.train_step(state, batch)
-        losses.append(float(loss))
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return TrainResult(losses, pipe.layers(state.params), state, pipe)
 
 
 def _next_batch(batches, step: int, steps: int):
@@ -162,12 +333,78 @@ def _next_batch(batches, step: int, steps: int):
         ) from None
 
 
-def _progress(steps: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _place_eval(pipe: Pipeline, eval_data) -> list:
+    if eval_data is None:
+        return []
+    batches = list(_iterate(eval_data, "eval_data"))
+    if not batches:
+        raise ValueError("eval_data is empty; give at least one (inputs, targets) batch")
+    placed = []
+    for i, batch in enumerate(batches):
+        try:
+            placed.append(pipe.shard_batch(batch))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"eval_data batch {i}: {err}") from err
+    return placed
 
-    return tqdm(total=steps, desc="train", unit="step")
+
+def _evaluate(pipe: Pipeline, state: TrainState, evals: list) -> float:
+    return float(np.mean([float(pipe.loss_and_grad(state.params, batch)[0]) for batch in evals]))
+
+
+def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteError:
+    """The error for a non-finite step, naming the layers (recomputed at the unchanged state)."""
+    _, grads = pipe.loss_and_grad(state.params, batch)
+    names = [spec.name for spec in pipe.layout.specs]
+
+    def bad(trees):
+        return [i for i, tree in enumerate(trees) if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))]
+
+    bad_grads, bad_params = bad(pipe.unpack(grads)), bad(pipe.unpack(state.params))
+    where = "; ".join(
+        f"non-finite {what} in layers " + ", ".join(f"{i} ({names[i]})" for i in layers)
+        for what, layers in (("parameters", bad_params), ("gradients", bad_grads)) if layers
+    ) or "no single layer's gradient is non-finite (the norm overflowed)"
+    kept = f"the last checkpoint (step {saved.step}, {saved.path}) is untouched" if saved else "no checkpoint was written"
+    message = (
+        f"step {step}: the loss is {loss} and the gradient's global norm is {grad_norm}; {where}. "
+        f"The update was not applied and {kept}. Check this step's batch, the learning rate and the loss."
+    )
+    return NonFiniteError(message, step, loss, grad_norm, tuple(sorted(set(bad_grads) | set(bad_params))))
+
+
+def _agree(sigterm: bool, callback: bool) -> str | None:
+    """Why to stop after this step, the same on every process (SIGTERM may reach only some)."""
+    flags = np.asarray([sigterm, callback])
+    if jax.process_count() > 1:
+        flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).any(0)
+    return "sigterm" if flags[0] else "callback" if flags[1] else None
+
+
+class _SigtermFlag:
+    """Within ``with``: a SIGTERM sets ``raised`` instead of ending the process.
+
+    The first SIGTERM re-installs the previous handler, so a second one acts
+    as before (ends the process). Outside the main thread nothing is
+    installed (Python allows signal handlers only there).
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGTERM) == self._handle:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def plan(

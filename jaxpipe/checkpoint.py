@@ -1,0 +1,274 @@
+"""Checkpoints with orbax: per layer, so any mesh or schedule can resume them.
+
+A checkpoint holds the parameters and the optimizer state in per-layer form
+(``Pipeline.to_layers``: each parameter-shaped ``[P, N]`` optimizer leaf
+unpacked like the parameters, other leaves such as counts as they are), the
+step and the data position, never the packed device layout. A run saved on
+mesh ``(2, 4)`` with GPipe resumes on ``(1, 8)`` with 1F1B, on ``(1, 1)``, or
+with fractional cuts (``Pipeline.from_layers`` fills every copy of a split
+layer).
+
+On disk (``orbax.checkpoint.CheckpointManager``, one folder per step)::
+
+    checkpoint_dir/
+      <step>/arrays/    params/<layer>/<leaf> and opt_state/<leaf>[/<layer>/<leaf>]
+      <step>/meta/      JSON: format, step, data_position, per-layer names and
+                        shapes, optimizer leaves, the mesh and schedule that wrote it
+
+Saving is atomic: orbax writes ``<step>.orbax-checkpoint-tmp-<time>`` and
+renames it to ``<step>`` when complete, and only complete folders count as
+checkpoints, so a crash mid-save leaves the previous checkpoint the newest.
+
+Several processes (``jax.distributed``): every process must call ``save``
+and ``restore`` (``to_layers`` gathers the rows other processes hold, and
+orbax synchronises the processes); the arrays are identical host copies on
+every process and orbax writes them from process 0 only. The directory must
+be one shared file system that every process can read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from .pipeline import Pipeline, TrainState
+
+FORMAT = 1
+
+
+class CheckpointInfo(NamedTuple):
+    """What a checkpoint records besides its arrays.
+
+    Attributes:
+      step: optimizer steps taken.
+      data_position: training batches consumed (``== step``: one per step).
+      path: the checkpoint's folder.
+    """
+
+    step: int
+    data_position: int
+    path: str
+
+
+class Checkpoints:
+    """A folder of per-layer checkpoints, the newest ``keep`` kept.
+
+    Args:
+      directory: the folder (created if missing).
+      keep: how many checkpoints to keep (oldest deleted first); ``None``
+        keeps all.
+
+    Raises:
+      TypeError: if ``directory`` is not a path or ``keep`` not an int.
+      ValueError: if ``directory`` is a file or ``keep < 1``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = 3):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike), got {type(directory).__name__}")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, np.integer))):
+            raise TypeError(f"keep_checkpoints must be an int or None, got {keep!r}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (or None to keep all), got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"checkpoint_dir={self.directory!r} is a file; give a folder")
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if keep is None else int(keep), create=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "meta"))
+
+    def latest(self) -> int | None:
+        """The step of the newest complete checkpoint, or ``None``."""
+        self._manager.reload()
+        return self._manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The steps of all complete checkpoints, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def info(self, step: int | None = None) -> CheckpointInfo:
+        """The step and data position of checkpoint ``step`` (default: the newest).
+
+        Raises:
+          ValueError: if there is no such checkpoint.
+        """
+        step = self._check_step(step)
+        meta = self._read_meta(step)
+        return CheckpointInfo(meta["step"], meta["data_position"], os.path.join(self.directory, str(step)))
+
+    def save(self, pipe: Pipeline, state: TrainState, data_position: int | None = None) -> CheckpointInfo:
+        """Saves ``state`` in per-layer form at its step; blocks until it is on disk.
+
+        Args:
+          pipe: the pipeline ``state`` belongs to.
+          state: the state to save.
+          data_position: training batches consumed; default the step.
+
+        Returns:
+          The saved checkpoint's ``CheckpointInfo``.
+        """
+        ocp = self._ocp
+        params, opt_state, step = pipe.to_layers(state)
+        leaves = jax.tree.structure(state.opt_state).flatten_up_to(opt_state)
+        shape = tuple(state.params.shape)
+        arrays = {"params": _layers_tree(params), "opt_state": {}}
+        opt_meta = []
+        for i, (leaf, device_leaf) in enumerate(zip(leaves, jax.tree.leaves(state.opt_state))):
+            if tuple(device_leaf.shape) == shape:
+                tree = _layers_tree(leaf)
+                if tree:
+                    arrays["opt_state"][str(i)] = tree
+                opt_meta.append({"kind": "layers", "dtype": _dtype(leaf)})
+            else:
+                arrays["opt_state"][str(i)] = np.asarray(leaf)
+                opt_meta.append({"kind": "array", "shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)})
+        arrays = {k: v for k, v in arrays.items() if v}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "data_position": step if data_position is None else int(data_position),
+            "layers": _layers_meta(pipe),
+            "opt_state": opt_meta,
+            "written_by": {
+                "mesh_shape": [pipe.num_replicas, pipe.num_devices],
+                "schedule": pipe.schedule,
+                "cut": pipe.cut,
+                "virtual_stages": pipe.num_chunks,
+            },
+        }
+        self._manager.save(
+            step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+        return CheckpointInfo(step, meta["data_position"], os.path.join(self.directory, str(step)))
+
+    def restore(self, pipe: Pipeline, step: int | None = None) -> tuple[TrainState, CheckpointInfo]:
+        """Loads checkpoint ``step`` (default: the newest complete one) onto ``pipe``'s mesh.
+
+        Args:
+          pipe: the pipeline to restore into; its mesh, schedule and cut may
+            differ from the run that saved.
+          step: which checkpoint; default the newest.
+
+        Returns:
+          ``(state, info)``.
+
+        Raises:
+          ValueError: if there is no checkpoint, or it holds another model
+            (layer count or parameter shapes) or another optimizer's state.
+        """
+        ocp = self._ocp
+        step = self._check_step(step)
+        where = os.path.join(self.directory, str(step))
+        meta = self._read_meta(step)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"checkpoint {where} has format {meta.get('format')!r}; this jaxpipe reads {FORMAT}")
+        _check_layers(meta["layers"], _layers_meta(pipe), where)
+        shapes = jax.eval_shape(pipe.optimizer.init, jax.ShapeDtypeStruct(
+            (pipe.num_devices, pipe.layout.width), pipe.layout.dtype))
+        structs, treedef = jax.tree.flatten(shapes)
+        param_shape = (pipe.num_devices, pipe.layout.width)
+        kinds = [
+            {"kind": "layers"} if s.shape == param_shape else {"kind": "array", "shape": list(s.shape)}
+            for s in structs
+        ]
+        saved = [{k: v for k, v in m.items() if k != "dtype"} for m in meta["opt_state"]]
+        if saved != kinds:
+            raise ValueError(
+                f"checkpoint {where} holds optimizer state {saved}, but this optimizer's state is {kinds}; "
+                "resume with the optimizer that wrote it"
+            )
+        target = {"params": _layers_tree(_layer_shapes(pipe)), "opt_state": {}}
+        for i, struct in enumerate(structs):
+            if struct.shape == param_shape:
+                tree = _layers_tree(_layer_shapes(pipe))
+                if tree:
+                    target["opt_state"][str(i)] = tree
+            else:
+                target["opt_state"][str(i)] = np.zeros(struct.shape, struct.dtype)
+        target = {k: v for k, v in target.items() if v}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        arrays = self._manager.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+        )["arrays"] if target else {}
+        params = _layers_list(arrays.get("params", {}), pipe)
+        opt_leaves = [
+            _layers_list(arrays.get("opt_state", {}).get(str(i), {}), pipe)
+            if struct.shape == param_shape else arrays["opt_state"][str(i)]
+            for i, struct in enumerate(structs)
+        ]
+        opt_state = jax.tree.unflatten(treedef, opt_leaves)
+        state = pipe.from_layers(params, opt_state, meta["step"])
+        return state, CheckpointInfo(meta["step"], meta["data_position"], where)
+
+    def close(self) -> None:
+        """Releases orbax's resources."""
+        self._manager.close()
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise ValueError(f"no complete checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(f"no complete checkpoint for step {step} in {self.directory}; it has steps {steps}")
+        return step
+
+    def _read_meta(self, step: int) -> dict:
+        ocp = self._ocp
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _dtype(trees: Sequence[Any]) -> str | None:
+    leaves = jax.tree.leaves(trees)
+    return str(np.asarray(leaves[0]).dtype) if leaves else None
+
+
+def _layers_tree(trees: Sequence[Any]) -> dict:
+    """``{layer: {leaf: array}}`` with string keys; layers without parameters left out."""
+    out = {}
+    for i, tree in enumerate(trees):
+        leaves = jax.tree.leaves(tree)
+        if leaves:
+            out[str(i)] = {str(j): np.asarray(leaf) for j, leaf in enumerate(leaves)}
+    return out
+
+
+def _layer_shapes(pipe: Pipeline) -> list[list[np.ndarray]]:
+    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
+    return [[np.zeros(shape, pipe.layout.dtype) for shape in spec.shapes] for spec in specs]
+
+
+def _layers_list(tree: dict, pipe: Pipeline) -> list[list[np.ndarray]]:
+    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
+    return [[tree[str(i)][str(j)] for j in range(len(spec.shapes))] for i, spec in enumerate(specs)]
+
+
+def _layers_meta(pipe: Pipeline) -> list[dict]:
+    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
+    return [{"name": spec.name, "shapes": [list(s) for s in spec.shapes]} for spec in specs]
+
+
+def _check_layers(saved: list[dict], here: list[dict], where: str) -> None:
+    if len(saved) != len(here):
+        raise ValueError(
+            f"checkpoint {where} holds a model of {len(saved)} layers, but model_fn builds {len(here)}; "
+            "resume with the model that wrote it"
+        )
+    for i, (a, b) in enumerate(zip(saved, here)):
+        if a != b:
+            raise ValueError(
+                f"checkpoint {where} holds layer {i} as {a['name']} with parameter shapes {a['shapes']}, "
+                f"but model_fn builds {b['name']} with {b['shapes']}; resume with the model that wrote it"
+            )
