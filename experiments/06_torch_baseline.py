@@ -16,27 +16,44 @@ rank k, the same free loopback port scheme); the torch workers pin
 themselves and call ``torch.set_num_threads(1)`` before any work. A step is
 the whole pipelined forward/backward plus the SGD update. Per run: median
 step time of rank 0 over ``STEPS`` timed steps after ``WARMUP`` steps; one
-repeat runs all four configurations in a fresh process pair each, and ratios
-are taken within a repeat. A single-process micro-benchmark (one pinned
-core) times one layer's forward and backward on a micro-batch in each
-framework, from which a compute-only estimate of every step is derived.
+repeat runs every configuration in a fresh process pair each, and ratios
+are taken within a repeat.
+
+Where the time goes: a single-process micro-benchmark (one pinned core)
+times one layer's forward and backward on a micro-batch in each framework
+(compute-only step estimates follow from it), and one more run per
+configuration profiles ``PROFILE_STEPS`` steps on both ranks (torch
+profiler; JAX profiler trace) and splits each step into matmul,
+communication, other operators and idle time.
+
+MKL, torch's CPU BLAS, runs its AVX2 kernels on AMD CPUs even where AVX-512
+is available, while XLA's matmuls use AVX-512. Where a C compiler is found,
+torch ``[1, 2]`` is therefore also run with MKL's vendor check overridden
+(``mkl-avx512``: a one-line library preloaded into the torch workers), to
+show the comparison with equal matmul kernels.
 
 Writes ``experiments/results/torch_baseline.json`` and ``.csv``. Needs the
 ``bench`` extra (``pip install -e ".[bench]"``). Run:
 ``python experiments/06_torch_baseline.py``.
 """
 
+import contextlib
 import csv
+import gzip
 import io
 import json
 import os
 import pathlib
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 WIDTH, ROWS, M, BLOCKS = 2048, 64, 8, 3
-WARMUP, STEPS, REPEATS, MICRO_REPS = 3, 10, 3, 30
+WARMUP, STEPS, REPEATS, MICRO_REPS, PROFILE_STEPS = 3, 10, 3, 30, 4
 TORCH_CUTS = ((1, 2), (2, 1))
 JAX_SCHEDULES = ("1f1b", "balanced")
 TIMEOUT_S = 300
@@ -72,8 +89,8 @@ def _torch_blocks():
     ]
 
 
-def torch_worker(cut: tuple[int, ...], env_names: dict) -> None:
-    """One rank of the torch pipeline; rank 0 prints ``RESULT {json}``."""
+def torch_worker(cut: tuple[int, ...], env_names: dict, profile: bool = False) -> None:
+    """One rank of the torch pipeline; rank 0 prints ``RESULT {json}``, every rank ``PROFILE {json}``."""
     _pin(env_names)
     import torch
     import torch.distributed as dist
@@ -108,13 +125,18 @@ def torch_worker(cut: tuple[int, ...], env_names: dict) -> None:
         step()
     dist.barrier()
     times, first_loss = [], None
-    for _ in range(STEPS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        if losses and first_loss is None:
-            first_loss = float(torch.stack(losses).mean())
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+    with profiler or contextlib.nullcontext():
+        for _ in range(PROFILE_STEPS if profile else STEPS):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+            if losses and first_loss is None:
+                first_loss = float(torch.stack(losses).mean())
     dist.barrier()
+    if profile:
+        ops = [(e.key, e.self_cpu_time_total * 1e-6) for e in profiler.key_averages()]
+        print("PROFILE " + json.dumps({"rank": rank, **_breakdown(ops, sum(times), len(times))}))
     mine = {"rank": rank, **_summary(times), "first_loss": first_loss,
             "last_loss": float(torch.stack(losses).mean()) if losses else None}
     everyone = [None] * world
@@ -128,8 +150,8 @@ def torch_worker(cut: tuple[int, ...], env_names: dict) -> None:
     dist.destroy_process_group()
 
 
-def jax_worker(schedule: str) -> None:
-    """One process of jaxpipe's pipeline; process 0 prints ``RESULT {json}``."""
+def jax_worker(schedule: str, profile: bool = False) -> None:
+    """One process of jaxpipe's pipeline; process 0 prints ``RESULT {json}``, every process ``PROFILE {json}``."""
     import jaxpipe
 
     jaxpipe.distributed.initialize()
@@ -150,18 +172,84 @@ def jax_worker(schedule: str) -> None:
     jax.block_until_ready((state, loss))
     warmup_s = time.perf_counter() - start
     times, losses = [], []
-    for _ in range(STEPS):
-        start = time.perf_counter()
-        state, loss = pipe.train_step(state, placed)
-        jax.block_until_ready((state, loss))
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True) if profile else contextlib.nullcontext():
+            for _ in range(PROFILE_STEPS if profile else STEPS):
+                start = time.perf_counter()
+                state, loss = pipe.train_step(state, placed)
+                jax.block_until_ready((state, loss))
+                times.append(time.perf_counter() - start)
+                losses.append(float(loss))
+        if profile:
+            ops = _xla_ops(next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")))
+            print("PROFILE " + json.dumps({"rank": jax.process_index(), **_breakdown(ops, sum(times), len(times))}))
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             **_summary(times), "partition": list(pipe.partition), "warmup_s": warmup_s,
             "predicted_s": pipe.plan.chosen.step, "loads": pipe.plan.chosen.loads.tolist(),
             "first_loss": losses[0], "last_loss": losses[-1],
         }))
+
+
+def _category(name: str) -> str:
+    if re.match(r"(c10d::|gloo|ppermute|collective-permute|all-reduce|psum|all-gather|reduce-scatter|send|recv)",
+                name):
+        return "communication"
+    if re.match(r"(aten::(mm|addmm|bmm)$|dot|ynn_fusion|.*convolution)", name):
+        return "matmul"
+    return "other"
+
+
+def _breakdown(ops: list[tuple[str, float]], wall_s: float, steps: int) -> dict:
+    """Seconds per step by category from ``(op name, self seconds)``; the rest of the wall time is idle.
+
+    jaxpipe's collectives block until the peer's data arrives, so their time
+    includes waiting; torch posts sends and receives asynchronously and waits
+    outside any operator, so its waiting is in ``idle``.
+    """
+    totals = {"matmul": 0.0, "communication": 0.0, "other": 0.0}
+    for name, seconds in ops:
+        totals[_category(name)] += seconds
+    per_step = {f"{k}_s": v / steps for k, v in totals.items()}
+    return {"step_s": wall_s / steps, **per_step, "idle_s": (wall_s - sum(totals.values())) / steps,
+            "top_ops": sorted(((n, s / steps) for n, s in ops), key=lambda x: -x[1])[:8]}
+
+
+def _xla_ops(trace: pathlib.Path) -> list[tuple[str, float]]:
+    """``(XLA op name, total self seconds)`` of the ops in a perfetto trace of the CPU backend.
+
+    Self time: the op's duration less the ops nested in it on the same
+    thread. The executor's own wait-for-completion spans and Python frames
+    are dropped (they only wait).
+    """
+    events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    threads: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$"):
+            threads.setdefault((e["pid"], e["tid"]), []).append(e)
+    ops = []
+    for spans in threads.values():
+        spans.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list = []
+        for e in spans:
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
+                ops.append(_pop(stack))
+            if stack:
+                stack[-1][1] -= e["dur"]
+            stack.append([e, e["dur"]])
+        while stack:
+            ops.append(_pop(stack))
+    totals: dict = {}
+    for name, us in ops:
+        if not name.startswith("ThunkExecutor"):
+            totals[name] = totals.get(name, 0.0) + us * 1e-6
+    return list(totals.items())
+
+
+def _pop(stack: list) -> tuple[str, float]:
+    event, self_us = stack.pop()
+    return event["name"], self_us
 
 
 def _median_time(fn, reps: int) -> float:
@@ -236,15 +324,28 @@ def jax_micro(env_names: dict) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _launch(args: list[str], nproc: int) -> dict:
+def _launch(args: list[str], nproc: int, env: dict | None = None) -> tuple[dict, list[dict]]:
+    """Runs this script's worker mode ``args`` as ``nproc`` pinned processes: (RESULT, PROFILE lines by rank).
+
+    ``env`` adds variables for the workers only (the launcher copies this
+    process's environment).
+    """
     from jaxpipe.launch import launch
 
-    out = io.StringIO()
-    code = launch([sys.executable, __file__, *args], nproc=nproc, timeout=TIMEOUT_S, out=out)
+    out, saved = io.StringIO(), dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        code = launch([sys.executable, __file__, *args], nproc=nproc, timeout=TIMEOUT_S, out=out)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     if code:
         raise RuntimeError(f"{' '.join(args)} failed with code {code}:\n{out.getvalue()}")
-    line = next(line for line in out.getvalue().splitlines() if "RESULT " in line)
-    return json.loads(line.split("RESULT ", 1)[1])
+    lines = out.getvalue().splitlines()
+    result = next(json.loads(line.split("RESULT ", 1)[1]) for line in lines if "RESULT " in line)
+    profiles = sorted((json.loads(line.split("PROFILE ", 1)[1]) for line in lines if "PROFILE " in line),
+                      key=lambda p: p["rank"])
+    return result, profiles
 
 
 def _env_names() -> str:
@@ -262,26 +363,77 @@ def _env_names() -> str:
 def _estimates(torch_layer: dict, jax_layer: dict) -> dict:
     """Compute-only step estimates (seconds) from the per-layer micro-benchmark.
 
-    Pipelined 1F1B on 2 stages, no communication or framework cost: the
-    bottleneck stage works M micro-batches, the other stage adds one
-    micro-batch of fill/drain. Torch keeps activations (forward + backward per
-    layer); jaxpipe's table executor recomputes a stage's forward inside the
-    backward; a balanced device holds 1.5 layers: one full layer and half
-    the rows (32) of the split layer.
+    1F1B on 2 stages without communication or framework cost: the bottleneck
+    stage works all M micro-batches and the other stage adds one micro-batch
+    of fill and drain, so ``(2M + 1)`` layer-micro-batches for the cuts
+    ``[1, 2]`` and ``[2, 1]``, and ``(M + 1) x 1.5`` layers balanced (one
+    full layer and the split layer's 32 rows). Torch keeps activations;
+    jaxpipe is given both with and without recomputing the forward in the
+    backward (its table executor recomputes from stashed stage inputs).
     """
     t, j, jh = torch_layer[str(ROWS)], jax_layer[str(ROWS)], jax_layer[str(ROWS // 2)]
     torch_fb = t["forward_s"] + t["backward_s"]
-    jax_fb = j["forward_s"] + j["recompute_backward_s"]
-    jax_half_fb = jh["forward_s"] + jh["recompute_backward_s"]
+    jax_fb, jax_half_fb = (d["forward_s"] + d["backward_s"] for d in (j, jh))
+    jax_frb, jax_half_frb = (d["forward_s"] + d["recompute_backward_s"] for d in (j, jh))
     return {
-        "torch_layer_fwd_bwd_s": torch_fb,
-        "jax_layer_fwd_recompute_bwd_s": jax_fb,
-        "jax_layer_fwd_bwd_no_recompute_s": j["forward_s"] + j["backward_s"],
-        "torch_1f1b_[1,2]_compute_s": (M * 2 + 1) * torch_fb,
-        "jaxpipe_1f1b_[1,2]_compute_s": (M * 2 + 1) * jax_fb,
-        "jaxpipe_balanced_compute_s": (M + 1) * (jax_fb + jax_half_fb),
-        "ideal_single_core_torch_s": M * BLOCKS * torch_fb / 2,
+        "torch layer forward+backward": torch_fb,
+        "jax layer forward+backward": jax_fb,
+        "jax layer forward+recompute+backward": jax_frb,
+        "torch 1f1b [1, 2] compute-only": (2 * M + 1) * torch_fb,
+        "jaxpipe 1f1b [1, 2] compute-only, no recompute": (2 * M + 1) * jax_fb,
+        "jaxpipe 1f1b [1, 2] compute-only, recompute": (2 * M + 1) * jax_frb,
+        "jaxpipe balanced compute-only, no recompute": (M + 1) * (jax_fb + jax_half_fb),
+        "jaxpipe balanced compute-only, recompute": (M + 1) * (jax_frb + jax_half_frb),
+        "torch perfect balance, no bubble": M * BLOCKS * torch_fb / 2,
     }
+
+
+def _mkl_avx512_env(folder: pathlib.Path) -> dict | None:
+    """Environment that lets MKL take its AVX-512 kernels on a non-Intel CPU, or None without a C compiler.
+
+    MKL picks its code path by CPU vendor: on AMD it runs AVX2 kernels even
+    where AVX-512 is available, while XLA's CPU matmuls use AVX-512. The
+    well-known (unsupported) override preloads a library whose
+    ``mkl_serv_intel_cpu_true`` returns 1; it is compiled here from one line of
+    C. On an Intel CPU it changes nothing.
+    """
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source, library = folder / "mkl_intel_cpu.c", folder / "libmkl_intel_cpu.so"
+    source.write_text("int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+    built = subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], capture_output=True,
+                           timeout=120)
+    return {"LD_PRELOAD": str(library)} if built.returncode == 0 else None
+
+
+def _git_state() -> str:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                              text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _write(result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "torch_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(RESULTS / "torch_baseline.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["repeat", "config", "partition", "step_s", "step_min_s", "first_loss", "last_loss"])
+        for repeat, runs in enumerate(result["runs"]):
+            for name, run in runs.items():
+                writer.writerow([repeat, name, " ".join(map(str, run["partition"])), f"{run['step_s']:.6f}",
+                                 f"{run['step_min_s']:.6f}", run["first_loss"], run["last_loss"]])
+        for name, value in result["median_step_s"].items():
+            writer.writerow(["median", name, "", f"{value:.6f}", "", "", ""])
+        writer.writerow([])
+        writer.writerow(["profile", "config", "rank", "step_s", "matmul_s", "communication_s", "other_s", "idle_s"])
+        for name, ranks in result["profile_s"].items():
+            for p in ranks:
+                writer.writerow(["profile", name, p["rank"], *(f"{p[k]:.6f}" for k in
+                                 ("step_s", "matmul_s", "communication_s", "other_s", "idle_s"))])
 
 
 def main() -> None:
@@ -289,67 +441,73 @@ def main() -> None:
     import torch
 
     names = _env_names()
-    micro = {"torch": _launch(["--torch-micro", names], 1), "jax": _launch(["--jax-micro", names], 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        mkl_env = _mkl_avx512_env(pathlib.Path(tmp))
+        _run_all(names, mkl_env, jax.__version__, torch.__version__)
+
+
+def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: str) -> None:
+    micro = {"torch": _launch(["--torch-micro", names], 1)[0], "jax": _launch(["--jax-micro", names], 1)[0]}
+    if mkl_env:
+        micro["torch mkl-avx512"] = _launch(["--torch-micro", names], 1, mkl_env)[0]
     for framework, layer in micro.items():
         print(f"micro {framework}: " + ", ".join(
             f"{rows} rows " + " ".join(f"{k[:-2]} {v * 1e3:.2f} ms" for k, v in d.items()) for rows, d in layer.items()
         ), flush=True)
-    configs = [(f"torch 1f1b {list(c)}", ["--torch-worker", ",".join(map(str, c)), names]) for c in TORCH_CUTS]
-    configs += [(f"jaxpipe {s}", ["--jax-worker", s]) for s in JAX_SCHEDULES]
+    torch_names = [f"torch 1f1b {list(c)}" for c in TORCH_CUTS]
+    configs = [(n, ["--torch-worker", ",".join(map(str, c)), names], None) for n, c in zip(torch_names, TORCH_CUTS)]
+    configs += [(f"jaxpipe {s}", ["--jax-worker", s], None) for s in JAX_SCHEDULES]
+    if mkl_env:
+        configs.append((f"{torch_names[0]} mkl-avx512", configs[0][1], mkl_env))
     repeats = []
     for repeat in range(REPEATS):
         runs = {}
-        for name, args in configs:
-            runs[name] = _launch(args, 2)
-            print(f"repeat {repeat}: {name} {runs[name]['partition']} {runs[name]['step_s'] * 1e3:.1f} ms", flush=True)
+        for name, args, env in configs:
+            start = time.perf_counter()
+            runs[name] = _launch(args, 2, env)[0]
+            print(f"repeat {repeat}: {name} {runs[name]['partition']} {runs[name]['step_s'] * 1e3:.1f} ms "
+                  f"(run took {time.perf_counter() - start:.0f} s)", flush=True)
         repeats.append(runs)
-    medians = {name: statistics.median(r[name]["step_s"] for r in repeats) for name, _ in configs}
-    torch_best = min(medians[f"torch 1f1b {list(c)}"] for c in TORCH_CUTS)
-    ratio_pairs = [(f"torch 1f1b {list(TORCH_CUTS[0])}", "jaxpipe balanced"),
-                   (f"torch 1f1b {list(TORCH_CUTS[1])}", "jaxpipe balanced"),
-                   (f"torch 1f1b {list(TORCH_CUTS[0])}", "jaxpipe 1f1b"),
-                   ("jaxpipe 1f1b", "jaxpipe balanced")]
-    ratios = {f"{a} / {b}": statistics.median(r[a]["step_s"] / r[b]["step_s"] for r in repeats)
-              for a, b in ratio_pairs}
+    profiles = {name: _launch([*args, "--profile"], 2, env)[1] for name, args, env in configs}
+    medians = {name: statistics.median(r[name]["step_s"] for r in repeats) for name, _, _ in configs}
+    pairs = [(t, j) for t in torch_names for j in ("jaxpipe balanced", "jaxpipe 1f1b")]
+    pairs += [("jaxpipe 1f1b", "jaxpipe balanced")] + [(n, "jaxpipe balanced") for n, _, env in configs if env]
+    ratios = {f"{a} / {b}": statistics.median(r[a]["step_s"] / r[b]["step_s"] for r in repeats) for a, b in pairs}
     ratios["best torch / jaxpipe balanced"] = statistics.median(
-        min(r[f"torch 1f1b {list(c)}"]["step_s"] for c in TORCH_CUTS) / r["jaxpipe balanced"]["step_s"]
-        for r in repeats)
+        min(r[t]["step_s"] for t in torch_names) / r["jaxpipe balanced"]["step_s"] for r in repeats)
     estimates = _estimates(micro["torch"], micro["jax"])
-    print("\nconfig                 partition    median step   vs best torch")
-    for name, _ in configs:
-        print(f"{name:22s} {str(repeats[-1][name]['partition']):12s} {medians[name] * 1e3:8.1f} ms"
-              f"   {medians[name] / torch_best:6.3f}x")
+    torch_best = min(medians[t] for t in torch_names)
+    print("\nconfig                           partition    median step   / best torch")
+    for name, _, _ in configs:
+        print(f"{name:32s} {str(repeats[-1][name]['partition']):12s} {medians[name] * 1e3:8.1f} ms"
+              f"   {medians[name] / torch_best:6.3f}")
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.3f}")
+    print("\nprofile (ms per step)            rank   step matmul   comm  other   idle")
+    for name, ranks in profiles.items():
+        for p in ranks:
+            print(f"{name:32s} {p['rank']:4d} " + " ".join(
+                f"{p[k] * 1e3:6.1f}" for k in ("step_s", "matmul_s", "communication_s", "other_s", "idle_s")))
     for key, value in estimates.items():
         print(f"estimate {key}: {value * 1e3:.1f} ms")
-    result = {
+    _write({
         "model": f"mlp([{WIDTH}] * {BLOCKS + 1}), tanh-GELU, MSE, SGD(1e-4), float32",
         "processes": 2, "threads_per_process": 1, "rows_per_microbatch": ROWS, "M": M,
-        "warmup_steps": WARMUP, "timed_steps": STEPS, "repeats": REPEATS,
-        "versions": {"torch": torch.__version__, "jax": jax.__version__, "python": sys.version.split()[0]},
+        "warmup_steps": WARMUP, "timed_steps": STEPS, "repeats": REPEATS, "profiled_steps": PROFILE_STEPS,
+        "versions": {"torch": torch_version, "jax": jax_version, "python": sys.version.split()[0],
+                     "jaxpipe_git": _git_state()},
+        "mkl_avx512_override": bool(mkl_env),
         "median_step_s": medians, "ratios": ratios, "micro_benchmark_s": micro,
-        "compute_estimates_s": estimates, "runs": repeats,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "torch_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(RESULTS / "torch_baseline.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["repeat", "config", "partition", "step_s", "step_min_s", "first_loss", "last_loss"])
-        for repeat, runs in enumerate(repeats):
-            for name, run in runs.items():
-                writer.writerow([repeat, name, " ".join(map(str, run["partition"])), f"{run['step_s']:.6f}",
-                                 f"{run['step_min_s']:.6f}", run["first_loss"], run["last_loss"]])
-        for name, value in medians.items():
-            writer.writerow(["median", name, "", f"{value:.6f}", "", "", ""])
+        "compute_estimates_s": estimates, "profile_s": profiles, "runs": repeats,
+    })
 
 
 if __name__ == "__main__":
     mode = sys.argv[1:2]
     if mode == ["--torch-worker"]:
-        torch_worker(tuple(int(n) for n in sys.argv[2].split(",")), json.loads(sys.argv[3]))
+        torch_worker(tuple(int(n) for n in sys.argv[2].split(",")), json.loads(sys.argv[3]), "--profile" in sys.argv)
     elif mode == ["--jax-worker"]:
-        jax_worker(sys.argv[2])
+        jax_worker(sys.argv[2], "--profile" in sys.argv)
     elif mode == ["--torch-micro"]:
         torch_micro(json.loads(sys.argv[2]))
     elif mode == ["--jax-micro"]:
