@@ -187,10 +187,10 @@ def gpipe(P: int, M: int) -> Schedule:
     return _orders_to_table(P, M, 1, orders, "gpipe")
 
 
-def _one_f_one_b_orders(P: int, M: int) -> list[list[tuple[int, int, int]]]:
+def _one_f_one_b_orders(P: int, M: int, fused: bool = False) -> list[list[tuple[int, int, int]]]:
     orders = []
     for p in range(P):
-        warmup = min(P - 1 - p, M)
+        warmup = min(max(2 * (P - 1 - p) - 1, 0) if fused else P - 1 - p, M)
         order = [(FORWARD, m, 0) for m in range(warmup)]
         for m in range(M - warmup):
             order += [(FORWARD, m + warmup, 0), (BACKWARD, m, 0)]
@@ -198,7 +198,7 @@ def _one_f_one_b_orders(P: int, M: int) -> list[list[tuple[int, int, int]]]:
     return orders
 
 
-def one_f_one_b(P: int, M: int) -> Schedule:
+def one_f_one_b(P: int, M: int, fused: bool = False) -> Schedule:
     """1F1B: PipeDream-Flush, Megatron-LM's non-interleaved schedule.
 
     Device ``p`` runs ``min(P - 1 - p, M)`` warm-up forwards, then alternates
@@ -208,9 +208,19 @@ def one_f_one_b(P: int, M: int) -> Schedule:
     GPipe, but device ``p`` holds at most ``min(P - p, M)`` micro-batches.
     ``M < P`` is legal.
 
+    ``fused=True`` gives the order for an executor that runs a forward and a
+    backward in one lock-step tick (``ticks.pack``): ``2 (P - 1 - p) - 1``
+    warm-up forwards (device ``P - 1``: none), so that in the steady state
+    every device's next forward and next backward are both ready at each
+    tick. Packed, it takes the event-driven 1F1B time, where the standard
+    order leaves devices waiting every other tick for ``P > 2``; device ``p``
+    then holds up to ``min(2 (P - 1 - p), M)`` micro-batches (still bounded
+    by P, not M).
+
     Args:
       P: pipe devices.
       M: micro-batches.
+      fused: warm-up for packed ticks (see above).
 
     Returns:
       The validated Schedule (V = 1).
@@ -219,7 +229,7 @@ def one_f_one_b(P: int, M: int) -> Schedule:
       ValueError: if P or M is not an int >= 1.
     """
     _check_sizes(P, M, 1)
-    return _orders_to_table(P, M, 1, _one_f_one_b_orders(P, M), "1f1b")
+    return _orders_to_table(P, M, 1, _one_f_one_b_orders(P, M, fused), "1f1b")
 
 
 def interleaved_1f1b(P: int, M: int, V: int) -> Schedule:
@@ -265,7 +275,7 @@ def interleaved_1f1b(P: int, M: int, V: int) -> Schedule:
     return _orders_to_table(P, M, V, orders, "interleaved")
 
 
-def make_schedule(name: str, P: int, M: int, V: int = 1) -> Schedule:
+def make_schedule(name: str, P: int, M: int, V: int = 1, fused: bool = False) -> Schedule:
     """Builds a schedule by name.
 
     Args:
@@ -273,6 +283,8 @@ def make_schedule(name: str, P: int, M: int, V: int = 1) -> Schedule:
       P: pipe devices.
       M: micro-batches.
       V: chunks per device; must be 1 for ``"gpipe"`` and ``"1f1b"``.
+      fused: for ``"1f1b"``, the warm-up for packed ticks (see
+        :func:`one_f_one_b`); the table executor runs that one.
 
     Returns:
       The validated Schedule.
@@ -288,7 +300,7 @@ def make_schedule(name: str, P: int, M: int, V: int = 1) -> Schedule:
         return interleaved_1f1b(P, M, V)
     if V != 1:
         raise ValueError(f"schedule {name!r} has one chunk per device, got V={V}; use 'interleaved'")
-    return gpipe(P, M) if name == "gpipe" else one_f_one_b(P, M)
+    return gpipe(P, M) if name == "gpipe" else one_f_one_b(P, M, fused)
 
 
 def _action_ticks(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,270 @@
+"""Schedules packed into executor ticks: one forward and one backward lane.
+
+A lock-step SPMD executor exchanges boundaries with ``ppermute`` every tick,
+so every tick lasts as long as its slowest device. With one action per tick
+(the ``Schedule`` table), a 1F1B steady state alternates forward ticks and
+backward ticks, and a device whose backward is cheap still waits for its
+neighbour's expensive one. Here each tick holds up to one FORWARD (the
+forward lane) and one BACKWARD (the backward lane) per device, run one after
+the other: in the steady state every device does a forward and a backward
+per tick, so the tick lasts ``max_p (f_p + b_p)`` and stages with equal
+``f + b`` leave no device waiting — the property a balanced cut is made for.
+
+``pack`` keeps each device's order of work from the schedule and moves every
+action to the earliest tick where its inputs have arrived (unit-time list
+scheduling, as ``schedule.py`` does for one lane). The last stage's forward is
+folded into its backward (the executor computes both there), so it may share
+that backward's tick. ``tick_buffers`` assigns the stash and gradient-inbox
+slots the executor indexes; the activation slot of ``(m, s)`` also holds that
+stage's saved residuals from its forward to its backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from .schedule import BACKWARD, FORWARD, IDLE, Schedule, ScheduleError
+
+
+def _frozen(array, field: str) -> np.ndarray:
+    array = np.array(array, dtype=np.int32)
+    array.flags.writeable = False
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class Ticks:
+    """A schedule as executor ticks, ``T`` rows of two lanes per device.
+
+    Attributes:
+      name: the schedule family it was packed from.
+      num_devices: P.
+      num_microbatches: M.
+      num_chunks: V.
+      forward: ``[T, P]`` micro-batch of the forward lane, -1 if none.
+      forward_chunk: ``[T, P]`` its chunk, -1 if none.
+      backward: ``[T, P]`` micro-batch of the backward lane, -1 if none.
+      backward_chunk: ``[T, P]`` its chunk, -1 if none.
+    """
+
+    name: str
+    num_devices: int
+    num_microbatches: int
+    num_chunks: int
+    forward: np.ndarray
+    forward_chunk: np.ndarray
+    backward: np.ndarray
+    backward_chunk: np.ndarray
+
+    def __post_init__(self):
+        shape = np.shape(self.forward)
+        for field in ("forward", "forward_chunk", "backward", "backward_chunk"):
+            array = _frozen(getattr(self, field), field)
+            if array.ndim != 2 or array.shape != shape or shape[1] != self.num_devices:
+                raise ValueError(f"{field} must have shape [T, P={self.num_devices}], got {array.shape}")
+            object.__setattr__(self, field, array)
+
+    @property
+    def num_ticks(self) -> int:
+        """T."""
+        return self.forward.shape[0]
+
+    @property
+    def num_stages(self) -> int:
+        """S = V * P."""
+        return self.num_chunks * self.num_devices
+
+    def stage(self, chunk: np.ndarray) -> np.ndarray:
+        """``[T, P]`` stage ``chunk * P + p`` of a lane's chunks, -1 where empty."""
+        stage = chunk * self.num_devices + np.arange(self.num_devices, dtype=np.int32)
+        return np.where(chunk < 0, -1, stage).astype(np.int32)
+
+    def __str__(self) -> str:
+        def cell(t, p):
+            parts = []
+            for op, mb, ch in (("F", self.forward, self.forward_chunk), ("B", self.backward, self.backward_chunk)):
+                if mb[t, p] >= 0:
+                    parts.append(f"{op}{mb[t, p]}" + (f".{ch[t, p]}" if self.num_chunks > 1 else ""))
+            return "+".join(parts) or "."
+
+        labels = [[cell(t, p) for t in range(self.num_ticks)] for p in range(self.num_devices)]
+        width = max([len(c) for row in labels for c in row] + [1])
+        rows = [f"dev {p} | " + " ".join(c.ljust(width) for c in row).rstrip() for p, row in enumerate(labels)]
+        return "\n".join([f"{self.name} packed: P={self.num_devices} M={self.num_microbatches} "
+                          f"V={self.num_chunks} ticks={self.num_ticks}"] + rows)
+
+
+def _orders(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
+    """Each device's ``(op, microbatch, stage)`` actions in tick order."""
+    stage = schedule.stage
+    return [
+        [(int(schedule.op[t, p]), int(schedule.microbatch[t, p]), int(stage[t, p]))
+         for t in range(schedule.num_ticks) if schedule.op[t, p] != IDLE]
+        for p in range(schedule.num_devices)
+    ]
+
+
+def pack(schedule: Schedule, fuse: bool = True) -> Ticks:
+    """Packs a schedule's per-device orders into two-lane ticks.
+
+    Args:
+      schedule: a legal table; its per-device order of actions is kept.
+      fuse: if False, one action per tick, exactly the table's ticks.
+
+    Returns:
+      The ``Ticks``: every action at its earliest tick given that a boundary
+      sent at tick t arrives at t + 1, each device running at most one
+      FORWARD and one BACKWARD per tick, in its own order.
+
+    Raises:
+      ScheduleError: if the orders deadlock (an illegal table).
+    """
+    P, S, T0 = schedule.num_devices, schedule.num_stages, schedule.num_ticks
+    lanes = np.full((4, T0, P), -1, np.int32)
+    if not fuse:
+        fwd = schedule.op == FORWARD
+        bwd = schedule.op == BACKWARD
+        lanes[0] = np.where(fwd, schedule.microbatch, -1)
+        lanes[1] = np.where(fwd, schedule.chunk, -1)
+        lanes[2] = np.where(bwd, schedule.microbatch, -1)
+        lanes[3] = np.where(bwd, schedule.chunk, -1)
+        return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+    orders, done, cursor, rows = _orders(schedule), {}, [0] * P, []
+
+    def ready(op, m, s, t):
+        if op == FORWARD:
+            return s == 0 or done.get((FORWARD, m, s - 1), t) < t
+        own = done.get((FORWARD, m, s), t + 1)
+        return (own < t or (s == S - 1 and own == t)) and (
+            s == S - 1 or done.get((BACKWARD, m, s + 1), t) < t)
+
+    while any(cursor[p] < len(orders[p]) for p in range(P)):
+        t, row, moved = len(rows), np.full((4, P), -1, np.int32), False
+        for p in range(P):
+            taken = set()
+            while cursor[p] < len(orders[p]) and len(taken) < 2:
+                op, m, s = orders[p][cursor[p]]
+                if op in taken or not ready(op, m, s, t):
+                    break
+                lane = 0 if op == FORWARD else 2
+                row[lane, p], row[lane + 1, p] = m, s // P
+                done[(op, m, s)] = t
+                taken.add(op)
+                cursor[p] += 1
+                moved = True
+        if not moved:
+            raise ScheduleError(f"{schedule.name}: packing deadlocks at tick {t}; the table is not legal")
+        rows.append(row)
+    lanes = np.stack(rows, axis=1)
+    return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TickBuffers:
+    """Per-device slots for the packed ticks.
+
+    Activation slot of ``(m, s)`` (input and, for non-last stages, the saved
+    residuals): held from the input's arrival (or, for stage 0, its forward)
+    through the tick of its backward. Gradient slot of ``(m, s)``, s < S - 1:
+    from the tick after BACKWARD(m, s + 1) through BACKWARD(m, s). Arrivals
+    are written before the lanes run.
+
+    Attributes:
+      num_act_slots: activation slots per device (>= 1).
+      recv_act_slot: ``[T, P]`` slot written by the activation arriving, -1 if none.
+      forward_slot: ``[T, P]`` activation slot of the forward lane, -1 if none.
+      backward_slot: ``[T, P]`` activation slot of the backward lane, -1 if none.
+      num_grad_slots: gradient slots per device (>= 1).
+      recv_grad_slot: ``[T, P]`` slot written by the gradient arriving, -1 if none.
+      grad_slot: ``[T, P]`` gradient slot read by the backward lane, -1 if none.
+    """
+
+    num_act_slots: int
+    recv_act_slot: np.ndarray
+    forward_slot: np.ndarray
+    backward_slot: np.ndarray
+    num_grad_slots: int
+    recv_grad_slot: np.ndarray
+    grad_slot: np.ndarray
+
+
+def _assign(intervals, T: int, P: int):
+    """Smallest-free-slot assignment of ``(p, start, end, arrival, readers)``.
+
+    ``readers`` are ``(array index, tick)``; returns ``recv [T, P]``, one
+    ``[T, P]`` read array per reader index (2 of them), and the slot count.
+    """
+    recv = np.full((T, P), -1, np.int32)
+    reads = np.full((2, T, P), -1, np.int32)
+    used_max = 0
+    for p in range(P):
+        free, used, held = [], 0, []
+        for start, end, arrival, readers in sorted(i[1:] for i in intervals if i[0] == p):
+            while held and held[0][0] < start:
+                heapq.heappush(free, heapq.heappop(held)[1])
+            slot = heapq.heappop(free) if free else used
+            used = max(used, slot + 1)
+            heapq.heappush(held, (end, slot))
+            if arrival:
+                recv[start, p] = slot
+            for which, tick in readers:
+                reads[which, tick, p] = slot
+        used_max = max(used_max, used)
+    return recv, reads, max(1, used_max)
+
+
+def tick_buffers(ticks: Ticks) -> TickBuffers:
+    """Assigns activation and gradient slots to packed ticks.
+
+    Args:
+      ticks: from ``pack``.
+
+    Returns:
+      The ``TickBuffers``.
+    """
+    P, S, T, M = ticks.num_devices, ticks.num_stages, ticks.num_ticks, ticks.num_microbatches
+    when = np.full((2, M, S), -1, np.int64)
+    for lane, (mb, ch) in enumerate(((ticks.forward, ticks.forward_chunk), (ticks.backward, ticks.backward_chunk))):
+        stage = ticks.stage(ch)
+        for t, p in zip(*np.nonzero(mb >= 0)):
+            when[lane, mb[t, p], stage[t, p]] = t
+    fwd, bwd = when
+    acts, grads = [], []
+    for m in range(M):
+        for s in range(S):
+            start = fwd[m, s - 1] + 1 if s > 0 else fwd[m, s]
+            acts.append((s % P, start, bwd[m, s], s > 0, [(0, fwd[m, s]), (1, bwd[m, s])]))
+            if s < S - 1:
+                grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s], True, [(0, bwd[m, s])]))
+    recv_a, (read_f, read_b), num_a = _assign(acts, T, P)
+    recv_g, (read_g, _), num_g = _assign(grads, T, P)
+    return TickBuffers(num_a, recv_a, read_f, read_b, num_g, recv_g, read_g)
+
+
+def tick_time(ticks: Ticks, forward: np.ndarray, backward: np.ndarray, comm: float = 0.0) -> float:
+    """Time of a lock-step run of packed ticks.
+
+    Each tick lasts as long as its slowest device's forward-lane plus
+    backward-lane work, plus ``comm`` when a boundary crosses devices.
+
+    Args:
+      ticks: from ``pack``.
+      forward: ``[P, V]`` forward cost of (device, chunk).
+      backward: ``[P, V]`` backward cost of (device, chunk).
+      comm: time per tick with a cross-device boundary.
+
+    Returns:
+      The summed tick durations.
+    """
+    forward, backward = np.asarray(forward, np.float64), np.asarray(backward, np.float64)
+    devices = np.broadcast_to(np.arange(ticks.num_devices), ticks.forward.shape)
+    work = np.where(ticks.forward >= 0, forward[devices, np.maximum(ticks.forward_chunk, 0)], 0.0)
+    work = work + np.where(ticks.backward >= 0, backward[devices, np.maximum(ticks.backward_chunk, 0)], 0.0)
+    S = ticks.num_stages
+    sends = ((ticks.stage(ticks.forward_chunk) >= 0) & (ticks.stage(ticks.forward_chunk) < S - 1)) | (
+        ticks.stage(ticks.backward_chunk) > 0)
+    hop = comm * (sends.any(axis=1) & (ticks.num_devices > 1))
+    return float(np.sum(work.max(axis=1, initial=0.0) + hop))
