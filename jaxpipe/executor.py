@@ -1,31 +1,34 @@
-"""The table executor: one ``shard_map`` that runs any schedule table.
+"""The table executor: one ``shard_map`` that runs any schedule.
 
 Every schedule (GPipe, 1F1B, interleaved 1F1B, ...) is a NumPy table of
-actions (``schedule.py``); this module only interprets tables (DESIGN.md rules
-1 and 2). Per tick, every pipe device:
+actions (``schedule.py``), packed into ticks of two lanes (``ticks.py``);
+this module only interprets them (DESIGN.md rules 1 and 2). Per tick, every
+pipe device:
 
 1. writes the activation and the gradient that arrived (sent at the previous
    tick) into its stash and gradient-inbox slots, as the buffer plan says;
-2. runs one branch of a ``lax.switch``: idle (computes nothing), the forward
-   of one of its stages, or the backward of one of its stages. The backward
-   recomputes the stage from its stashed input with ``jax.vjp`` and adds the
-   parameter gradient to a packed ``[N]`` accumulator, so every branch returns
-   the same shapes and nothing is stored between ticks but boundary inputs;
+2. runs its forward lane (a ``lax.switch``: nothing, or the forward of one of
+   its stages, which also saves the stage's residuals in the micro-batch's
+   slot) and its backward lane (nothing, or the backward of one of its
+   stages, from the saved residuals or, with ``remat``, recomputing the stage
+   from its stashed input; the parameter gradient is added to a packed
+   ``[N]`` accumulator);
 3. sends its forward output to the next device and its input-gradient to the
    previous one with ``lax.ppermute`` (a ring when chunks wrap around).
 
 Ticks run under ``lax.scan`` over the table rows, so compile time does not
 grow with the number of micro-batches. The last stage's forward is folded
-into its backward (the recomputation yields the loss too), so its FORWARD
-cells compute nothing.
+into its backward (computing the loss there), so its forward lane is empty.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -33,8 +36,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
-from .schedule import BACKWARD, FORWARD, Buffers, Schedule
 from .stages import apply_layer
+from .ticks import TickBuffers, Ticks
 
 
 def index_microbatch(tree: Any, m: jax.Array) -> Any:
@@ -106,14 +109,90 @@ def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
     return done, pending
 
 
-def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Callable]:
-    """``[idle, forward_0 .. forward_{S-1}, backward_0 .. backward_{S-1}]``.
+class _Residuals(NamedTuple):
+    """How one stage's saved residuals are stored between its two lanes.
 
-    Every branch maps ``(row, in_f, in_i, cot_f, x, y)`` to ``(send_f, send_i,
-    grad [G], send_grad, loss)``. A backward branch differentiates with respect
-    to its stage's parameter trees and returns their gradients flat, padded to
-    the largest stage's size G; the caller adds them into the stage's window
-    of the gradient row, outside the switch, where XLA updates it in place.
+    ``jax.vjp``'s backward function is a pytree whose leaves are the
+    residuals. Leaves that are the stage's own inputs (parameters, the
+    stashed message, the micro-batch) are not stored: the backward lane reads
+    them again. The others are packed per dtype into flat slot vectors.
+
+    Attributes:
+      treedef: the backward function's tree structure (holds no arrays).
+      shapes: ``[K]`` residual leaf shapes.
+      dtypes: ``[K]`` their dtypes.
+      inputs: ``[K]`` index into the flattened stage inputs, -1 if stored.
+      offsets: ``[K]`` offset in its dtype's slot vector, -1 if an input.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+    inputs: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def sizes(self) -> dict:
+        """Elements stored per dtype."""
+        out: dict = {}
+        for shape, dtype, where in zip(self.shapes, self.dtypes, self.inputs):
+            if where < 0:
+                out[dtype] = out.get(dtype, 0) + math.prod(shape)
+        return out
+
+
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x):
+    """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function."""
+
+    def f(trees_, in_f_):
+        send_f, send_i = _send(plan, s, *_stage_apply(plan, s, trees_, in_f_, in_i, x))
+        return send_f, send_i
+
+    return jax.vjp(f, trees, in_f, has_aux=True)
+
+
+def _residuals(plan: StagePlan, s: int, args) -> _Residuals:
+    """Traces stage ``s`` once (abstractly) to find which residuals to store."""
+
+    def leaves(*args_):
+        return jax.tree.leaves(_stage_vjp(plan, s, *args_)[1])
+
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    closed = jax.make_jaxpr(leaves)(*structs)
+    invars = {id(v): i for i, v in enumerate(closed.jaxpr.invars)}
+    treedef = jax.tree.structure(jax.eval_shape(lambda *a: _stage_vjp(plan, s, *a)[1], *structs))
+    shapes, dtypes, inputs, offsets, used = [], [], [], [], {}
+    for var in closed.jaxpr.outvars:
+        aval = var.aval
+        shapes.append(tuple(aval.shape))
+        dtypes.append(jnp.dtype(aval.dtype))
+        where = invars.get(id(var), -1) if not isinstance(var, jax.extend.core.Literal) else -1
+        inputs.append(where)
+        if where < 0:
+            offsets.append(used.get(dtypes[-1], 0))
+            used[dtypes[-1]] = offsets[-1] + math.prod(shapes[-1])
+        else:
+            offsets.append(-1)
+    return _Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), tuple(offsets))
+
+
+def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, args) -> tuple:
+    """The two lanes' branch lists and the residual slot sizes.
+
+    Forward lane ``[idle, forward_0 .. forward_{S-2}]``:
+    ``(row, in_f, in_i, x) -> (send_f, send_i, residuals)``. Backward lane
+    ``[idle, backward_0 .. backward_{S-1}]``:
+    ``(row, in_f, in_i, cot_f, residuals, x, y) -> (grad [G], send_grad, loss)``.
+    A backward differentiates with respect to its stage's parameter trees and
+    returns their gradients flat, padded to the largest stage's size G; the
+    caller adds them into the stage's window of the gradient row, outside the
+    switch, where XLA updates it in place. With ``remat`` (or on the last
+    stage, whose forward is folded into its backward) the backward recomputes
+    the stage's forward from its stashed input; otherwise it uses the
+    residuals the forward lane saved.
+
+    Returns:
+      ``(forwards, backwards, res_dtypes, res_sizes)``: the branch lists and
+      the per-dtype length of a residual slot.
     """
     carrier, layout, last = plan.carrier, plan.layout, plan.num_stages - 1
     window = plan.window
@@ -121,61 +200,102 @@ def _branches(plan: StagePlan, loss_fn: Callable, loss_scale: float) -> list[Cal
     def trees_of(s, row):
         return [layout.unpack_layer(slot, row) for slot in plan.stage_slots[s]]
 
-    def nothing(in_f):
-        return jnp.zeros((window,), layout.dtype), jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+    specs = {}
+    if not remat:
+        row, in_f, in_i, x = args
+        for s in range(last):
+            specs[s] = _residuals(plan, s, (trees_of(s, row), in_f, in_i, x))
+    sizes: dict = {}
+    for spec in specs.values():
+        for dtype, n in spec.sizes().items():
+            sizes[dtype] = max(sizes.get(dtype, 0), n)
+    res_dtypes = tuple(sorted(sizes, key=str))
+    res_sizes = tuple(sizes[d] for d in res_dtypes)
 
-    def idle(row, in_f, in_i, cot_f, x, y):
-        return carrier.zeros() + nothing(in_f)
+    def no_residuals():
+        return tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes))
+
+    def idle_forward(row, in_f, in_i, x):
+        return carrier.zeros() + (no_residuals(),)
 
     def forward(s):
-        def branch(row, in_f, in_i, cot_f, x, y):
+        def branch(row, in_f, in_i, x):
             with jax.named_scope(f"stage{s}_forward"):
-                send = _send(plan, s, *_stage_apply(plan, s, trees_of(s, row), in_f, in_i, x))
-            return send + nothing(in_f)
+                if remat:
+                    send = _send(plan, s, *_stage_apply(plan, s, trees_of(s, row), in_f, in_i, x))
+                    return send + (no_residuals(),)
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees_of(s, row), in_f, in_i, x)
+                spec, leaves = specs[s], jax.tree.leaves(vjp)
+                parts = {d: [] for d in res_dtypes}
+                for leaf, where in zip(leaves, spec.inputs):
+                    if where < 0:
+                        parts[leaf.dtype].append(leaf.reshape(-1))
+                saved = tuple(
+                    jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d),
+                            (0, n - sum(p.shape[0] for p in parts[d])))
+                    for d, n in zip(res_dtypes, res_sizes)
+                )
+            return send_f, send_i, saved
 
         return branch
+
+    def idle_backward(row, in_f, in_i, cot_f, saved, x, y):
+        return jnp.zeros((window,), layout.dtype), jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
 
     def backward(s):
-        def branch(row, in_f, in_i, cot_f, x, y):
+        def branch(row, in_f, in_i, cot_f, saved, x, y):
             with jax.named_scope(f"stage{s}_backward"):
+                trees = trees_of(s, row)
+                loss = jnp.zeros((), jnp.float32)
                 if s == last:
-                    def f(trees, in_f_):
-                        _, out = _stage_apply(plan, s, trees, in_f_, in_i, x)
+                    def f(trees_, in_f_):
+                        _, out = _stage_apply(plan, s, trees_, in_f_, in_i, x)
                         return jnp.asarray(loss_fn(out, y), jnp.float32)
 
-                    loss, vjp = jax.vjp(f, trees_of(s, row), in_f)
+                    loss, vjp = jax.vjp(f, trees, in_f)
                     g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
-                else:
-                    def f(trees, in_f_):
-                        state = _stage_apply(plan, s, trees, in_f_, in_i, x)
-                        return _send(plan, s, *state)[0]
-
-                    _, vjp = jax.vjp(f, trees_of(s, row), in_f)
+                elif remat:
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x)
                     g_trees, g_in = vjp(cot_f)
-                    loss = jnp.zeros((), jnp.float32)
+                else:
+                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x))
+                    vectors = dict(zip(res_dtypes, saved))
+                    leaves = [
+                        inputs[where] if where >= 0
+                        else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
+                        for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
+                    ]
+                    g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cot_f)
                 flat = layout.flatten(g_trees, layout.dtype)
                 grad = jnp.pad(flat, (0, window - flat.shape[0]))
-            return carrier.zeros() + (grad, g_in, loss)
+            return grad, g_in, loss
 
         return branch
 
-    stages = range(plan.num_stages)
-    forwards = [forward(s) if s < last else idle for s in stages]
-    return [idle] + forwards + [backward(s) for s in stages]
+    forwards = [idle_forward] + [forward(s) for s in range(last)]
+    backwards = [idle_backward] + [backward(s) for s in range(plan.num_stages)]
+    return forwards, backwards, res_dtypes, res_sizes
 
 
-def _tick_table(plan: StagePlan, schedule: Schedule, buffers: Buffers) -> np.ndarray:
-    """``[T, P, 7]`` int32: branch, micro-batch, four slot columns, gradient window start."""
-    S = schedule.num_stages
-    stage = schedule.stage
-    branch = np.where(schedule.op == FORWARD, 1 + stage, 0)
-    branch = np.where(schedule.op == BACKWARD, 1 + S + stage, branch)
-    # The last stage's forward is recomputed by its backward: nothing to do.
-    branch = np.where((schedule.op == FORWARD) & (stage == S - 1), 0, branch)
+def _tick_table(plan: StagePlan, ticks: Ticks, buffers: TickBuffers) -> np.ndarray:
+    """``[T, P, 10]`` int32 per tick and device.
+
+    Columns: forward branch, its micro-batch, its slot, the slot its
+    residuals go to (-1: none), backward branch, its micro-batch, its slot,
+    gradient slot, arriving activation slot, arriving gradient slot, and the
+    start of the backward stage's gradient window.
+    """
+    S = ticks.num_stages
+    f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
+    # The last stage's forward is folded into its backward: nothing to do.
+    f_branch = np.where((f_stage >= 0) & (f_stage < S - 1), 1 + f_stage, 0)
+    b_branch = np.where(b_stage >= 0, 1 + b_stage, 0)
+    res_slot = np.where(f_branch > 0, buffers.forward_slot, -1)
     starts = np.asarray([plan.layout.segment(slots)[0] for slots in plan.stage_slots])
-    window_start = np.where(schedule.op == BACKWARD, starts[np.maximum(stage, 0)], 0)
-    columns = (branch, schedule.microbatch, buffers.act_slot, buffers.grad_slot,
-               buffers.recv_act_slot, buffers.recv_grad_slot, window_start)
+    window_start = np.where(b_stage >= 0, starts[np.maximum(b_stage, 0)], 0)
+    columns = (f_branch, ticks.forward, buffers.forward_slot, res_slot, b_branch, ticks.backward,
+               buffers.backward_slot, buffers.grad_slot, buffers.recv_act_slot, buffers.recv_grad_slot,
+               window_start)
     return np.stack([np.asarray(c, np.int32) for c in columns], axis=-1)
 
 
@@ -193,19 +313,22 @@ def _read(stash: jax.Array, slot: jax.Array) -> jax.Array:
 
 def scheduled_loss_and_grad(
     plan: StagePlan,
-    schedule: Schedule,
-    buffers: Buffers,
+    ticks: Ticks,
+    buffers: TickBuffers,
     mesh: Mesh,
     loss_fn: Callable,
+    remat: bool = False,
 ) -> Callable:
-    """Builds the loss-and-gradient function that runs ``schedule``.
+    """Builds the loss-and-gradient function that runs packed ticks.
 
     Args:
       plan: the static stage plan (``S = V * P`` stages).
-      schedule: a legal table for the plan's P, M and V.
-      buffers: its slot plan (``schedule.assign_buffers``).
+      ticks: a schedule packed by ``ticks.pack`` for the plan's P, M and V.
+      buffers: its slot plan (``ticks.tick_buffers``).
       mesh: a ``("data", "pipe")`` mesh whose pipe size is P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
+      remat: recompute each stage's forward in its backward from the stashed
+        input instead of saving its residuals (less memory, one more forward).
 
     Returns:
       ``f(params [P, N], inputs [D, M, B, ...], targets [D, M, B, ...]) ->
@@ -213,44 +336,53 @@ def scheduled_loss_and_grad(
       of all replicas, and its gradient (summed over ``data``).
 
     Raises:
-      ValueError: if the schedule's sizes do not match the plan's.
+      ValueError: if the ticks' sizes do not match the plan's.
     """
     num_devices, num_mb = plan.num_devices, plan.num_microbatches
-    if (schedule.num_devices, schedule.num_microbatches, schedule.num_stages) != (
+    if (ticks.num_devices, ticks.num_microbatches, ticks.num_stages) != (
         num_devices, num_mb, plan.num_stages
     ):
         raise ValueError(
-            f"schedule {schedule.name} is for P={schedule.num_devices}, "
-            f"M={schedule.num_microbatches}, S={schedule.num_stages} stages, but the "
+            f"schedule {ticks.name} is for P={ticks.num_devices}, "
+            f"M={ticks.num_microbatches}, S={ticks.num_stages} stages, but the "
             f"plan has P={num_devices}, M={num_mb}, S={plan.num_stages}"
         )
     num_replicas = mesh.devices.shape[0]
-    branches = _branches(plan, loss_fn, 1.0 / (num_mb * num_replicas))
-    table = jnp.asarray(_tick_table(plan, schedule, buffers))
-    ring = schedule.num_chunks > 1
+    table = jnp.asarray(_tick_table(plan, ticks, buffers))
+    ring = ticks.num_chunks > 1
     fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
     bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
     carrier = plan.carrier
     zero_f, zero_i = carrier.zeros()
+    slots_a, slots_g = buffers.num_act_slots, buffers.num_grad_slots
 
     def body(params, inputs, targets):
         row, inputs, targets = local_views(params, inputs, targets)
         p = lax.axis_index(PIPE_AXIS)
+        forwards, backwards, res_dtypes, res_sizes = _lanes(
+            plan, loss_fn, 1.0 / (num_mb * num_replicas), remat,
+            (row, zero_f, zero_i, index_microbatch(inputs, 0)),
+        )
 
         def tick(carry, cells):
-            act_f, act_i, grads_in, grad_acc, loss_sum, arr_f, arr_i, arr_g = carry
-            branch, m, act_slot, grad_slot, recv_act, recv_grad, start = (
-                lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(7)
+            act_f, act_i, grads_in, saved, grad_acc, loss_sum, arr_f, arr_i, arr_g = carry
+            f_branch, f_mb, f_slot, res_slot, b_branch, b_mb, b_slot, g_slot, recv_act, recv_grad, start = (
+                lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(11)
             )
             act_f = _write(act_f, recv_act, arr_f)
             act_i = _write(act_i, recv_act, arr_i)
             grads_in = _write(grads_in, recv_grad, arr_g)
-            mc = jnp.maximum(m, 0)
-            send_f, send_i, grad, send_g, loss = lax.switch(
-                branch, branches, row,
-                _read(act_f, act_slot), _read(act_i, act_slot), _read(grads_in, grad_slot),
-                index_microbatch(inputs, mc), index_microbatch(targets, mc),
+            f_mb, b_mb = jnp.maximum(f_mb, 0), jnp.maximum(b_mb, 0)
+            send_f, send_i, new_saved = lax.switch(
+                f_branch, forwards, row, _read(act_f, f_slot), _read(act_i, f_slot),
+                index_microbatch(inputs, f_mb),
             )
+            grad, send_g, loss = lax.switch(
+                b_branch, backwards, row, _read(act_f, b_slot), _read(act_i, b_slot),
+                _read(grads_in, g_slot), tuple(_read(buf, b_slot) for buf in saved),
+                index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb),
+            )
+            saved = tuple(_write(buf, res_slot, new) for buf, new in zip(saved, new_saved))
             current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
             grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current + grad, start, 0)
             if num_devices > 1:
@@ -258,19 +390,19 @@ def scheduled_loss_and_grad(
                 if plan.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
-            return (act_f, act_i, grads_in, grad_acc, loss_sum + loss, send_f, send_i, send_g), None
+            return (act_f, act_i, grads_in, saved, grad_acc, loss_sum + loss, send_f, send_i, send_g), None
 
-        slots_a, slots_g = buffers.num_act_slots, buffers.num_grad_slots
         init = (
             jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
             jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
             jnp.zeros((slots_g,) + zero_f.shape, zero_f.dtype),
+            tuple(jnp.zeros((slots_a, n), d) for d, n in zip(res_dtypes, res_sizes)),
             jnp.zeros_like(row),
             jnp.zeros((), jnp.float32),
             zero_f, zero_i, zero_f,
         )
         carry, _ = lax.scan(tick, init, table)
-        grad_acc, loss_sum = carry[3], carry[4]
+        grad_acc, loss_sum = carry[4], carry[5]
         loss = lax.psum(lax.psum(loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)
         grads = merge_copies_local(plan, lax.psum(grad_acc, DATA_AXIS), p)
         return loss, grads[None]

@@ -31,8 +31,14 @@ from .partition import (
 )
 from .placement import place_stages, sync_copies
 from .planner import describe_plan, make_plan
-from .schedule import SCHEDULE_NAMES, assign_buffers, make_schedule
-from .stages import largest_activation_bytes, split_layers, trace_boundaries
+from .schedule import SCHEDULE_NAMES, make_schedule
+from .stages import (
+    largest_activation_bytes,
+    residual_bytes,
+    split_layers,
+    trace_boundaries,
+)
+from .ticks import pack, tick_buffers
 
 SCHEDULES = SCHEDULE_NAMES + ("balanced", "auto")
 
@@ -115,14 +121,13 @@ class Pipeline:
         outputs mix rows are found and added automatically).
       max_memory_per_device: bytes; ``"auto"`` only picks plans predicted to
         fit.
-      executor: ``"table"`` (default): the schedule-table executor, which
-        stashes only each stage's input and recomputes the stage in its
-        backward with ``jax.vjp`` (always rematerialised). ``"autodiff"``
-        (GPipe only): the forward scan differentiated by JAX, which stores
-        every layer's residuals unless ``remat=True``.
-      remat: with ``executor="autodiff"``, rematerialise each device's layers
-        in the backward pass so only boundary activations are stored. The
-        table executor always does; ``remat=False`` is an error there.
+      executor: ``"table"`` (default): the schedule-table executor; each
+        tick a device runs up to one forward and one backward (``ticks.py``),
+        and a stage's forward saves its residuals for its backward.
+        ``"autodiff"`` (GPipe only): the forward scan differentiated by JAX.
+      remat: rematerialise: store only each stage's input and recompute its
+        forward in the backward (less memory, one more forward per
+        micro-batch). Default False for both executors.
       seed: seed of the ``nnx.Rngs`` given to ``model_fn``.
       devices: devices for the mesh; default ``jax.devices()``.
 
@@ -191,12 +196,6 @@ class Pipeline:
                 f"executor='autodiff' runs GPipe only, got schedule={schedule!r}; "
                 "use executor='table' for it"
             )
-        if executor == "table" and remat is False:
-            raise ValueError(
-                "remat=False: the table executor always rematerialises each stage "
-                "in its backward (it stashes stage inputs only); use "
-                "executor='autodiff' with schedule='gpipe' to store residuals instead"
-            )
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
@@ -256,6 +255,7 @@ class Pipeline:
             num_microbatches=self.num_microbatches, rows=self.microbatch_rows,
             param_bytes=[spec.size * jnp.dtype(dtype).itemsize for spec in specs],
             message_bytes=largest_activation_bytes(structs), max_memory=max_memory_per_device,
+            residual_bytes=residual_bytes(specs, params, structs), remat=remat,
         )
         names = [spec.name for spec in specs]
         if schedule == "auto":
@@ -264,7 +264,7 @@ class Pipeline:
                 unsplittable=self.unsplittable, max_memory_per_device=max_memory_per_device, unit=unit,
             )
             schedule, self.num_chunks = self.plan.chosen.schedule, self.plan.chosen.virtual_stages
-            cut = self.plan.chosen.cut
+            cut, remat = self.plan.chosen.cut, self.plan.chosen.remat
             self.stages = self.plan.chosen.stages
         elif cut == "fractional":
             splittable = [i not in self.unsplittable for i in range(len(specs))]
@@ -277,6 +277,7 @@ class Pipeline:
             partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
             self.stages = pieces_from_counts(partition, self.microbatch_rows)
         if schedule != "auto" and self.plan is None:
+            common["remat"] = bool(remat)
             self.plan = describe_plan(
                 self.stages, schedule, self.num_chunks, cut, layer_names=names,
                 unsplittable=self.unsplittable, unit=unit, **common,
@@ -301,10 +302,11 @@ class Pipeline:
             loss = autodiff_gpipe_loss(self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
             self._value_and_grad = jax.value_and_grad(loss)
         else:
-            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks)
-            self.buffers = assign_buffers(self.table)
+            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks, fused=True)
+            self.ticks = pack(self.table)
+            self.buffers = tick_buffers(self.ticks)
             self._value_and_grad = scheduled_loss_and_grad(
-                self.stage_plan, self.table, self.buffers, self.mesh, loss_fn
+                self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat)
             )
         self._sync_copies = sync_copies(self.stage_plan, self.mesh)
         self._loss_and_grad = jax.jit(self._value_and_grad)

@@ -3,9 +3,10 @@
 Pure NumPy over per-layer costs (DESIGN.md rule 4). A candidate is a
 partition (integer min-max cuts, or fractional cuts that split layers by
 rows) with an order (GPipe, 1F1B, interleaved 1F1B with V chunks). Each is
-turned into per-stage forward and backward costs and run through the
-simulator's lock-step model, which is how the table executor runs (one action
-per device per tick, each tick as long as its slowest action). The plain plan
+turned into per-stage forward and backward costs as the table executor pays
+them and timed on the packed ticks the executor runs (``ticks.py``: up to one
+forward and one backward per device per tick, each tick as long as its
+slowest device). The plain plan
 (integer cuts, 1F1B) is always predicted too, so the printout shows what the
 choice gains.
 """
@@ -24,8 +25,9 @@ from .partition import (
     pieces_from_counts,
     stage_loads,
 )
-from .schedule import assign_buffers, make_schedule
-from .simulate import Costs, lockstep_time
+from .schedule import make_schedule
+from .simulate import Costs
+from .ticks import pack, tick_buffers, tick_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Candidate:
         executor pays them (backward includes the recompute; the last
         stage's forward is folded into its backward), from which ``step``
         is predicted; ``simulate`` them for a timeline.
+      remat: whether backwards recompute their stage's forward instead of
+        reading saved residuals.
     """
 
     schedule: str
@@ -58,17 +62,18 @@ class Candidate:
     memory: np.ndarray
     fits: bool
     costs: Costs
+    remat: bool = False
 
     @property
     def label(self) -> str:
         """e.g. ``interleaved V=2``, ``balanced`` (fractional 1F1B), ``gpipe fractional``."""
         if self.cut == "fractional" and self.schedule == "1f1b":
-            return "balanced"
+            return "balanced" + (" remat" if self.remat else "")
         return (
             self.schedule
             + (f" V={self.virtual_stages}" if self.virtual_stages > 1 else "")
             + (" fractional" if self.cut == "fractional" else "")
-        )
+        ) + (" remat" if self.remat else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +140,16 @@ def _piece_text(piece: Piece, names: Sequence[str], rows: int) -> str:
     return text
 
 
-def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows):
+def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat=False):
     """``[P, V]`` forward and backward costs as the table executor pays them.
 
-    Its backward recomputes the stage's forward; the last stage's forward is
-    folded into its backward.
+    The last stage's forward is folded into its backward; with ``remat`` every
+    other backward recomputes its stage's forward too.
     """
     shape = (virtual_stages, num_devices)
     fwd = stage_loads(forward, stages, rows)
-    bwd = stage_loads(backward, stages, rows) + fwd
+    bwd = stage_loads(backward, stages, rows) + (fwd if remat else 0.0)
+    bwd[-1] += 0.0 if remat else fwd[-1]
     fwd[-1] = 0.0
     return fwd.reshape(shape).T, bwd.reshape(shape).T
 
@@ -151,8 +157,13 @@ def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows):
 def predict(
     stages, schedule: str, virtual_stages: int, cut: str, forward, backward, num_devices: int,
     num_microbatches: int, rows: int, param_bytes, message_bytes: float, max_memory: float | None,
+    residual_bytes=None, remat: bool = False,
 ) -> Candidate:
     """Predicts one configuration's step time and memory.
+
+    The schedule is packed into executor ticks (``ticks.pack``: up to one
+    forward and one backward per device per tick) and timed lock-step, each
+    tick as long as its slowest device's work.
 
     Args:
       stages: ``[S]`` tuples of pieces.
@@ -167,23 +178,32 @@ def predict(
       param_bytes: ``[L]`` parameter bytes per layer.
       message_bytes: bytes of one packed message (one stash slot).
       max_memory: bytes allowed per device, or ``None``.
+      residual_bytes: ``[L]`` bytes of residuals a layer's forward saves for
+        its backward, per micro-batch of B rows (``None``: not counted).
+      remat: backwards recompute their forward instead (no residuals kept).
 
     Returns:
       The ``Candidate``.
     """
-    table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages)
-    fwd, bwd = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows)
+    table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages, fused=True)
+    fwd, bwd = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat)
     costs = Costs(forward=fwd, backward=bwd)
-    step = lockstep_time(table, costs)
-    buffers = assign_buffers(table)
+    ticks = pack(table)
+    step = tick_time(ticks, fwd, bwd)
+    buffers = tick_buffers(ticks)
     memory = np.zeros(num_devices)
     for s, stage in enumerate(stages):
         memory[s % num_devices] += 4 * sum(param_bytes[p.layer] for p in stage)
     memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
+    if residual_bytes is not None and not remat:
+        saved = stage_loads(np.asarray(residual_bytes, float), stages, rows)
+        saved[-1] = 0.0
+        memory += buffers.num_act_slots * saved.reshape(virtual_stages, num_devices).max(axis=0)
     loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
-    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits, costs)
+    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits, costs,
+                     bool(remat))
 
 
 def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer_names, unsplittable=(), unit="flop", **common) -> Plan:
@@ -223,13 +243,16 @@ def make_plan(
     unsplittable: Sequence[int] = (),
     max_memory_per_device: float | None = None,
     unit: str = "flop",
+    residual_bytes: Sequence[float] | None = None,
+    remat: bool | None = None,
 ) -> Plan:
     """Predicts every candidate and picks the fastest that fits in memory.
 
     Candidates: integer and fractional cuts, each with the 1F1B and GPipe
     orders and, when M is a multiple of P, interleaved 1F1B for each V with
-    ``V * P <= L``. Ties go to the earlier candidate in that order (integer
-    before fractional, 1F1B first: the least memory).
+    ``V * P <= L``; with ``remat=None`` and a memory limit, each also with
+    recomputation (``remat``). Ties go to the earlier candidate in that order
+    (integer before fractional, 1F1B first, saved residuals before remat).
 
     Args:
       forward: ``[L]`` per-layer forward costs of one micro-batch.
@@ -243,6 +266,10 @@ def make_plan(
       unsplittable: layers the balanced cut must not split.
       max_memory_per_device: bytes, or ``None`` for no limit.
       unit: what the costs measure, for the printout.
+      residual_bytes: ``[L]`` residual bytes per layer and micro-batch, for
+        the memory prediction.
+      remat: force recomputation on (True) or off (False); ``None`` tries
+        both when ``max_memory_per_device`` is given, else off.
 
     Returns:
       The ``Plan``.
@@ -251,26 +278,30 @@ def make_plan(
       ValueError: if no candidate fits in ``max_memory_per_device``.
     """
     forward, backward = np.asarray(forward, float), np.asarray(backward, float)
-    # Balance forward + backward: the length of the executor's backward tick.
+    # Balance forward + backward: each device's work per micro-batch (and, in
+    # the packed steady state, per tick) when residuals are saved.
     num_layers, total = len(forward), forward + backward
     common = dict(forward=forward, backward=backward, num_devices=num_devices,
                   num_microbatches=num_microbatches, rows=rows, param_bytes=param_bytes,
-                  message_bytes=message_bytes, max_memory=max_memory_per_device)
+                  message_bytes=message_bytes, max_memory=max_memory_per_device,
+                  residual_bytes=residual_bytes)
+    remats = [bool(remat)] if remat is not None else [False] + ([True] if max_memory_per_device else [])
     splittable = [i not in set(unsplittable) for i in range(num_layers)]
     orders = [("1f1b", 1), ("gpipe", 1)]
     if num_microbatches % num_devices == 0:
         orders += [("interleaved", v) for v in range(2, num_layers // num_devices + 1)]
     candidates = []
-    for cut in ("integer", "fractional"):
-        for order, v in orders:
-            if cut == "integer":
-                stages = pieces_from_counts(partition_layers(total, v * num_devices), rows)
-            else:
-                try:
-                    stages = fractional_partition(total, v * num_devices, rows, splittable)
-                except ValueError:
-                    continue
-            candidates.append(predict(stages, order, v, cut, **common))
+    for again in remats:
+        for cut in ("integer", "fractional"):
+            for order, v in orders:
+                if cut == "integer":
+                    stages = pieces_from_counts(partition_layers(total, v * num_devices), rows)
+                else:
+                    try:
+                        stages = fractional_partition(total, v * num_devices, rows, splittable)
+                    except ValueError:
+                        continue
+                candidates.append(predict(stages, order, v, cut, **common, remat=again))
     plain = candidates[0]
     fitting = [c for c in candidates if c.fits]
     if not fitting:

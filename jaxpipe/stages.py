@@ -467,3 +467,33 @@ def largest_activation_bytes(structs: Sequence[Any]) -> float:
     return float(max(
         sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s)) for s in structs
     ))
+
+
+def residual_bytes(specs: Sequence[LayerSpec], params: Sequence[Any], structs: Sequence[Any]) -> list[float]:
+    """``[L]`` bytes each layer's forward saves for its backward, one micro-batch.
+
+    The residuals of ``jax.vjp`` with respect to the layer's parameters,
+    leaving out those that are the layer's own inputs (its parameters and its
+    input activation, which are held anyway). Traced abstractly: no compute.
+
+    Args:
+      specs: the layer specs.
+      params: ``[L]`` parameter trees.
+      structs: ``L + 1`` activation structures (``trace_boundaries``).
+
+    Returns:
+      ``[L]`` bytes.
+    """
+    out = []
+    for spec, tree, struct in zip(specs, params, structs):
+        def leaves(p, x, spec=spec):
+            return jax.tree.leaves(jax.vjp(lambda p_: apply_layer(spec, p_, x), p)[1])
+
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), (tree, struct))
+        jaxpr = jax.make_jaxpr(leaves)(*abstract).jaxpr
+        inputs = {id(v) for v in jaxpr.invars}
+        out.append(float(sum(
+            math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize
+            for v in jaxpr.outvars if id(v) not in inputs
+        )))
+    return out

@@ -396,8 +396,3 @@ def test_unknown_executor_and_autodiff_with_other_schedules():
         _pipeline(executor="xla")
     with pytest.raises(ValueError, match=r"executor='autodiff' runs GPipe only, got schedule='1f1b'"):
         _pipeline(executor="autodiff", schedule="1f1b")
-
-
-def test_remat_false_with_the_table_executor():
-    with pytest.raises(ValueError, match=r"remat=False: the table executor always rematerialises"):
-        _pipeline(remat=False)
