@@ -4,101 +4,154 @@ Each configuration is trained by 2 processes joined by ``jax.distributed``
 (``python -m jaxpipe.launch`` semantics: one CPU device per process, each on
 its own core, gloo collectives). Both plans use the 1F1B order:
 
-* plain: integer cut (the min-max cut of whole layers);
+* plain: integer cut (the min-max cut of whole layers, ``schedule="1f1b"``);
 * balanced: fractional cut (``schedule="balanced"``).
 
-Per configuration and plan: median step time over ``STEPS`` timed steps after
-warm-up, in ``REPEATS`` fresh runs; the ratio plain / balanced is taken
-within one run. The simulator's lock-step prediction (per-layer costs
-from XLA's flop estimate, which also sets the cuts: deterministic, so both
-processes and every repeat cut the same way) is printed beside it.
+In one run both pipelines are built in the same two processes, warmed up,
+then timed alternately step by step (so machine drift hits both alike);
+per plan the median step time over ``STEPS`` steps, the ratio plain /
+balanced taken within the run, ``REPEATS`` fresh runs. Beside it the
+planner's prediction of the same ratio (per-layer costs from XLA's flop
+estimate, which also set the cuts: deterministic, so both processes and
+every repeat cut the same way).
 
-Configurations: (a) 3 equal blocks on 2 devices (ideal 1.33x); (c) 4 equal
+Configurations: (a) 3 equal 2048-wide blocks on 2 devices (ideal 1.33x);
+(b) a transformer LM whose output layer (vocab 16384) is heavy; (c) 4 equal
 blocks on 2 devices, already balanced (the balanced plan must not be slower).
-Writes ``experiments/results/balance_speedup.json``.
+Writes ``experiments/results/balance_speedup.{json,csv,png}``.
 """
 
+import csv
 import io
 import json
 import pathlib
 import statistics
 import sys
 
-WIDTH, ROWS, M, STEPS, REPEATS = 2048, 64, 8, 8, 3
+M, STEPS, WARMUP, REPEATS = 8, 10, 3, 3
 RESULTS = pathlib.Path(__file__).parent / "results"
+CONFIGS = {
+    "a": "(a) 3 equal blocks, 2 devices",
+    "b": "(b) LM with a heavy output layer",
+    "c": "(c) 4 equal blocks (balanced already)",
+}
 
 
-def worker(blocks: int, schedule: str) -> None:
+def _model(config: str):
+    """``(model_fn, loss_fn, batch)`` of a configuration."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpipe import models
+
+    rng = np.random.default_rng(0)
+    if config in ("a", "c"):
+        width, rows = 2048, M * 64
+        batch = tuple(rng.normal(size=(rows, width)).astype(np.float32) for _ in range(2))
+        return models.mlp([width] * (4 if config == "a" else 5)), lambda o, t: jnp.mean((o - t) ** 2), batch
+    vocab, seq, dim, rows = 16384, 64, 256, M * 8
+    tokens = rng.integers(0, vocab, size=(rows, seq + 1)).astype(np.int32)
+    return models.transformer_lm(vocab, seq, dim, 4, 2), models.lm_loss, (tokens[:, :-1], tokens[:, 1:])
+
+
+def worker(config: str) -> None:
     import jaxpipe
 
     jaxpipe.distributed.initialize()
     import time
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import optax
 
-    from jaxpipe import models
-
-    rng = np.random.default_rng(0)
-    rows = M * ROWS
-    batch = (rng.normal(size=(rows, WIDTH)).astype(np.float32), rng.normal(size=(rows, WIDTH)).astype(np.float32))
-    model_fn = models.mlp([WIDTH] * (blocks + 1))
-    pipe = jaxpipe.Pipeline(model_fn, (1, 2), lambda o, t: jnp.mean((o - t) ** 2), optax.sgd(1e-4), M, batch,
-                            schedule=schedule)
-    state = pipe.init()
-    placed = pipe.shard_batch(batch)
-    for _ in range(3):
-        state, loss = pipe.train_step(state, placed)
-    jax.block_until_ready((state, loss))
-    times = []
-    for _ in range(STEPS):
-        start = time.perf_counter()
-        state, loss = pipe.train_step(state, placed)
-        jax.block_until_ready((state, loss))
-        times.append(time.perf_counter() - start)
+    model_fn, loss_fn, batch = _model(config)
+    pipes = {name: jaxpipe.Pipeline(model_fn, (1, 2), loss_fn, optax.sgd(1e-4), M, batch, schedule=schedule)
+             for name, schedule in (("plain", "1f1b"), ("balanced", "balanced"))}
+    states = {name: pipe.init() for name, pipe in pipes.items()}
+    placed = {name: pipe.shard_batch(batch) for name, pipe in pipes.items()}
+    times = {name: [] for name in pipes}
+    for step in range(WARMUP + STEPS):
+        for name, pipe in pipes.items():
+            start = time.perf_counter()
+            states[name], loss = pipe.train_step(states[name], placed[name])
+            jax.block_until_ready((states[name], loss))
+            if step >= WARMUP:
+                times[name].append(time.perf_counter() - start)
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
-            "step_s": statistics.median(times), "predicted_s": pipe.plan.chosen.step,
-            "partition": pipe.partition, "loads": pipe.plan.chosen.loads.tolist(),
+            name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step,
+                   "partition": pipe.partition, "loads": pipe.plan.chosen.loads.tolist()}
+            for name, pipe in pipes.items()
         }))
 
 
-def run(blocks: int, schedule: str) -> dict:
+def run(config: str) -> dict:
     from jaxpipe.launch import launch
 
     out = io.StringIO()
-    code = launch([sys.executable, __file__, "--worker", str(blocks), schedule], nproc=2, timeout=600, out=out)
+    code = launch([sys.executable, __file__, "--worker", config], nproc=2, timeout=900, out=out)
     if code:
         raise RuntimeError(out.getvalue())
     line = next(line for line in out.getvalue().splitlines() if "RESULT " in line)
     return json.loads(line.split("RESULT ", 1)[1])
 
 
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["measured_speedup"] for r in rows], 0.4, label="measured (median of runs)",
+           yerr=[[r["measured_speedup"] - min(r["measured_speedups"]) for r in rows],
+                 [max(r["measured_speedups"]) - r["measured_speedup"] for r in rows]], capsize=3)
+    ax.bar([i + 0.2 for i in x], [r["predicted_speedup"] for r in rows], 0.4, label="predicted (planner)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), [r["config"] for r in rows], fontsize=8)
+    ax.set_ylabel("step time plain / balanced")
+    ax.set_title("Balanced vs plain 1F1B, 2 processes, mesh (1, 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "balance_speedup.png", dpi=120)
+
+
 def main() -> None:
     rows = []
-    for name, blocks in (("(a) 3 equal blocks on 2 devices", 3), ("(c) 4 equal blocks on 2 devices", 4)):
-        ratios = []
-        for _ in range(REPEATS):
-            plain, balanced = run(blocks, "1f1b"), run(blocks, "balanced")
-            ratios.append(plain["step_s"] / balanced["step_s"])
+    for config, name in CONFIGS.items():
+        runs = [run(config) for _ in range(REPEATS)]
+        ratios = [r["plain"]["step_s"] / r["balanced"]["step_s"] for r in runs]
+        plain, balanced = runs[0]["plain"], runs[0]["balanced"]
+        predicted = plain["predicted"] / balanced["predicted"]
+        measured = statistics.median(ratios)
         rows.append({
-            "config": name, "plain": plain, "balanced": balanced,
-            "measured_speedup_median": statistics.median(ratios), "measured_speedups": ratios,
-            "predicted_speedup": plain["predicted_s"] / balanced["predicted_s"],
+            "config": name, "plain_partition": plain["partition"], "balanced_partition": balanced["partition"],
+            "plain_step_ms": [1e3 * r["plain"]["step_s"] for r in runs],
+            "balanced_step_ms": [1e3 * r["balanced"]["step_s"] for r in runs],
+            "measured_speedups": ratios, "measured_speedup": measured, "predicted_speedup": predicted,
+            "prediction_error": predicted / measured - 1.0,
         })
-        r = rows[-1]
-        print(f"{name}: plain {plain['partition']} {plain['step_s'] * 1e3:.1f} ms, balanced {balanced['partition']} "
-              f"{balanced['step_s'] * 1e3:.1f} ms; measured {r['measured_speedup_median']:.3f}x "
-              f"(runs {', '.join(f'{x:.3f}' for x in ratios)}), predicted {r['predicted_speedup']:.3f}x", flush=True)
+        print(f"{name}: plain {plain['partition']} {statistics.median(rows[-1]['plain_step_ms']):.1f} ms, "
+              f"balanced {balanced['partition']} {statistics.median(rows[-1]['balanced_step_ms']):.1f} ms; "
+              f"measured {measured:.3f}x (runs {', '.join(f'{x:.3f}' for x in ratios)}), "
+              f"predicted {predicted:.3f}x ({100 * rows[-1]['prediction_error']:+.1f}%)", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = {"mesh": [1, 2], "processes": 2, "width": WIDTH, "rows_per_microbatch": ROWS, "M": M, "results": rows}
-    (RESULTS / "balance_speedup.json").write_text(json.dumps(out, indent=2) + "\n")
+    meta = {"mesh": [1, 2], "processes": 2, "M": M, "steps": STEPS, "warmup": WARMUP, "repeats": REPEATS}
+    (RESULTS / "balance_speedup.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    with open(RESULTS / "balance_speedup.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["config", "plain_partition", "balanced_partition", "plain_step_ms_median",
+                         "balanced_step_ms_median", "measured_speedup", "predicted_speedup", "prediction_error"])
+        for r in rows:
+            writer.writerow([r["config"], r["plain_partition"], r["balanced_partition"],
+                             round(statistics.median(r["plain_step_ms"]), 2),
+                             round(statistics.median(r["balanced_step_ms"]), 2), round(r["measured_speedup"], 4),
+                             round(r["predicted_speedup"], 4), round(r["prediction_error"], 4)])
+    _plot(rows)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(int(sys.argv[2]), sys.argv[3])
+        worker(sys.argv[2])
     else:
         main()
