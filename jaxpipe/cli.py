@@ -218,11 +218,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _check_devices(args) -> None:
+    import jax
+
+    needed, devices = args.mesh[0] * args.mesh[1], jax.devices()
+    if needed > len(devices):
+        hint = f"; pass --host-devices {needed} for fake CPU devices" if devices[0].platform == "cpu" else ""
+        raise _UsageError(
+            f"--mesh {args.mesh[0]},{args.mesh[1]} needs {needed} devices but {len(devices)} "
+            f"{devices[0].platform} devices are available{hint}"
+        )
+
+
 def _plan(args) -> Any:
     import numpy as np
 
     from .train import plan
 
+    _check_devices(args)
     inputs = np.zeros(args.input_shape, args.input_dtype)
     return plan(
         _load(args.model), args.mesh, inputs, num_microbatches=args.microbatches,
@@ -306,6 +319,7 @@ def _run_train(args) -> int:
     from .train import train
 
     model_fn, loss_fn = _load(args.model), _load(args.loss)
+    _check_devices(args)
     rows = args.batch_size or 8 * args.mesh[0] * args.microbatches
     source = _data_source(args, model_fn, rows)
     kwargs = _train_kwargs(args, source)

@@ -31,6 +31,19 @@ tiny_mlp = models.mlp([4, 8, 8, 3])
 TINY = f"{__name__}:tiny_lm"
 
 
+def regression_batches(rows, seed):
+    """A --data function: endless (inputs [rows, 4], targets [rows, 3]) float batches."""
+    rng = np.random.default_rng(seed)
+    while True:
+        x = rng.normal(size=(rows, 4)).astype(np.float32)
+        yield x, np.tanh(x[:, :3])
+
+
+def mse(outputs, targets):
+    """A --loss function."""
+    return ((outputs - targets) ** 2).mean()
+
+
 def _error(capsys, argv) -> str:
     """Runs a command that must fail on its input; returns its one-line message."""
     assert main(argv) == 2
@@ -40,9 +53,8 @@ def _error(capsys, argv) -> str:
 
 
 def test_plan_function_prints_devices_and_prediction():
-    inputs = np.zeros((16, 8), np.int32)
-    plan = jaxpipe.plan(models.transformer_lm(64, 8, 16, 2, 6), (1, 4), inputs, num_microbatches=4,
-                        schedule="balanced")
+    inputs = np.zeros((16, SEQ), np.int32)
+    plan = jaxpipe.plan(tiny_lm, (1, 4), inputs, num_microbatches=4, schedule="balanced")
     text = str(plan)
     assert plan.chosen.label == "balanced"
     for p in range(4):
@@ -86,11 +98,11 @@ def test_train_matches_reference_and_resumes_from_checkpoint(capsys, tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     common = [TINY, "--mesh", "2,2", "--microbatches", "2", "--optimizer", "adam", "--lr", "0.01",
               "--clip-norm", "0.5", "--seed", "3", "--checkpoint-dir", str(ckpt), "--keep-checkpoints", "1",
-              "--metrics-path", str(metrics), "--log-every", "1", "--eval-every", "2", "--quiet"]
+              "--metrics-path", str(metrics), "--log-every", "1", "--quiet"]
     assert main(["train", *common, "--steps", "2", "--checkpoint-every", "1"]) == 0
     first = capsys.readouterr().out
     assert sorted(p.name for p in ckpt.iterdir()) == ["2"]
-    assert main(["train", *common, "--steps", "4", "--schedule", "1f1b"]) == 0
+    assert main(["train", *common, "--steps", "4", "--schedule", "1f1b", "--eval-every", "2"]) == 0
     second = capsys.readouterr().out
     assert first.startswith("trained steps 1-2 ") and second.startswith("trained steps 3-4 ")
     assert f"checkpoint {ckpt / '4'} (step 4)" in second
@@ -102,9 +114,24 @@ def test_train_matches_reference_and_resumes_from_checkpoint(capsys, tmp_path):
     data = progression_batches(rows, SEQ, VOCAB, seed=3)
     expected, _, _ = reference_run(tiny_lm, [next(data) for _ in range(4)], models.lm_loss, optimizer, seed=3)
     np.testing.assert_allclose([r["loss"] for r in records], expected, rtol=2e-5)
-    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]
     assert np.isfinite(records[-1]["eval_loss"])
     assert f"eval loss {records[-1]['eval_loss']:.4f} at step 4" in second
+
+
+def test_train_with_own_data_and_loss_matches_reference(capsys, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    argv = ["train", f"{__name__}:tiny_mlp", "--data", f"{__name__}:regression_batches", "--loss",
+            f"{__name__}:mse", "--mesh", "1,2", "--microbatches", "2", "--batch-size", "12", "--steps", "3",
+            "--optimizer", "sgd", "--lr", "0.1", "--seed", "5", "--metrics-path", str(metrics),
+            "--log-every", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: gpipe, M=2 micro-batches of B=6 rows, P=2") and "trained steps 1-3 " in out
+    data = regression_batches(12, 5)
+    expected, _, _ = reference_run(tiny_mlp, [next(data) for _ in range(3)], mse, optax.sgd(0.1), seed=5)
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    np.testing.assert_allclose(losses, expected, rtol=2e-5)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -116,7 +143,9 @@ def test_train_matches_reference_and_resumes_from_checkpoint(capsys, tmp_path):
     (["train", f"{__name__}:tiny_mlp"], "needs --vocab and --seq-len"),
     (["train", TINY, "--loss", "jaxpipe.models:nope"], "has no attribute 'nope'"),
     (["train", TINY, "--data", "nocolon"], "expected MODULE:FUNCTION"),
-    (["train", TINY, "--mesh", "4,4"], "mesh_shape=(4, 4) needs 16 devices but only 8"),
+    (["train", TINY, "--mesh", "4,4"], "--mesh 4,4 needs 16 devices but 8 cpu devices are available; "
+                                       "pass --host-devices 16 for fake CPU devices"),
+    (["plan", TINY, "--input-shape", "4,6", "--mesh", "3,3"], "--mesh 3,3 needs 9 devices"),
     (["train", TINY, "--checkpoint-every", "2"], "checkpoint_every=2 needs checkpoint_dir"),
     (["train", TINY, "--batch-size", "7", "--mesh", "2,1"], "the global batch has 7 rows"),
     (["plan", "nocolon", "--input-shape", "4,8"], "expected MODULE:FUNCTION"),
