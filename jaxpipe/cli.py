@@ -256,7 +256,9 @@ def _run_simulate(args) -> int:
 
     plan = _plan(args)
     chosen = plan.chosen
-    table = make_schedule(chosen.schedule, len(chosen.loads), plan.num_microbatches, chosen.virtual_stages)
+    # The table the executor runs (fused 1F1B warm-up), as the planner predicted it.
+    table = make_schedule(chosen.schedule, len(chosen.loads), plan.num_microbatches, chosen.virtual_stages,
+                          fused=True)
     sim = simulate(table, chosen.costs)
     path = plot_timeline(sim, args.out, title=chosen.label)
     print(plan)

@@ -86,7 +86,7 @@ def test_simulate_prints_plan_and_draws_the_chosen_schedule(capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     plan = jaxpipe.plan(tiny_lm, (1, 4), np.zeros((8, SEQ), np.int32), num_microbatches=4, schedule="balanced")
-    sim = jaxpipe.simulate(jaxpipe.make_schedule("1f1b", 4, 4), plan.chosen.costs)
+    sim = jaxpipe.simulate(jaxpipe.make_schedule("1f1b", 4, 4, fused=True), plan.chosen.costs)
     assert out.startswith(str(plan) + "\n")
     assert f"simulated step {sim.makespan:.4g} flop, bubble {sim.bubble_fraction:.1%}" in out
     assert out_png.read_bytes().startswith(PNG_MAGIC)
