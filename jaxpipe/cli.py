@@ -34,8 +34,8 @@ example:
       --input-shape 32,128 --input-dtype int32 --out timeline.png""",
     "train": """\
 examples:
-  # the demo LM on its own synthetic data, 8 fake CPU devices, mesh (2, 4)
-  jaxpipe train jaxpipe.models:demo_lm --mesh 2,4 --microbatches 4 --steps 20
+  # the demo LM (32k vocabulary, slow on CPU) on synthetic tokens, mesh (2, 4)
+  jaxpipe train jaxpipe.models:demo_lm --mesh 2,4 --microbatches 2 --steps 10 --log-every 5
   # your model, data and loss; checkpoints every 100 steps
   jaxpipe train mypkg.model:layers --data mypkg.data:batches --loss mypkg.model:loss \\
       --mesh 1,4 --schedule balanced --microbatches 8 --steps 1000 --lr 3e-4 \\
@@ -108,29 +108,37 @@ def _subparser(commands, name: str, summary: str, description: str) -> argparse.
         name, help=summary, description=textwrap.fill(description, 88), epilog=_EXAMPLES[name],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("model", help="MODULE:FUNCTION, a model_fn taking nnx.Rngs and returning the list of layers")
-    sub.add_argument("--mesh", type=_mesh, default=(1, 1), help="DATA,PIPE: data replicas x pipe devices (default 1,1)")
-    sub.add_argument("--microbatches", type=_positive, default=1, help="M, micro-batches per data replica (default 1)")
-    sub.add_argument("--virtual-stages", type=_positive, default=1, help="V, chunks per device for interleaved (default 1)")
+    sub.add_argument("model",
+                     help="MODULE:FUNCTION, a model_fn taking nnx.Rngs and returning the list of layers")
+    sub.add_argument("--mesh", type=_mesh, metavar="D,P", default=(1, 1),
+                     help="DATA,PIPE: data replicas x pipe devices (default 1,1)")
+    sub.add_argument("--microbatches", type=_positive, metavar="M", default=1,
+                     help="M, micro-batches per data replica (default 1)")
+    sub.add_argument("--virtual-stages", type=_positive, metavar="V", default=1,
+                     help="V, chunks per device for interleaved (default 1)")
     sub.add_argument("--cut", choices=("integer", "fractional"), default="integer",
                      help="whole layers per stage, or equal loads with layers split by rows (default integer)")
-    sub.add_argument("--host-devices", type=_positive, default=8,
+    sub.add_argument("--host-devices", type=_positive, metavar="N", default=8,
                      help="fake CPU devices when there is no accelerator (default 8)")
     sub.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
     return sub
 
 
 def _plan_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--input-shape", type=_ints, required=True, help="global batch input shape, rows first (e.g. 64,128)")
-    sub.add_argument("--input-dtype", default="float32", help="input dtype (default float32; int32 for token ids)")
+    sub.add_argument("--input-shape", type=_ints, metavar="R,...", required=True,
+                     help="global batch input shape, rows first (e.g. 64,128)")
+    sub.add_argument("--input-dtype", default="float32", metavar="DTYPE",
+                     help="input dtype (default float32; int32 for token ids)")
     sub.add_argument("--schedule", choices=SCHEDULES, default="auto", help="default auto: the planner picks")
-    sub.add_argument("--max-memory-mib", type=float, default=None, help="memory limit per device for auto (MiB)")
+    sub.add_argument("--max-memory-mib", type=float, metavar="MIB", default=None,
+                     help="memory limit per device for auto (MiB)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxpipe",
-        description="Pipeline + data parallel training for JAX/Flax. Run 'jaxpipe COMMAND --help' for a command's options.",
+        description="Pipeline + data parallel training for JAX/Flax. "
+                    "Run 'jaxpipe COMMAND --help' for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plan = _subparser(
@@ -149,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
         "forward and backward boxes per micro-batch) to --out.",
     )
     _plan_options(simulate)
-    simulate.add_argument("--out", default="timeline.png", help="PNG path for the timeline (default timeline.png)")
+    simulate.add_argument("--out", default="timeline.png", metavar="PATH",
+                          help="PNG path for the timeline (default timeline.png)")
     simulate.set_defaults(run=_run_simulate)
 
     train = _subparser(
@@ -162,32 +171,42 @@ def _parser() -> argparse.ArgumentParser:
         "one micro-batch to a scalar mean.",
     )
     train.add_argument("--schedule", choices=SCHEDULES, default="gpipe", help="default gpipe")
-    train.add_argument("--steps", type=_positive, default=100, help="optimizer steps (default 100)")
-    train.add_argument("--batch-size", type=_positive, default=None,
+    train.add_argument("--steps", type=_positive, metavar="N", default=100,
+                       help="optimizer steps (default 100)")
+    train.add_argument("--batch-size", type=_positive, metavar="R", default=None,
                        help="R, rows per global batch, a multiple of DATA x M (default 8 x DATA x M)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="default adamw")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    train.add_argument("--clip-norm", type=float, default=None, help="clip gradients to this global norm")
-    train.add_argument("--seed", type=int, default=0, help="seed of the parameters and of the data (default 0)")
-    train.add_argument("--data", default=None, help="MODULE:FUNCTION giving (inputs, targets) batches (default: synthetic tokens)")
-    train.add_argument("--loss", default="jaxpipe.models:lm_loss", help="MODULE:FUNCTION (default jaxpipe.models:lm_loss)")
-    train.add_argument("--vocab", type=_positive, default=None,
+    train.add_argument("--clip-norm", type=float, metavar="NORM", default=None,
+                       help="clip gradients to this global norm")
+    train.add_argument("--seed", type=int, metavar="SEED", default=0,
+                       help="seed of the parameters and of the data (default 0)")
+    train.add_argument("--data", default=None, metavar="MODULE:FUNCTION",
+                       help="MODULE:FUNCTION giving (inputs, targets) batches (default: synthetic tokens)")
+    train.add_argument("--loss", default="jaxpipe.models:lm_loss", metavar="MODULE:FUNCTION",
+                       help="MODULE:FUNCTION (default jaxpipe.models:lm_loss)")
+    train.add_argument("--vocab", type=_positive, metavar="V", default=None,
                        help="vocabulary of the default data (default: the model's jaxpipe.models.Embed)")
-    train.add_argument("--seq-len", type=_positive, default=None,
+    train.add_argument("--seq-len", type=_positive, metavar="T", default=None,
                        help="tokens per row of the default data (default: the model's jaxpipe.models.Embed)")
-    train.add_argument("--checkpoint-dir", default=None,
+    train.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                        help="save checkpoints here (after the last step too) and resume from the newest one "
                             "there, on any mesh or schedule; --steps counts the resumed steps")
-    train.add_argument("--checkpoint-every", type=_positive, default=None, help="also save every N steps")
-    train.add_argument("--keep-checkpoints", type=_positive, default=None, help="keep the newest K (default 3)")
-    train.add_argument("--log-every", type=_positive, default=None,
+    train.add_argument("--checkpoint-every", type=_positive, metavar="N", default=None,
+                       help="also save every N steps")
+    train.add_argument("--keep-checkpoints", type=_positive, metavar="K", default=None,
+                       help="keep the newest K (default 3)")
+    train.add_argument("--log-every", type=_positive, metavar="N", default=None,
                        help="write metrics and refresh the progress numbers every N steps (default 10)")
-    train.add_argument("--metrics-path", default=None,
+    train.add_argument("--metrics-path", default=None, metavar="PATH",
                        help="JSON-lines metrics file (default CHECKPOINT_DIR/metrics.jsonl with --checkpoint-dir)")
-    train.add_argument("--eval-every", type=_positive, default=None,
-                       help="evaluate every N steps (and after the last) on held-out batches: the data with seed SEED+1")
-    train.add_argument("--eval-batches", type=_positive, default=2, help="held-out batches for --eval-every (default 2)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar and no plan; print the final line only")
+    train.add_argument("--eval-every", type=_positive, metavar="N", default=None,
+                       help="evaluate every N steps (and after the last) on held-out batches: "
+                            "the data with seed SEED+1")
+    train.add_argument("--eval-batches", type=_positive, metavar="K", default=2,
+                       help="held-out batches for --eval-every (default 2)")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bar and no plan; print the final line only")
     train.set_defaults(run=_run_train)
     return parser
 
