@@ -46,9 +46,9 @@ class Candidate:
         state and gradients as 4 x parameters, plus stashed messages).
       fits: whether every device's memory is within the limit.
       costs: ``[P, V]`` per-stage forward and backward costs as the table
-        executor pays them (backward includes the recompute; the last
-        stage's forward is folded into its backward), from which ``step``
-        is predicted; ``simulate`` them for a timeline.
+        executor pays them (the last stage's forward is folded into its
+        backward; with ``remat`` every backward includes its recompute),
+        from which ``step`` is predicted; ``simulate`` them for a timeline.
       remat: whether backwards recompute their stage's forward instead of
         reading saved residuals.
     """
