@@ -21,7 +21,8 @@ are taken within a repeat.
 
 Where the time goes: a single-process micro-benchmark (one pinned core)
 times one layer's forward and backward on a micro-batch in each framework
-(compute-only step estimates follow from it), and one more run per
+(fastest of ``MICRO_REPS`` calls; compute-only step estimates follow from
+it), and one more run per
 configuration profiles ``PROFILE_STEPS`` steps on both ranks (torch
 profiler; JAX profiler trace) and splits each step into matmul,
 communication, other operators and idle time.
@@ -252,13 +253,14 @@ def _pop(stack: list) -> tuple[str, float]:
     return event["name"], self_us
 
 
-def _median_time(fn, reps: int) -> float:
+def _min_time(fn, reps: int) -> float:
+    """Fastest of ``reps`` calls: the kernel's own cost, least disturbed by other load on the core."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def torch_micro(env_names: dict) -> None:
@@ -283,8 +285,8 @@ def torch_micro(env_names: dict) -> None:
 
         forward()
         forward_backward()
-        f = _median_time(forward, MICRO_REPS)
-        fb = _median_time(forward_backward, MICRO_REPS)
+        f = _min_time(forward, MICRO_REPS)
+        fb = _min_time(forward_backward, MICRO_REPS)
         out[str(rows)] = {"forward_s": f, "backward_s": fb - f}
     print("RESULT " + json.dumps(out))
 
@@ -320,7 +322,7 @@ def jax_micro(env_names: dict) -> None:
         }
         for fn in runs.values():
             fn()
-        out[str(rows)] = {name: _median_time(fn, MICRO_REPS) for name, fn in runs.items()}
+        out[str(rows)] = {name: _min_time(fn, MICRO_REPS) for name, fn in runs.items()}
     print("RESULT " + json.dumps(out))
 
 
