@@ -25,7 +25,8 @@ times one layer's forward and backward on a micro-batch in each framework
 it), and one more run per
 configuration profiles ``PROFILE_STEPS`` steps on both ranks (torch
 profiler; JAX profiler trace) and splits each step into matmul,
-communication, other operators and idle time.
+communication, data movement (copies, slices, concatenations, zero
+fills), other operators and idle time.
 
 MKL, torch's CPU BLAS, runs its AVX2 kernels on AMD CPUs even where AVX-512
 is available, while XLA's matmuls use AVX-512. Where a C compiler is found,
@@ -192,12 +193,20 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
         }))
 
 
+CATEGORIES = ("matmul", "communication", "data_movement", "other")
+
+
 def _category(name: str) -> str:
+    """Category of an operator: a torch ``aten::``/``c10d::`` name or an XLA CPU op/fusion name."""
     if re.match(r"(c10d::|gloo|ppermute|collective-permute|all-reduce|psum|all-gather|reduce-scatter|send|recv)",
                 name):
         return "communication"
     if re.match(r"(aten::(mm|addmm|bmm)$|dot|ynn_fusion|.*convolution)", name):
         return "matmul"
+    if re.match(r"aten::(copy_|cat|fill_|zero_|zeros|clone|to|_to_copy|contiguous|tensor_split|split|narrow|slice)$",
+                name) or re.search(r"(copy|slice|concatenate|broadcast|dynamic-update|pad|transpose|gather|scatter)",
+                                   name):
+        return "data_movement"
     return "other"
 
 
@@ -208,12 +217,13 @@ def _breakdown(ops: list[tuple[str, float]], wall_s: float, steps: int) -> dict:
     includes waiting; torch posts sends and receives asynchronously and waits
     outside any operator, so its waiting is in ``idle``.
     """
-    totals = {"matmul": 0.0, "communication": 0.0, "other": 0.0}
+    totals = dict.fromkeys(CATEGORIES, 0.0)
     for name, seconds in ops:
         totals[_category(name)] += seconds
-    per_step = {f"{k}_s": v / steps for k, v in totals.items()}
-    return {"step_s": wall_s / steps, **per_step, "idle_s": (wall_s - sum(totals.values())) / steps,
-            "top_ops": sorted(((n, s / steps) for n, s in ops), key=lambda x: -x[1])[:8]}
+    top = sorted(ops, key=lambda op: -op[1])[:12]
+    return {"step_s": wall_s / steps, **{f"{k}_s": v / steps for k, v in totals.items()},
+            "idle_s": (wall_s - sum(totals.values())) / steps,
+            "top_ops": [[name, seconds / steps, _category(name)] for name, seconds in top]}
 
 
 def _xla_ops(trace: pathlib.Path) -> list[tuple[str, float]]:
@@ -431,11 +441,11 @@ def _write(result: dict) -> None:
         for name, value in result["median_step_s"].items():
             writer.writerow(["median", name, "", f"{value:.6f}", "", "", ""])
         writer.writerow([])
-        writer.writerow(["profile", "config", "rank", "step_s", "matmul_s", "communication_s", "other_s", "idle_s"])
+        columns = ["step_s", *(f"{c}_s" for c in CATEGORIES), "idle_s"]
+        writer.writerow(["profile", "config", "rank", *columns])
         for name, ranks in result["profile_s"].items():
             for p in ranks:
-                writer.writerow(["profile", name, p["rank"], *(f"{p[k]:.6f}" for k in
-                                 ("step_s", "matmul_s", "communication_s", "other_s", "idle_s"))])
+                writer.writerow(["profile", name, p["rank"], *(f"{p[k]:.6f}" for k in columns)])
 
 
 def main() -> None:
@@ -485,11 +495,11 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
               f"   {medians[name] / torch_best:6.3f}")
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.3f}")
-    print("\nprofile (ms per step)            rank   step matmul   comm  other   idle")
+    print("\nprofile (ms per step)            rank   step matmul   comm   data  other   idle")
     for name, ranks in profiles.items():
         for p in ranks:
             print(f"{name:32s} {p['rank']:4d} " + " ".join(
-                f"{p[k] * 1e3:6.1f}" for k in ("step_s", "matmul_s", "communication_s", "other_s", "idle_s")))
+                f"{p[k] * 1e3:6.1f}" for k in ("step_s", *(f"{c}_s" for c in CATEGORIES), "idle_s")))
     for key, value in estimates.items():
         print(f"estimate {key}: {value * 1e3:.1f} ms")
     _write({
