@@ -189,6 +189,7 @@ def train(
         metrics_path=metrics_path, eval_data=eval_data, eval_every=eval_every, callbacks=callbacks,
         progress=progress,
     )
+    eval_batches = _eval_batches(eval_data)
     store = Checkpoints(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
     latest = store.latest() if store is not None else None
     resumed = store.info(latest) if latest is not None else None
@@ -207,7 +208,7 @@ def train(
     start = resumed.step if resumed is not None else 0
     if start >= steps:
         return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
-    evals = _place_eval(pipe, eval_data)
+    evals = _place_eval(pipe, eval_batches)
     main = jax.process_index() == 0
     if metrics_path is None and checkpoint_dir is not None:
         metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
@@ -317,9 +318,9 @@ def _iterate(data, what: str) -> Iterator:
     try:
         return iter(data)
     except TypeError:
+        other = "" if what == "eval_data" else ", or a function position -> iterable of batches"
         raise TypeError(
-            f"{what} must be an iterable of (inputs, targets) batches, or a function "
-            f"position -> iterable, got {type(data).__name__}"
+            f"{what} must be an iterable of (inputs, targets) batches{other}, got {type(data).__name__}"
         ) from None
 
 
@@ -333,12 +334,16 @@ def _next_batch(batches, step: int, steps: int):
         ) from None
 
 
-def _place_eval(pipe: Pipeline, eval_data) -> list:
+def _eval_batches(eval_data) -> list:
     if eval_data is None:
         return []
     batches = list(_iterate(eval_data, "eval_data"))
     if not batches:
         raise ValueError("eval_data is empty; give at least one (inputs, targets) batch")
+    return batches
+
+
+def _place_eval(pipe: Pipeline, batches: list) -> list:
     placed = []
     for i, batch in enumerate(batches):
         try:
