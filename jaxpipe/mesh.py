@@ -66,6 +66,9 @@ def make_mesh(
     """
     data, pipe = check_mesh_shape(mesh_shape)
     devices = list(jax.devices() if devices is None else devices)
+    strangers = [d for d in devices if not isinstance(d, jax.Device)]
+    if strangers:
+        raise TypeError(f"devices must be jax.Device objects (e.g. jax.devices()[:4]), got {strangers[0]!r}")
     needed = data * pipe
     if needed > len(devices):
         raise ValueError(

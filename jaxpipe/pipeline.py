@@ -81,6 +81,18 @@ def _check_batch(batch: Any) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
+def _check_options(seed: Any, remat: Any, max_memory_per_device: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if remat is not None and not isinstance(remat, (bool, np.bool_)):
+        raise TypeError(f"remat must be True, False or None, got {remat!r}")
+    if max_memory_per_device is not None:
+        if isinstance(max_memory_per_device, bool) or not isinstance(max_memory_per_device, (int, float, np.number)):
+            raise TypeError(f"max_memory_per_device must be a number of bytes, got {max_memory_per_device!r}")
+        if not np.isfinite(max_memory_per_device) or max_memory_per_device <= 0:
+            raise ValueError(f"max_memory_per_device must be a positive number of bytes, got {max_memory_per_device!r}")
+
+
 class Pipeline:
     """A model's layers placed on a ``(data, pipe)`` mesh, ready to train.
 
@@ -166,6 +178,7 @@ class Pipeline:
             raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        _check_options(seed, remat, max_memory_per_device)
         if not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"

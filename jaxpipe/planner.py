@@ -275,9 +275,15 @@ def make_plan(
       The ``Plan``.
 
     Raises:
-      ValueError: if no candidate fits in ``max_memory_per_device``.
+      ValueError: if the per-layer arguments differ in length, or no candidate fits in ``max_memory_per_device``.
     """
     forward, backward = np.asarray(forward, float), np.asarray(backward, float)
+    sizes = {"forward": len(forward), "backward": len(backward), "layer_names": len(layer_names),
+             "param_bytes": len(param_bytes)}
+    if residual_bytes is not None:
+        sizes["residual_bytes"] = len(residual_bytes)
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"make_plan needs one entry per layer in each per-layer argument, got lengths {sizes}")
     # Balance forward + backward: each device's work per micro-batch (and, in
     # the packed steady state, per tick) when residuals are saved.
     num_layers, total = len(forward), forward + backward

@@ -124,6 +124,13 @@ def _action_costs(schedule: Schedule, costs: Costs) -> np.ndarray:
                     np.where(schedule.op == BACKWARD, bwd[devices, chunk], 0.0))
 
 
+def _check_types(schedule, costs) -> None:
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a jaxpipe.Schedule (e.g. make_schedule('1f1b', P, M)), got {type(schedule).__name__}")
+    if not isinstance(costs, Costs):
+        raise TypeError(f"costs must be a jaxpipe.Costs (e.g. Costs.uniform(P)), got {type(costs).__name__}")
+
+
 def lockstep_time(schedule: Schedule, costs: Costs) -> float:
     """Time of a lock-step run: each tick lasts as long as its slowest action.
 
@@ -136,6 +143,7 @@ def lockstep_time(schedule: Schedule, costs: Costs) -> float:
     Returns:
       The summed tick durations.
     """
+    _check_types(schedule, costs)
     duration = _action_costs(schedule, costs)
     stage, S = schedule.stage, schedule.num_stages
     sends = ((schedule.op == FORWARD) & (stage < S - 1)) | ((schedule.op == BACKWARD) & (stage > 0))
@@ -162,7 +170,9 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     Raises:
       ValueError: if the costs do not fit the schedule.
       ScheduleError: if the schedule is not legal.
+      TypeError: if ``schedule`` is not a Schedule or ``costs`` not Costs.
     """
+    _check_types(schedule, costs)
     buffers = assign_buffers(schedule)
     P, S = schedule.num_devices, schedule.num_stages
     duration = _action_costs(schedule, costs)

@@ -396,3 +396,34 @@ def test_unknown_executor_and_autodiff_with_other_schedules():
         _pipeline(executor="xla")
     with pytest.raises(ValueError, match=r"executor='autodiff' runs GPipe only, got schedule='1f1b'"):
         _pipeline(executor="autodiff", schedule="1f1b")
+
+
+# Options and the lower-level entry points
+
+
+def test_seed_remat_and_memory_limit_types():
+    with pytest.raises(TypeError, match=r"seed must be an int, got 'a'"):
+        _pipeline(seed="a")
+    with pytest.raises(TypeError, match=r"remat must be True, False or None, got 'yes'"):
+        _pipeline(remat="yes")
+    with pytest.raises(TypeError, match=r"max_memory_per_device must be a number of bytes, got '1GB'"):
+        _pipeline(schedule="auto", max_memory_per_device="1GB")
+    with pytest.raises(ValueError, match=r"max_memory_per_device must be a positive number of bytes, got -1"):
+        _pipeline(schedule="auto", max_memory_per_device=-1)
+
+
+def test_devices_must_be_jax_devices():
+    with pytest.raises(TypeError, match=r"devices must be jax.Device objects .*got 0"):
+        _pipeline(devices=[0, 1])
+
+
+def test_simulate_rejects_wrong_types():
+    with pytest.raises(TypeError, match=r"schedule must be a jaxpipe.Schedule .*got str"):
+        jaxpipe.simulate("1f1b", jaxpipe.Costs.uniform(2))
+    with pytest.raises(TypeError, match=r"costs must be a jaxpipe.Costs .*got dict"):
+        jaxpipe.simulate(jaxpipe.gpipe(2, 2), {"forward": 1.0})
+
+
+def test_make_plan_per_layer_lengths_must_agree():
+    with pytest.raises(ValueError, match=r"one entry per layer .*'forward': 1, 'backward': 2"):
+        jaxpipe.make_plan([1.0], [1.0, 2.0], 2, 4, 4, layer_names=["a"], param_bytes=[4], message_bytes=4)
