@@ -17,7 +17,9 @@ themselves and call ``torch.set_num_threads(1)`` before any work. A step is
 the whole pipelined forward/backward plus the SGD update. Per run: median
 step time of rank 0 over ``STEPS`` timed steps after ``WARMUP`` steps; one
 repeat runs every configuration in a fresh process pair each, and ratios
-are taken within a repeat.
+are taken within a repeat (median over repeats). The fastest single step
+of each configuration is reported beside it: on a shared, loaded machine
+it is the figure least disturbed by other work.
 
 Where the time goes: a single-process micro-benchmark (one pinned core)
 times one layer's forward and backward on a micro-batch in each framework
@@ -482,19 +484,22 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
         repeats.append(runs)
     profiles = {name: _launch([*args, "--profile"], 2, env)[1] for name, args, env in configs}
     medians = {name: statistics.median(r[name]["step_s"] for r in repeats) for name, _, _ in configs}
+    best = {name: min(r[name]["step_min_s"] for r in repeats) for name, _, _ in configs}
     pairs = [(t, j) for t in torch_names for j in ("jaxpipe balanced", "jaxpipe 1f1b")]
     pairs += [("jaxpipe 1f1b", "jaxpipe balanced")] + [(n, "jaxpipe balanced") for n, _, env in configs if env]
     ratios = {f"{a} / {b}": statistics.median(r[a]["step_s"] / r[b]["step_s"] for r in repeats) for a, b in pairs}
     ratios["best torch / jaxpipe balanced"] = statistics.median(
         min(r[t]["step_s"] for t in torch_names) / r["jaxpipe balanced"]["step_s"] for r in repeats)
     estimates = _estimates(micro["torch"], micro["jax"])
+    best_ratios = {f"{a} / {b}": best[a] / best[b] for a, b in pairs}
+    best_ratios["best torch / jaxpipe balanced"] = min(best[t] for t in torch_names) / best["jaxpipe balanced"]
     torch_best = min(medians[t] for t in torch_names)
-    print("\nconfig                           partition    median step   / best torch")
+    print("\nconfig                           partition    median step  / best torch   fastest step")
     for name, _, _ in configs:
         print(f"{name:32s} {str(repeats[-1][name]['partition']):12s} {medians[name] * 1e3:8.1f} ms"
-              f"   {medians[name] / torch_best:6.3f}")
+              f"   {medians[name] / torch_best:6.3f}   {best[name] * 1e3:8.1f} ms")
     for key, value in ratios.items():
-        print(f"ratio {key}: {value:.3f}")
+        print(f"ratio {key}: {value:.3f} (fastest steps: {best_ratios[key]:.3f})")
     print("\nprofile (ms per step)            rank   step matmul   comm   data  other   idle")
     for name, ranks in profiles.items():
         for p in ranks:
@@ -509,7 +514,8 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
         "versions": {"torch": torch_version, "jax": jax_version, "python": sys.version.split()[0],
                      "jaxpipe_git": _git_state()},
         "mkl_avx512_override": bool(mkl_env),
-        "median_step_s": medians, "ratios": ratios, "micro_benchmark_s": micro,
+        "median_step_s": medians, "ratios": ratios, "fastest_step_s": best, "fastest_step_ratios": best_ratios,
+        "micro_benchmark_s": micro,
         "compute_estimates_s": estimates, "profile_s": profiles, "runs": repeats,
     })
 
