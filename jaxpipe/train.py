@@ -219,7 +219,7 @@ def train(
     try:
         with _SigtermFlag() as sigterm:
             for step in range(start + 1, steps + 1):
-                batch = next(batches)
+                batch = _next_batch(batches, step - 1, steps)
                 began = time.perf_counter()
                 state, loss, grad_norm = pipe.train_step_stats(state, batch)
                 loss, grad_norm = float(loss), float(grad_norm)
@@ -245,6 +245,8 @@ def train(
                     bar.write(f"stopped after step {step} ({stopped})" + (
                         f"; checkpoint in {saved.path}" if store is not None else ""))
                     break
+            if sigterm.raised and stopped is None:
+                stopped = "sigterm"  # arrived during the last step's save: training is complete
     finally:
         bar.close()
         if log is not None:
@@ -318,9 +320,9 @@ def _iterate(data, what: str) -> Iterator:
     try:
         return iter(data)
     except TypeError:
-        other = "" if what == "eval_data" else ", or a function position -> iterable of batches"
+        other = "" if what == "eval_data" else " (or give a function: position -> iterable of batches)"
         raise TypeError(
-            f"{what} must be an iterable of (inputs, targets) batches{other}, got {type(data).__name__}"
+            f"{what} must be an iterable of (inputs, targets) batches, got {type(data).__name__}{other}"
         ) from None
 
 
@@ -396,11 +398,14 @@ class _SigtermFlag:
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self._installed = False
+        self._previous = signal.SIG_DFL
 
     def __enter__(self) -> "_SigtermFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+            self._installed = True
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -408,7 +413,7 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None and signal.getsignal(signal.SIGTERM) == self._handle:
+        if self._installed and signal.getsignal(signal.SIGTERM) == self._handle:
             signal.signal(signal.SIGTERM, self._previous)
 
 
