@@ -365,13 +365,16 @@ def scheduled_loss_and_grad(
         )
 
         def tick(carry, cells):
-            act_f, act_i, grads_in, saved, grad_acc, loss_sum, arr_f, arr_i, arr_g = carry
+            act_f, act_i, grads_in, saved, grad_acc, loss_sum, arr_f, arr_i, arr_g, last_saved, last_slot = carry
             f_branch, f_mb, f_slot, res_slot, b_branch, b_mb, b_slot, g_slot, recv_act, recv_grad, start = (
                 lax.dynamic_index_in_dim(cells, p, keepdims=False)[k] for k in range(11)
             )
             act_f = _write(act_f, recv_act, arr_f)
             act_i = _write(act_i, recv_act, arr_i)
             grads_in = _write(grads_in, recv_grad, arr_g)
+            # The previous tick's residuals are stored now, before this tick
+            # reads: writing after the read made XLA copy the whole buffer.
+            saved = tuple(_write(buf, last_slot, new) for buf, new in zip(saved, last_saved))
             f_mb, b_mb = jnp.maximum(f_mb, 0), jnp.maximum(b_mb, 0)
             send_f, send_i, new_saved = lax.switch(
                 f_branch, forwards, row, _read(act_f, f_slot), _read(act_i, f_slot),
@@ -382,7 +385,6 @@ def scheduled_loss_and_grad(
                 _read(grads_in, g_slot), tuple(_read(buf, b_slot) for buf in saved),
                 index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb),
             )
-            saved = tuple(_write(buf, res_slot, new) for buf, new in zip(saved, new_saved))
             current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
             grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current + grad, start, 0)
             if num_devices > 1:
@@ -390,7 +392,9 @@ def scheduled_loss_and_grad(
                 if plan.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
-            return (act_f, act_i, grads_in, saved, grad_acc, loss_sum + loss, send_f, send_i, send_g), None
+            carry = (act_f, act_i, grads_in, saved, grad_acc, loss_sum + loss, send_f, send_i, send_g,
+                     new_saved, res_slot)
+            return carry, None
 
         init = (
             jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
@@ -400,6 +404,8 @@ def scheduled_loss_and_grad(
             jnp.zeros_like(row),
             jnp.zeros((), jnp.float32),
             zero_f, zero_i, zero_f,
+            tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes)),
+            jnp.asarray(-1, jnp.int32),
         )
         carry, _ = lax.scan(tick, init, table)
         grad_acc, loss_sum = carry[4], carry[5]
