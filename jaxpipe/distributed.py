@@ -22,6 +22,8 @@ single-process run.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 
 import jax
 
@@ -54,6 +56,7 @@ def initialize() -> bool:
             # Before the backend starts its threads, so they inherit the core.
             os.sched_setaffinity(0, {int(os.environ[CORE_ENV])})
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        sys.excepthook = _exit_on_error
         jax.distributed.initialize(
             coordinator_address=os.environ[COORDINATOR_ENV],
             num_processes=num_processes,
@@ -64,3 +67,17 @@ def initialize() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def _exit_on_error(kind, value, tb) -> None:
+    """Prints an uncaught exception and exits at once with status 1.
+
+    A normal exit would run ``jax.distributed``'s shutdown, which waits for
+    every other process at a barrier; the others are waiting for this one in
+    a collective, so the job would hang until the launcher's timeout instead
+    of the launcher seeing this rank fail and stopping the rest.
+    """
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)

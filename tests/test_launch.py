@@ -49,6 +49,23 @@ def test_a_failing_rank_stops_the_others_and_is_named():
     assert "rank 1 exited with code 3" in log.getvalue()
 
 
+def test_a_rank_raising_inside_a_job_stops_the_others():
+    """Rank 1 raises after joining jax.distributed while rank 0 waits in a collective."""
+    script = ("import jaxpipe\n"
+              "jaxpipe.distributed.initialize()\n"
+              "import jax, jax.numpy as jnp\n"
+              "from jax.experimental import multihost_utils\n"
+              "if jax.process_index() == 1:\n"
+              "    raise RuntimeError('boom in rank 1')\n"
+              "multihost_utils.sync_global_devices('never reached by rank 1')\n")
+    log = io.StringIO()
+    start = time.monotonic()
+    code = launch([sys.executable, "-c", script], nproc=2, timeout=90, out=log)
+    assert code == 1, log.getvalue()
+    assert time.monotonic() - start < 45, log.getvalue()
+    assert "RuntimeError: boom in rank 1" in log.getvalue() and "rank 1 exited with code 1" in log.getvalue()
+
+
 def test_timeout_stops_everything():
     log = io.StringIO()
     start = time.monotonic()
