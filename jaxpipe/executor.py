@@ -209,7 +209,7 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
     for spec in specs.values():
         for dtype, n in spec.sizes().items():
             sizes[dtype] = max(sizes.get(dtype, 0), n)
-    res_dtypes = tuple(sorted(sizes, key=str))
+    res_dtypes = tuple(sorted((d for d in sizes if sizes[d] > 0), key=str))
     res_sizes = tuple(sizes[d] for d in res_dtypes)
 
     def no_residuals():
@@ -228,7 +228,7 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
                 spec, leaves = specs[s], jax.tree.leaves(vjp)
                 parts = {d: [] for d in res_dtypes}
                 for leaf, where in zip(leaves, spec.inputs):
-                    if where < 0:
+                    if where < 0 and leaf.size:
                         parts[leaf.dtype].append(leaf.reshape(-1))
                 saved = tuple(
                     jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d),
@@ -262,6 +262,7 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
                     vectors = dict(zip(res_dtypes, saved))
                     leaves = [
                         inputs[where] if where >= 0
+                        else jnp.zeros(shape, dtype) if not math.prod(shape)
                         else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
                         for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
                     ]

@@ -334,18 +334,31 @@ class Carrier:
         )
 
     def pack(self, boundary: Boundary, tree: Any) -> tuple[jax.Array, jax.Array]:
-        """Packs an activation into ``([B, F], [B, I])`` buffers."""
+        """Packs an activation into ``([B, F], [B, I])`` buffers.
+
+        Built by concatenating the leaves' columns (each kind's offsets are
+        consecutive) and zero padding, not by scattering into zeros: a
+        scatter covering a whole buffer crashes XLA 0.11's CPU compiler.
+        """
         leaves = jax.tree.leaves(tree)
-        fbuf, ibuf = self.zeros(leaves[0].shape[0])
-        for leaf, kind, off in zip(leaves, boundary.kinds, boundary.offsets):
-            flat = leaf.reshape(leaf.shape[0], -1)
+        rows = leaves[0].shape[0]
+        parts = {"float": [], "int": []}
+        for leaf, kind, off in sorted(zip(leaves, boundary.kinds, boundary.offsets), key=lambda e: e[2]):
+            flat = leaf.reshape(rows, -1)
             if kind == "float":
-                fbuf = fbuf.at[:, off : off + flat.shape[1]].set(flat.astype(self.float_dtype))
+                flat = flat.astype(self.float_dtype)
             else:
                 if flat.dtype == jnp.uint32:
                     flat = jax.lax.bitcast_convert_type(flat, jnp.int32)
-                ibuf = ibuf.at[:, off : off + flat.shape[1]].set(flat.astype(jnp.int32))
-        return fbuf, ibuf
+                flat = flat.astype(jnp.int32)
+            parts[kind].append(flat)
+        out = []
+        for kind, width, dtype in (("float", self.float_width, self.float_dtype), ("int", self.int_width, jnp.int32)):
+            used = sum(p.shape[1] for p in parts[kind])
+            if used < width:
+                parts[kind].append(jnp.zeros((rows, width - used), dtype))
+            out.append(parts[kind][0] if len(parts[kind]) == 1 else jnp.concatenate(parts[kind], axis=1))
+        return out[0], out[1]
 
     def unpack(self, boundary: Boundary, fbuf: jax.Array, ibuf: jax.Array) -> Any:
         """Recovers an activation from its ``([B, F], [B, I])`` buffers."""
