@@ -1,7 +1,9 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
-from . import distributed
+from . import distributed, ticks
+from .checkpoint import CheckpointInfo, Checkpoints
 from .mesh import make_mesh
+from .metrics import StepMetrics
 from .partition import Piece, fractional_partition, partition_layers
 from .pipeline import Pipeline, TrainState
 from .planner import Candidate, Plan, make_plan
@@ -18,13 +20,18 @@ from .schedule import (
     validate,
 )
 from .simulate import Costs, SimResult, simulate
-from .train import TrainResult, plan, train
+from .ticks import Ticks
+from .train import NonFiniteError, TrainResult, plan, train
 
 __all__ = [
     "distributed",
+    "ticks",
     "Candidate",
+    "CheckpointInfo",
+    "Checkpoints",
     "Costs",
     "LayerCost",
+    "NonFiniteError",
     "Piece",
     "Plan",
     "Profile",
@@ -32,6 +39,8 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "SimResult",
+    "StepMetrics",
+    "Ticks",
     "TrainResult",
     "TrainState",
     "assign_buffers",
