@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,15 @@ from jax.sharding import Mesh, PartitionSpec
 from .executor import index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan
-from .stages import apply_layer
+from .stages import apply_layer, cast_floats, loss_precision
 
 
-def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool) -> Callable:
+def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, compute_dtype) -> Callable:
     """Forward program of pipe device ``q``: receive, run its layers, send.
+
+    With a ``compute_dtype`` the parameters and every layer's float inputs
+    are cast to it and the model output is widened to float32 for
+    ``loss_fn``; the casts' transposes bring gradients back to the row's dtype.
 
     Returns a function ``(row [N], recv_f [B, F], recv_i [B, I], x, y) ->
     (send_f [B, F], send_i [B, I], loss [])`` where ``x`` and ``y`` are this
@@ -37,12 +42,13 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool) -> 
 
     def program(row, recv_f, recv_i, x, y):
         h = x if q == 0 else carrier.unpack(plan.boundaries[layers[0]], recv_f, recv_i)
-        for li, params in zip(layers, plan.layout.unpack_layers(layers, row)):
+        for li, params in zip(layers, cast_floats(plan.layout.unpack_layers(layers, row), compute_dtype)):
             spec = plan.layout.specs[li]
             with jax.named_scope(f"layer{li}_{spec.name}"):
-                h = apply_layer(spec, params, h)
+                h = apply_layer(spec, params, cast_floats(h, compute_dtype))
         if last:
             send_f, send_i = carrier.zeros()
+            h = h if compute_dtype is None else loss_precision(h)
             return send_f, send_i, jnp.asarray(loss_fn(h, y), jnp.float32)
         send_f, send_i = carrier.pack(plan.boundaries[layers[-1] + 1], h)
         return send_f, send_i, jnp.zeros((), jnp.float32)
@@ -57,6 +63,7 @@ def autodiff_gpipe_loss(
     loss_fn: Callable,
     remat: bool = False,
     skip_idle: bool = True,
+    compute_dtype: Any = None,
 ) -> Callable:
     """Builds the GPipe pipeline loss, differentiable with ``jax.grad``.
 
@@ -68,13 +75,15 @@ def autodiff_gpipe_loss(
         boundary activations are stored between forward and backward.
       skip_idle: skip computation on idle ticks (always on in the library;
         off only to measure what skipping saves).
+      compute_dtype: dtype the layers compute in (``None``: no casts); see
+        ``scheduled_loss_and_grad``.
 
     Returns:
       ``loss(params [P, N], inputs [D, M, B, ...], targets [D, M, B, ...]) ->
       []``: the mean of ``loss_fn`` over all micro-batches of all replicas.
     """
     num_devices, num_mb = plan.num_devices, plan.num_microbatches
-    programs = [_device_program(plan, q, loss_fn, remat) for q in range(num_devices)]
+    programs = [_device_program(plan, q, loss_fn, remat, compute_dtype) for q in range(num_devices)]
     forward_perm = [(q, q + 1) for q in range(num_devices - 1)]
 
     def body(params, inputs, targets):

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
-from .stages import apply_layer
+from .stages import apply_layer, cast_floats, loss_precision
 from .ticks import TickBuffers, Ticks
 
 
@@ -82,13 +82,15 @@ def _send(plan: StagePlan, s: int, done, pending):
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
 
 
-def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
+def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
     """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
 
     The state between pieces is ``(done, pending)``: the current layer's
     output for the rows finished so far, and its input for the rest. A piece
     ``(layer, r0, r1)`` computes rows ``[r0, r1)``; when it reaches the last
-    row, the layer's full output becomes the next layer's input.
+    row, the layer's full output becomes the next layer's input. With a
+    ``compute_dtype`` each piece's float inputs are cast to it (``trees``
+    already are).
 
     Returns:
       The exit state ``(done, pending)``; for a stage whose last piece ends a
@@ -100,7 +102,8 @@ def _stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x):
     for piece, params in zip(plan.stage_pieces[s], trees):
         spec = plan.layout.specs[piece.layer]
         with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
-            part = apply_layer(spec, params, _rows(pending, 0, piece.stop - piece.start))
+            rows_in = cast_floats(_rows(pending, 0, piece.stop - piece.start), compute_dtype)
+            part = apply_layer(spec, params, rows_in)
         part = part if done is None else _concat_rows(done, part)
         if piece.stop == rows:
             done, pending = None, part
@@ -140,26 +143,26 @@ class _Residuals(NamedTuple):
         return out
 
 
-def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x):
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
     """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function."""
 
     def f(trees_, in_f_):
-        send_f, send_i = _send(plan, s, *_stage_apply(plan, s, trees_, in_f_, in_i, x))
+        send_f, send_i = _send(plan, s, *_stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype))
         return send_f, send_i
 
     return jax.vjp(f, trees, in_f, has_aux=True)
 
 
-def _residuals(plan: StagePlan, s: int, args) -> _Residuals:
+def _residuals(plan: StagePlan, s: int, args, compute_dtype=None) -> _Residuals:
     """Traces stage ``s`` once (abstractly) to find which residuals to store."""
 
     def leaves(*args_):
-        return jax.tree.leaves(_stage_vjp(plan, s, *args_)[1])
+        return jax.tree.leaves(_stage_vjp(plan, s, *args_, compute_dtype)[1])
 
     structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     closed = jax.make_jaxpr(leaves)(*structs)
     invars = {id(v): i for i, v in enumerate(closed.jaxpr.invars)}
-    treedef = jax.tree.structure(jax.eval_shape(lambda *a: _stage_vjp(plan, s, *a)[1], *structs))
+    treedef = jax.tree.structure(jax.eval_shape(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *structs))
     shapes, dtypes, inputs, offsets, used = [], [], [], [], {}
     for var in closed.jaxpr.outvars:
         aval = var.aval
@@ -175,7 +178,7 @@ def _residuals(plan: StagePlan, s: int, args) -> _Residuals:
     return _Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), tuple(offsets))
 
 
-def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, args) -> tuple:
+def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, compute_dtype, args) -> tuple:
     """The two lanes' branch lists and the residual slot sizes.
 
     Forward lane ``[idle, forward_0 .. forward_{S-2}]``:
@@ -188,7 +191,12 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
     switch, where XLA updates it in place. With ``remat`` (or on the last
     stage, whose forward is folded into its backward) the backward recomputes
     the stage's forward from its stashed input; otherwise it uses the
-    residuals the forward lane saved.
+    residuals the forward lane saved. With a ``compute_dtype`` a stage's
+    parameter trees are cast to it before its ``jax.vjp`` (so they are
+    inputs, not stored residuals, and their gradients come back in it; the
+    flat gradient is cast to the layout dtype), every layer's float inputs
+    are cast to it, and the last stage widens the model output to float32
+    for ``loss_fn``.
 
     Returns:
       ``(forwards, backwards, res_dtypes, res_sizes)``: the branch lists and
@@ -198,17 +206,21 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
     window = plan.window
 
     def trees_of(s, row):
-        return [layout.unpack_layer(slot, row) for slot in plan.stage_slots[s]]
+        return cast_floats([layout.unpack_layer(slot, row) for slot in plan.stage_slots[s]], compute_dtype)
+
+    def loss_of(out, y):
+        return loss_fn(out if compute_dtype is None else loss_precision(out), y)
 
     specs = {}
     if not remat:
         row, in_f, in_i, x = args
         for s in range(last):
-            specs[s] = _residuals(plan, s, (trees_of(s, row), in_f, in_i, x))
+            specs[s] = _residuals(plan, s, (trees_of(s, row), in_f, in_i, x), compute_dtype)
     sizes: dict = {}
     for spec in specs.values():
         for dtype, n in spec.sizes().items():
             sizes[dtype] = max(sizes.get(dtype, 0), n)
+    # Zero-sized arrays in a conditional crash XLA 0.11's conditional canonicalizer.
     res_dtypes = tuple(sorted((d for d in sizes if sizes[d] > 0), key=str))
     res_sizes = tuple(sizes[d] for d in res_dtypes)
 
@@ -222,9 +234,9 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
         def branch(row, in_f, in_i, x):
             with jax.named_scope(f"stage{s}_forward"):
                 if remat:
-                    send = _send(plan, s, *_stage_apply(plan, s, trees_of(s, row), in_f, in_i, x))
+                    send = _send(plan, s, *_stage_apply(plan, s, trees_of(s, row), in_f, in_i, x, compute_dtype))
                     return send + (no_residuals(),)
-                send_f, vjp, send_i = _stage_vjp(plan, s, trees_of(s, row), in_f, in_i, x)
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees_of(s, row), in_f, in_i, x, compute_dtype)
                 spec, leaves = specs[s], jax.tree.leaves(vjp)
                 parts = {d: [] for d in res_dtypes}
                 for leaf, where in zip(leaves, spec.inputs):
@@ -249,13 +261,13 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, a
                 loss = jnp.zeros((), jnp.float32)
                 if s == last:
                     def f(trees_, in_f_):
-                        _, out = _stage_apply(plan, s, trees_, in_f_, in_i, x)
-                        return jnp.asarray(loss_fn(out, y), jnp.float32)
+                        _, out = _stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+                        return jnp.asarray(loss_of(out, y), jnp.float32)
 
                     loss, vjp = jax.vjp(f, trees, in_f)
                     g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
                 elif remat:
-                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x)
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
                     g_trees, g_in = vjp(cot_f)
                 else:
                     spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x))
@@ -319,6 +331,7 @@ def scheduled_loss_and_grad(
     mesh: Mesh,
     loss_fn: Callable,
     remat: bool = False,
+    compute_dtype: Any = None,
 ) -> Callable:
     """Builds the loss-and-gradient function that runs packed ticks.
 
@@ -330,6 +343,10 @@ def scheduled_loss_and_grad(
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
       remat: recompute each stage's forward in its backward from the stashed
         input instead of saving its residuals (less memory, one more forward).
+      compute_dtype: dtype the stages compute in (``None``: no casts): the
+        parameters and every layer's float inputs are cast to it; gradients
+        accumulate in the parameters' dtype. The plan's boundaries must have
+        been traced with the same casts (``trace_boundaries``).
 
     Returns:
       ``f(params [P, N], inputs [D, M, B, ...], targets [D, M, B, ...]) ->
@@ -359,9 +376,10 @@ def scheduled_loss_and_grad(
 
     def body(params, inputs, targets):
         row, inputs, targets = local_views(params, inputs, targets)
+        inputs = cast_floats(inputs, compute_dtype)  # once, so no stage stores a cast copy as a residual
         p = lax.axis_index(PIPE_AXIS)
         forwards, backwards, res_dtypes, res_sizes = _lanes(
-            plan, loss_fn, 1.0 / (num_mb * num_replicas), remat,
+            plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
             (row, zero_f, zero_i, index_microbatch(inputs, 0)),
         )
 

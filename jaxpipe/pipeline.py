@@ -33,7 +33,10 @@ from .placement import place_stages, sync_copies
 from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, make_schedule
 from .stages import (
+    cast_floats,
+    check_float_dtype,
     largest_activation_bytes,
+    loss_precision,
     residual_bytes,
     split_layers,
     trace_boundaries,
@@ -140,6 +143,20 @@ class Pipeline:
       remat: rematerialise: store only each stage's input and recompute its
         forward in the backward (less memory, one more forward per
         micro-batch). Default False for both executors.
+      param_dtype: dtype of the master parameters, their gradients and the
+        optimizer state (the packed ``[P, N]`` buffers); default the layers'
+        own parameter dtype.
+      compute_dtype: dtype the layers compute in, e.g. ``jnp.bfloat16``
+        (mixed precision); default ``None``: no casts. Each stage casts its
+        layers' parameters and every layer's float inputs to it, so the
+        activations sent between pipe devices (and their gradients) and the
+        saved residuals are in it, even after a layer that computes in its
+        own dtype (flax's ``dtype=``; ``nnx.Embed`` keeps its build-time
+        dtype). Each micro-batch's parameter gradient is cast back and
+        accumulated in ``param_dtype``. The model output's float leaves
+        narrower than float32 are widened to float32 before ``loss_fn``
+        (targets are not cast). No loss scaling: use ``bfloat16`` (float32's
+        exponent range); ``float16`` gradients may underflow.
       seed: seed of the ``nnx.Rngs`` given to ``model_fn``.
       devices: devices for the mesh; default ``jax.devices()``.
 
@@ -170,6 +187,8 @@ class Pipeline:
         max_memory_per_device: float | None = None,
         executor: str = "table",
         remat: bool | None = None,
+        param_dtype: Any = None,
+        compute_dtype: Any = None,
         seed: int = 0,
         devices: Sequence[jax.Device] | None = None,
         _skip_idle: bool = True,
@@ -209,6 +228,8 @@ class Pipeline:
                 f"executor='autodiff' runs GPipe only, got schedule={schedule!r}; "
                 "use executor='table' for it"
             )
+        param_dtype = check_float_dtype(param_dtype, "param_dtype")
+        self.compute_dtype = check_float_dtype(compute_dtype, "compute_dtype")
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
@@ -217,7 +238,13 @@ class Pipeline:
         self.optimizer = optimizer
         self.seed = seed
 
-        specs, params, dtype = split_layers(model_fn(nnx.Rngs(seed)))
+        specs, layer_params, layer_dtype = split_layers(model_fn(nnx.Rngs(seed)))
+        self.param_dtype = dtype = layer_dtype if param_dtype is None else param_dtype
+        casts = dtype != layer_dtype or self.compute_dtype is not None
+        # Master parameters in param_dtype; the boundaries are traced with
+        # the executors' compute_dtype casts, so the carrier gets that dtype.
+        params = cast_floats(layer_params, dtype)
+        run_params = cast_floats(params, self.compute_dtype)
         if len(specs) < self.num_devices:
             raise ValueError(
                 f"the model has {len(specs)} layers but mesh_shape={tuple(mesh_shape)} "
@@ -239,13 +266,14 @@ class Pipeline:
             jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.microbatch_rows,) + np.shape(a)[1:], a.dtype), t)
             for t in (inputs, targets)
         )
-        structs = trace_boundaries(specs, params, x_mb)
-        self._check_loss(loss_fn, structs[-1], y_mb)
+        structs = trace_boundaries(specs, run_params, x_mb, self.compute_dtype)
+        outputs = structs[-1] if self.compute_dtype is None else loss_precision(structs[-1])
+        self._check_loss(loss_fn, outputs, y_mb)
 
         # Cuts balance forward + backward: the table executor's backward tick
         # (recompute + backward) is its longest, and the last stage's forward
         # is folded into it, so these loads set the lock-step tick length.
-        forward, backward, unit = layer_costs(costs, specs, params, structs)
+        forward, backward, unit = layer_costs(costs, specs, run_params, structs)
         if jax.process_count() > 1:
             # Measured costs differ between processes; every process must cut
             # (and so pack) the same way: all take process 0's.
@@ -259,7 +287,10 @@ class Pipeline:
                     f"schedule={schedule!r} computes its own cut; drop "
                     f"partition={partition!r}, or use cut='integer' with it"
                 )
-            mixing = {i for i, (spec, p) in enumerate(zip(specs, params)) if mixes_rows(spec, p, structs[i])}
+            # Whether rows mix is the layer's property: tested in its own
+            # dtype, where rows computed apart agree to float32 rounding.
+            plain = trace_boundaries(specs, layer_params, x_mb) if casts else structs
+            mixing = {i for i, (spec, p) in enumerate(zip(specs, layer_params)) if mixes_rows(spec, p, plain[i])}
         else:
             mixing = set()
         self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing))
@@ -268,7 +299,7 @@ class Pipeline:
             num_microbatches=self.num_microbatches, rows=self.microbatch_rows,
             param_bytes=[spec.size * jnp.dtype(dtype).itemsize for spec in specs],
             message_bytes=largest_activation_bytes(structs), max_memory=max_memory_per_device,
-            residual_bytes=residual_bytes(specs, params, structs), remat=remat,
+            residual_bytes=residual_bytes(specs, run_params, structs), remat=remat,
         )
         names = [spec.name for spec in specs]
         if schedule == "auto":
@@ -312,14 +343,18 @@ class Pipeline:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.executor = executor
         if executor == "autodiff":
-            loss = autodiff_gpipe_loss(self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle)
+            loss = autodiff_gpipe_loss(
+                self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle,
+                compute_dtype=self.compute_dtype,
+            )
             self._value_and_grad = jax.value_and_grad(loss)
         else:
             self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks, fused=True)
             self.ticks = pack(self.table)
             self.buffers = tick_buffers(self.ticks)
             self._value_and_grad = scheduled_loss_and_grad(
-                self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat)
+                self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat),
+                compute_dtype=self.compute_dtype,
             )
         self._sync_copies = sync_copies(self.stage_plan, self.mesh)
         self._loss_and_grad = jax.jit(self._value_and_grad)

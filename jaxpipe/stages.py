@@ -12,6 +12,9 @@ shape (DESIGN.md rule 3):
   travels as two row-major buffers: floats ``[B, F]`` in one float dtype and
   integers ``[B, I]`` as int32, both padded to the widest boundary, so
   integer token ids and float hidden states share one wire format exactly.
+* Mixed precision: with a compute dtype every layer's parameters and float
+  inputs are cast to it (``cast_floats``), so the traced boundaries, and with
+  them the float buffer, have it; the loss sees float32 (``loss_precision``).
 """
 
 from __future__ import annotations
@@ -118,6 +121,70 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
         )
     dtype = next(iter(dtypes)) if dtypes else jnp.dtype(jnp.float32)
     return specs, params, dtype
+
+
+def check_float_dtype(value: Any, name: str) -> Any:
+    """``value`` as a floating ``np.dtype``, or ``None`` for ``None``.
+
+    Args:
+      value: a dtype (``jnp.bfloat16``, ``"float32"``, ...) or ``None``.
+      name: the option's name, for messages.
+
+    Raises:
+      TypeError: if ``value`` is not a dtype.
+      ValueError: if it is not a floating dtype, or a 64-bit one while
+        ``jax_enable_x64`` is off (JAX would silently compute in 32 bits).
+    """
+    if value is None:
+        return None
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be a floating dtype such as jnp.float32 or jnp.bfloat16, or None, got {value!r}"
+        ) from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating dtype such as jnp.float32 or jnp.bfloat16, got {dtype}"
+        )
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ValueError(
+            f"{name}={dtype} needs jax.config.update('jax_enable_x64', True); without it "
+            f"JAX computes in {jax.dtypes.canonicalize_dtype(dtype)}"
+        )
+    return dtype
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating leaves cast to ``dtype`` (``None``: unchanged).
+
+    Integer and bool leaves (token ids) are kept as they are. Works on arrays
+    and on ``jax.ShapeDtypeStruct`` leaves.
+    """
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda a: _astype(a, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def loss_precision(tree: Any) -> Any:
+    """``tree`` with floating leaves narrower than float32 widened to float32.
+
+    With a ``compute_dtype`` the model output (logits) is widened before
+    ``loss_fn``, so softmax and the mean over rows run in at least float32.
+    """
+    return jax.tree.map(
+        lambda a: _astype(a, jnp.float32)
+        if jnp.issubdtype(a.dtype, jnp.floating) and jnp.dtype(a.dtype).itemsize < 4 else a,
+        tree,
+    )
+
+
+def _astype(leaf: Any, dtype: Any) -> Any:
+    if jnp.dtype(leaf.dtype) == jnp.dtype(dtype):
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, dtype)
+    return leaf.astype(dtype)
 
 
 def apply_layer(spec: LayerSpec, params: Any, x: Any) -> Any:
@@ -384,24 +451,28 @@ def _struct(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def trace_boundaries(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any) -> list[Any]:
+def trace_boundaries(
+    specs: Sequence[LayerSpec], params: Sequence[Any], x: Any, compute_dtype: Any = None
+) -> list[Any]:
     """Shapes of every activation, from the model input to the model output.
 
     Args:
       specs: the layer specs.
-      params: the per-layer parameter trees.
+      params: the per-layer parameter trees (already in the compute dtype).
       x: one micro-batch of model input (arrays or ``ShapeDtypeStruct``), ``[B, ...]``.
+      compute_dtype: if set, every layer's float inputs are cast to it (as
+        the executors do), so entries ``0 .. L - 1`` have it.
 
     Returns:
       ``L + 1`` pytrees of ``jax.ShapeDtypeStruct``: entry ``i`` is the input
-      of layer ``i``; the last is the model output.
+      of layer ``i``; the last is the model output (not cast).
 
     Raises:
       ValueError: naming the layer index, class and input shape, if a layer
         fails on the shape it receives.
     """
-    structs = [_struct(x)]
-    for spec, p in zip(specs, params):
+    structs = [cast_floats(_struct(x), compute_dtype)]
+    for i, (spec, p) in enumerate(zip(specs, params)):
         try:
             out = jax.eval_shape(lambda p_, x_: apply_layer(spec, p_, x_), p, structs[-1])
         except Exception as err:  # the layer's own error, re-raised with context
@@ -410,7 +481,7 @@ def trace_boundaries(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any) 
                 f"layer {spec.index} ({spec.name}) fails on its input {shapes}: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        structs.append(out)
+        structs.append(out if i == len(specs) - 1 else cast_floats(out, compute_dtype))
     return structs
 
 

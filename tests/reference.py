@@ -13,22 +13,43 @@ import numpy as np
 from flax import nnx
 
 
-def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1):
+def _floats_to(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1, param_dtype=None,
+                  compute_dtype=None):
     """Trains on ``batches`` (one step each); returns (losses, grads of step 0, params).
 
     ``grads`` and ``params`` are lists of per-layer ``nnx.State``. With
     ``microbatches=k`` the loss is the mean over k contiguous row blocks
     (needed only for layers that mix rows, whose output depends on the
     grouping); otherwise the whole batch goes through at once.
+
+    Mixed precision, written out as flax/optax users do it: the parameters
+    and optimizer state are kept in ``param_dtype`` (default: as built);
+    with ``compute_dtype`` the loss casts the parameters and every layer's
+    float inputs to it, and widens float outputs narrower than float32 to
+    float32 before ``loss_fn``. Gradients come back through the casts in
+    ``param_dtype``.
     """
     layers = model_fn(nnx.Rngs(seed))
     parts = [nnx.split(layer, nnx.Param, ...) for layer in layers]
     params = [p for _, p, _ in parts]
+    if param_dtype is not None:
+        params = _floats_to(params, param_dtype)
 
     def full_loss(params, x, y):
         h = x
+        if compute_dtype is not None:
+            params = _floats_to(params, compute_dtype)
         for (graphdef, _, rest), p in zip(parts, params):
-            h = nnx.merge(graphdef, p, rest)(h)
+            h = nnx.merge(graphdef, p, rest)(h if compute_dtype is None else _floats_to(h, compute_dtype))
+        if compute_dtype is not None:
+            h = jax.tree.map(
+                lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4 else a,
+                h,
+            )
         return loss_fn(h, y)
 
     def loss(params, x, y):
