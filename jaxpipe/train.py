@@ -94,6 +94,8 @@ def train(
     max_memory_per_device: float | None = None,
     executor: str = "table",
     remat: bool | None = None,
+    param_dtype: Any = None,
+    compute_dtype: Any = None,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -145,6 +147,11 @@ def train(
         predicted to fit.
       executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
       remat: rematerialise each stage in the backward (see ``Pipeline``).
+      param_dtype: dtype of the master parameters and optimizer state;
+        default the layers' own.
+      compute_dtype: dtype the layers compute in, e.g. ``jnp.bfloat16``
+        (mixed precision; the loss is computed in float32); default ``None``,
+        no casts. See ``Pipeline``.
       progress: show a progress bar with step, loss, step time and
         examples/s; ``False`` prints nothing.
       devices: devices for the mesh; default ``jax.devices()``.
@@ -199,7 +206,7 @@ def train(
         model_fn, mesh_shape, loss_fn, optimizer, num_microbatches, example,
         schedule=schedule, virtual_stages=virtual_stages, cut=cut, partition=partition, costs=costs,
         unsplittable=unsplittable, max_memory_per_device=max_memory_per_device, executor=executor,
-        remat=remat, seed=seed, devices=devices,
+        remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype, seed=seed, devices=devices,
     )
     if resumed is not None:
         state, resumed = store.restore(pipe, latest)
