@@ -317,11 +317,11 @@ def jax_micro(env_names: dict) -> None:
     def apply(p, x):
         return nnx.merge(graphdef, p)(x)
 
-    forward = jax.jit(apply)
-    vjp_only = jax.jit(lambda residual, ct: residual(ct))
-    recompute_backward = jax.jit(lambda p, x, ct: jax.vjp(apply, p, x)[1](ct))
     out = {}
     for rows in (ROWS, ROWS // 2):
+        forward = jax.jit(apply)
+        vjp_only = jax.jit(lambda residual, ct: residual(ct))
+        recompute_backward = jax.jit(lambda p, x, ct: jax.vjp(apply, p, x)[1](ct))
         rng = np.random.default_rng(0)
         x = jax.numpy.asarray(rng.normal(size=(rows, WIDTH)).astype(np.float32))
         ct = jax.numpy.asarray(rng.normal(size=(rows, WIDTH)).astype(np.float32))
