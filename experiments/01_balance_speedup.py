@@ -15,7 +15,10 @@ planner's prediction of the same ratio (per-layer costs from XLA's flop
 estimate, which also set the cuts: deterministic, so both processes and
 every repeat cut the same way).
 
-Configurations: (a) 3 equal 2048-wide blocks on 2 devices (ideal 1.33x);
+Configurations: (a) 3 equal 2048-wide blocks on 2 devices (ideal 1.33x),
+M = 8 micro-batches of ``ROWS = 256`` rows (a micro-batch of fewer rows than
+the width makes a split layer's fixed cost, writing and accumulating its
+full-size weight gradient on both devices, a large share of its work);
 (b) a transformer LM whose output layer (vocab 16384) is heavy; (c) 4 equal
 blocks on 2 devices, already balanced (the balanced plan must not be slower).
 Writes ``experiments/results/balance_speedup.{json,csv,png}``.
@@ -28,7 +31,7 @@ import pathlib
 import statistics
 import sys
 
-M, STEPS, WARMUP, REPEATS = 8, 10, 3, 3
+M, ROWS, STEPS, WARMUP, REPEATS = 8, 256, 10, 3, 3
 RESULTS = pathlib.Path(__file__).parent / "results"
 CONFIGS = {
     "a": "(a) 3 equal blocks, 2 devices",
@@ -46,10 +49,10 @@ def _model(config: str):
 
     rng = np.random.default_rng(0)
     if config in ("a", "c"):
-        width, rows = 2048, M * 64
+        width, rows = 2048, M * ROWS
         batch = tuple(rng.normal(size=(rows, width)).astype(np.float32) for _ in range(2))
         return models.mlp([width] * (4 if config == "a" else 5)), lambda o, t: jnp.mean((o - t) ** 2), batch
-    vocab, seq, dim, rows = 16384, 64, 256, M * 8
+    vocab, seq, dim, rows = 16384, 32, 256, M * 16
     tokens = rng.integers(0, vocab, size=(rows, seq + 1)).astype(np.int32)
     return models.transformer_lm(vocab, seq, dim, 4, 2), models.lm_loss, (tokens[:, :-1], tokens[:, 1:])
 
@@ -136,7 +139,8 @@ def main() -> None:
               f"measured {measured:.3f}x (runs {', '.join(f'{x:.3f}' for x in ratios)}), "
               f"predicted {predicted:.3f}x ({100 * rows[-1]['prediction_error']:+.1f}%)", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"mesh": [1, 2], "processes": 2, "M": M, "steps": STEPS, "warmup": WARMUP, "repeats": REPEATS}
+    meta = {"mesh": [1, 2], "processes": 2, "M": M, "mlp_rows_per_microbatch": ROWS, "steps": STEPS,
+            "warmup": WARMUP, "repeats": REPEATS}
     (RESULTS / "balance_speedup.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     with open(RESULTS / "balance_speedup.csv", "w", newline="") as f:
         writer = csv.writer(f)
