@@ -3,7 +3,7 @@
 The model and sizes are experiment 01's case (a): 3 equal ``Dense(2048 ->
 2048)`` blocks (``jaxpipe.models.mlp([2048] * 4)``: tanh-approximated GELU
 after all but the last), MSE loss, SGD, a global batch of M = 8
-micro-batches x 64 rows, float32, 2 stages on 2 real processes, each with one
+micro-batches x 256 rows, float32, 2 stages on 2 real processes, each with one
 thread pinned to its own core, gloo collectives, coordinator on loopback.
 
 * torch: ``PipelineStage`` + ``Schedule1F1B`` (``n_microbatches=8``), with the
@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 
-WIDTH, ROWS, M, BLOCKS = 2048, 64, 8, 3
+WIDTH, ROWS, M, BLOCKS = 2048, 256, 8, 3
 WARMUP, STEPS, REPEATS, MICRO_REPS, PROFILE_STEPS = 3, 10, 3, 30, 4
 TORCH_CUTS = ((1, 2), (2, 1))
 JAX_SCHEDULES = ("1f1b", "balanced")
