@@ -251,11 +251,11 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, c
 
         return branch
 
-    def idle_backward(row, in_f, in_i, cot_f, saved, x, y):
-        return jnp.zeros((window,), layout.dtype), jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+    def idle_backward(row, acc, in_f, in_i, cot_f, saved, x, y):
+        return acc, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
 
     def backward(s):
-        def branch(row, in_f, in_i, cot_f, saved, x, y):
+        def branch(row, acc, in_f, in_i, cot_f, saved, x, y):
             with jax.named_scope(f"stage{s}_backward"):
                 trees = trees_of(s, row)
                 loss = jnp.zeros((), jnp.float32)
@@ -280,8 +280,8 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, c
                     ]
                     g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cot_f)
                 flat = layout.flatten(g_trees, layout.dtype)
-                grad = jnp.pad(flat, (0, window - flat.shape[0]))
-            return grad, g_in, loss
+                acc = acc + jnp.pad(flat, (0, window - flat.shape[0]))
+            return acc, g_in, loss
 
         return branch
 
@@ -399,13 +399,13 @@ def scheduled_loss_and_grad(
                 f_branch, forwards, row, _read(act_f, f_slot), _read(act_i, f_slot),
                 index_microbatch(inputs, f_mb),
             )
-            grad, send_g, loss = lax.switch(
-                b_branch, backwards, row, _read(act_f, b_slot), _read(act_i, b_slot),
+            current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
+            current, send_g, loss = lax.switch(
+                b_branch, backwards, row, current, _read(act_f, b_slot), _read(act_i, b_slot),
                 _read(grads_in, g_slot), tuple(_read(buf, b_slot) for buf in saved),
                 index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb),
             )
-            current = lax.dynamic_slice_in_dim(grad_acc, start, plan.window)
-            grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current + grad, start, 0)
+            grad_acc = lax.dynamic_update_slice_in_dim(grad_acc, current, start, 0)
             if num_devices > 1:
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
                 if plan.sends_ints:
