@@ -184,11 +184,12 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, c
     Forward lane ``[idle, forward_0 .. forward_{S-2}]``:
     ``(row, in_f, in_i, x) -> (send_f, send_i, residuals)``. Backward lane
     ``[idle, backward_0 .. backward_{S-1}]``:
-    ``(row, in_f, in_i, cot_f, residuals, x, y) -> (grad [G], send_grad, loss)``.
-    A backward differentiates with respect to its stage's parameter trees and
-    returns their gradients flat, padded to the largest stage's size G; the
-    caller adds them into the stage's window of the gradient row, outside the
-    switch, where XLA updates it in place. With ``remat`` (or on the last
+    ``(row, acc [G], in_f, in_i, cot_f, residuals, x, y) -> (acc [G], send_grad, loss)``.
+    ``acc`` is the stage's window of the gradient row (G: the largest stage's
+    parameter count); a backward differentiates with respect to its stage's
+    parameter trees and adds their gradients, flat and padded, into it in one
+    fused pass (idle passes it through); the caller writes the window back
+    outside the switch, where XLA updates the row in place. With ``remat`` (or on the last
     stage, whose forward is folded into its backward) the backward recomputes
     the stage's forward from its stashed input; otherwise it uses the
     residuals the forward lane saved. With a ``compute_dtype`` a stage's
