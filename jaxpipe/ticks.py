@@ -29,7 +29,7 @@ import numpy as np
 from .schedule import BACKWARD, FORWARD, IDLE, Schedule, ScheduleError
 
 
-def _frozen(array, field: str) -> np.ndarray:
+def _frozen(array) -> np.ndarray:
     array = np.array(array, dtype=np.int32)
     array.flags.writeable = False
     return array
@@ -62,7 +62,7 @@ class Ticks:
     def __post_init__(self):
         shape = np.shape(self.forward)
         for field in ("forward", "forward_chunk", "backward", "backward_chunk"):
-            array = _frozen(getattr(self, field), field)
+            array = _frozen(getattr(self, field))
             if array.ndim != 2 or array.shape != shape or shape[1] != self.num_devices:
                 raise ValueError(f"{field} must have shape [T, P={self.num_devices}], got {array.shape}")
             object.__setattr__(self, field, array)
