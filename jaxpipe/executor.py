@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -36,7 +35,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
-from .stages import apply_layer, cast_floats, loss_precision
+from .stages import apply_layer, cast_floats, loss_precision, vjp_residuals
 from .ticks import TickBuffers, Ticks
 
 
@@ -155,26 +154,13 @@ def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None
 
 def _residuals(plan: StagePlan, s: int, args, compute_dtype=None) -> _Residuals:
     """Traces stage ``s`` once (abstractly) to find which residuals to store."""
-
-    def leaves(*args_):
-        return jax.tree.leaves(_stage_vjp(plan, s, *args_, compute_dtype)[1])
-
-    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    closed = jax.make_jaxpr(leaves)(*structs)
-    invars = {id(v): i for i, v in enumerate(closed.jaxpr.invars)}
-    treedef = jax.tree.structure(jax.eval_shape(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *structs))
-    shapes, dtypes, inputs, offsets, used = [], [], [], [], {}
-    for var in closed.jaxpr.outvars:
-        aval = var.aval
-        shapes.append(tuple(aval.shape))
-        dtypes.append(jnp.dtype(aval.dtype))
-        where = invars.get(id(var), -1) if not isinstance(var, jax.extend.core.Literal) else -1
-        inputs.append(where)
+    treedef, residuals = vjp_residuals(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *args)
+    offsets, used = [], {}
+    for shape, dtype, where in residuals:
+        offsets.append(used.get(dtype, 0) if where < 0 else -1)
         if where < 0:
-            offsets.append(used.get(dtypes[-1], 0))
-            used[dtypes[-1]] = offsets[-1] + math.prod(shapes[-1])
-        else:
-            offsets.append(-1)
+            used[dtype] = offsets[-1] + math.prod(shape)
+    shapes, dtypes, inputs = zip(*residuals) if residuals else ((), (), ())
     return _Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), tuple(offsets))
 
 
@@ -189,10 +175,10 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, c
     parameter count); a backward differentiates with respect to its stage's
     parameter trees and adds their gradients, flat and padded, into it in one
     fused pass (idle passes it through); the caller writes the window back
-    outside the switch, where XLA updates the row in place. With ``remat`` (or on the last
-    stage, whose forward is folded into its backward) the backward recomputes
-    the stage's forward from its stashed input; otherwise it uses the
-    residuals the forward lane saved. With a ``compute_dtype`` a stage's
+    outside the switch, where XLA updates the row in place. With ``remat``
+    (or on the last stage, whose forward is folded into its backward) the
+    backward recomputes the stage's forward from its stashed input; otherwise
+    it uses the residuals the forward lane saved. With a ``compute_dtype`` a stage's
     parameter trees are cast to it before its ``jax.vjp`` (so they are
     inputs, not stored residuals, and their gradients come back in it; the
     flat gradient is cast to the layout dtype), every layer's float inputs
@@ -292,7 +278,7 @@ def _lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, c
 
 
 def _tick_table(plan: StagePlan, ticks: Ticks, buffers: TickBuffers) -> np.ndarray:
-    """``[T, P, 10]`` int32 per tick and device.
+    """``[T, P, 11]`` int32 per tick and device.
 
     Columns: forward branch, its micro-batch, its slot, the slot its
     residuals go to (-1: none), backward branch, its micro-batch, its slot,

@@ -403,24 +403,30 @@ class Buffers:
             object.__setattr__(self, field, _readonly(getattr(self, field), np.int32, field))
 
 
-def _greedy_slots(intervals, T: int, P: int):
-    """Smallest-free-slot assignment of ``(p, start, end, readers)`` intervals.
+def _greedy_slots(intervals, T: int, P: int, readers: int = 1):
+    """Smallest-free-slot assignment of ``(p, start, end, arrives, reads)`` intervals.
 
-    Returns ``recv [T, P]``, ``read [T, P]``, ``live [T, P]`` (entries held).
+    An entry is held on device ``p`` from tick ``start`` through ``end``;
+    ``arrives`` says whether it is written at ``start``; ``reads`` are
+    ``(reader, tick)`` pairs: the slot goes into ``read[reader][tick, p]``.
+
+    Returns ``recv [T, P]`` (-1 where nothing arrives), ``read [readers, T,
+    P]`` and ``live [T, P]`` (entries held).
     """
-    recv, read = np.full((T, P), -1, np.int32), np.full((T, P), -1, np.int32)
+    recv, read = np.full((T, P), -1, np.int32), np.full((readers, T, P), -1, np.int32)
     live = np.zeros((T + 1, P), np.int64)
     for p in range(P):
         free, used, held = [], 0, []
-        for start, end, readers in sorted((i[1], i[2], i[3]) for i in intervals if i[0] == p):
+        for start, end, arrives, reads in sorted(i[1:] for i in intervals if i[0] == p):
             while held and held[0][0] < start:
                 heapq.heappush(free, heapq.heappop(held)[1])
             slot = heapq.heappop(free) if free else used
             used = max(used, slot + 1)
             heapq.heappush(held, (end, slot))
-            recv[start, p] = slot
-            for tick in readers:
-                read[tick, p] = slot
+            if arrives:
+                recv[start, p] = slot
+            for reader, tick in reads:
+                read[reader, tick, p] = slot
             live[start, p] += 1
             live[end + 1, p] -= 1
     return recv, read, np.cumsum(live, axis=0)[:T]
@@ -432,12 +438,13 @@ def _buffer_plan(schedule: Schedule):
     acts, grads, flight = [], [], []
     for m in range(schedule.num_microbatches):
         for s in range(S):
-            flight.append((s % P, fwd[m, s], bwd[m, s], []))
+            flight.append((s % P, fwd[m, s], bwd[m, s], False, []))
             if s > 0:
-                acts.append((s % P, fwd[m, s - 1] + 1, bwd[m, s], [fwd[m, s], bwd[m, s]]))
+                acts.append((s % P, fwd[m, s - 1] + 1, bwd[m, s], True, [(0, fwd[m, s]), (0, bwd[m, s])]))
             if s < S - 1:
-                grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s], [bwd[m, s]]))
-    return _greedy_slots(acts, T, P), _greedy_slots(grads, T, P), _greedy_slots(flight, T, P)[2]
+                grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s], True, [(0, bwd[m, s])]))
+    (recv_a, read_a, live_a), (recv_g, read_g, live_g) = (_greedy_slots(i, T, P) for i in (acts, grads))
+    return (recv_a, read_a[0], live_a), (recv_g, read_g[0], live_g), _greedy_slots(flight, T, P)[2]
 
 
 def assign_buffers(schedule: Schedule) -> Buffers:

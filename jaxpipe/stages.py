@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -553,6 +553,31 @@ def largest_activation_bytes(structs: Sequence[Any]) -> float:
     ))
 
 
+def vjp_residuals(backward_fn: Callable, *args: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], Any, int], ...]]:
+    """What a backward function made by ``jax.vjp`` keeps, traced abstractly.
+
+    Args:
+      backward_fn: ``(*args) -> vjp_fn``: runs a forward on ``args`` under
+        ``jax.vjp`` and returns its backward function (a pytree whose leaves
+        are the residuals).
+      *args: the forward's inputs, arrays or ``ShapeDtypeStruct`` pytrees.
+
+    Returns:
+      ``(treedef, residuals)``: the backward function's tree structure (it
+      holds no arrays) and, per residual leaf, ``(shape, dtype, input)``,
+      where ``input`` is the index of the flattened ``args`` leaf that the
+      residual is (held anyway, no need to store it), or -1 for a value the
+      forward computed.
+    """
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+    closed, out = jax.make_jaxpr(backward_fn, return_shape=True)(*structs)
+    invars = {id(v): i for i, v in enumerate(closed.jaxpr.invars)}
+    residuals = tuple(
+        (tuple(v.aval.shape), jnp.dtype(v.aval.dtype), invars.get(id(v), -1)) for v in closed.jaxpr.outvars
+    )
+    return jax.tree.structure(out), residuals
+
+
 def residual_bytes(specs: Sequence[LayerSpec], params: Sequence[Any], structs: Sequence[Any]) -> list[float]:
     """``[L]`` bytes each layer's forward saves for its backward, one micro-batch.
 
@@ -570,14 +595,11 @@ def residual_bytes(specs: Sequence[LayerSpec], params: Sequence[Any], structs: S
     """
     out = []
     for spec, tree, struct in zip(specs, params, structs):
-        def leaves(p, x, spec=spec):
-            return jax.tree.leaves(jax.vjp(lambda p_: apply_layer(spec, p_, x), p)[1])
+        def backward_fn(p, x, spec=spec):
+            return jax.vjp(lambda p_: apply_layer(spec, p_, x), p)[1]
 
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), (tree, struct))
-        jaxpr = jax.make_jaxpr(leaves)(*abstract).jaxpr
-        inputs = {id(v) for v in jaxpr.invars}
+        _, residuals = vjp_residuals(backward_fn, tree, struct)
         out.append(float(sum(
-            math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize
-            for v in jaxpr.outvars if id(v) not in inputs
+            math.prod(shape) * dtype.itemsize for shape, dtype, where in residuals if where < 0
         )))
     return out

@@ -22,11 +22,10 @@ stage's saved residuals from its forward to its backward.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 
 import numpy as np
 
-from .schedule import BACKWARD, FORWARD, IDLE, Schedule, ScheduleError
+from .schedule import BACKWARD, FORWARD, IDLE, Schedule, ScheduleError, _greedy_slots
 
 
 def _frozen(array) -> np.ndarray:
@@ -191,31 +190,6 @@ class TickBuffers:
     grad_slot: np.ndarray
 
 
-def _assign(intervals, T: int, P: int):
-    """Smallest-free-slot assignment of ``(p, start, end, arrival, readers)``.
-
-    ``readers`` are ``(array index, tick)``; returns ``recv [T, P]``, one
-    ``[T, P]`` read array per reader index (2 of them), and the slot count.
-    """
-    recv = np.full((T, P), -1, np.int32)
-    reads = np.full((2, T, P), -1, np.int32)
-    used_max = 0
-    for p in range(P):
-        free, used, held = [], 0, []
-        for start, end, arrival, readers in sorted(i[1:] for i in intervals if i[0] == p):
-            while held and held[0][0] < start:
-                heapq.heappush(free, heapq.heappop(held)[1])
-            slot = heapq.heappop(free) if free else used
-            used = max(used, slot + 1)
-            heapq.heappush(held, (end, slot))
-            if arrival:
-                recv[start, p] = slot
-            for which, tick in readers:
-                reads[which, tick, p] = slot
-        used_max = max(used_max, used)
-    return recv, reads, max(1, used_max)
-
-
 def tick_buffers(ticks: Ticks) -> TickBuffers:
     """Assigns activation and gradient slots to packed ticks.
 
@@ -239,8 +213,9 @@ def tick_buffers(ticks: Ticks) -> TickBuffers:
             acts.append((s % P, start, bwd[m, s], s > 0, [(0, fwd[m, s]), (1, bwd[m, s])]))
             if s < S - 1:
                 grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s], True, [(0, bwd[m, s])]))
-    recv_a, (read_f, read_b), num_a = _assign(acts, T, P)
-    recv_g, (read_g, _), num_g = _assign(grads, T, P)
+    recv_a, (read_f, read_b), live_a = _greedy_slots(acts, T, P, readers=2)
+    recv_g, (read_g,), live_g = _greedy_slots(grads, T, P)
+    num_a, num_g = (max(1, int(live.max(initial=0))) for live in (live_a, live_g))
     return TickBuffers(num_a, recv_a, read_f, read_b, num_g, recv_g, read_g)
 
 
@@ -263,8 +238,7 @@ def tick_time(ticks: Ticks, forward: np.ndarray, backward: np.ndarray, comm: flo
     devices = np.broadcast_to(np.arange(ticks.num_devices), ticks.forward.shape)
     work = np.where(ticks.forward >= 0, forward[devices, np.maximum(ticks.forward_chunk, 0)], 0.0)
     work = work + np.where(ticks.backward >= 0, backward[devices, np.maximum(ticks.backward_chunk, 0)], 0.0)
-    S = ticks.num_stages
-    sends = ((ticks.stage(ticks.forward_chunk) >= 0) & (ticks.stage(ticks.forward_chunk) < S - 1)) | (
-        ticks.stage(ticks.backward_chunk) > 0)
+    f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
+    sends = ((f_stage >= 0) & (f_stage < ticks.num_stages - 1)) | (b_stage > 0)
     hop = comm * (sends.any(axis=1) & (ticks.num_devices > 1))
     return float(np.sum(work.max(axis=1, initial=0.0) + hop))
