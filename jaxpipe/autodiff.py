@@ -30,27 +30,28 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, com
 
     With a ``compute_dtype`` the parameters and every layer's float inputs
     are cast to it and the model output is widened to float32 for
-    ``loss_fn``; the casts' transposes bring gradients back to the row's dtype.
+    ``loss_fn``; the casts' transposes bring gradients back to the stacks' dtype.
+    ``weights`` are this device's stack entries (``stacks.py``).
 
-    Returns a function ``(row [N], recv_f [B, F], recv_i [B, I], x, y) ->
+    Returns a function ``(weights, recv_f [B, F], recv_i [B, I], x, y) ->
     (send_f [B, F], send_i [B, I], loss [])`` where ``x`` and ``y`` are this
     micro-batch's model input and targets (used by the first and last device).
     """
-    layers = plan.layout.device_layers[q]
+    copies = plan.device_copies[q]
     last = q == plan.num_devices - 1
     carrier = plan.carrier
 
-    def program(row, recv_f, recv_i, x, y):
-        h = x if q == 0 else carrier.unpack(plan.boundaries[layers[0]], recv_f, recv_i)
-        for li, params in zip(layers, cast_floats(plan.layout.unpack_layers(layers, row), compute_dtype)):
-            spec = plan.layout.specs[li]
-            with jax.named_scope(f"layer{li}_{spec.name}"):
+    def program(weights, recv_f, recv_i, x, y):
+        h = x if q == 0 else carrier.unpack(plan.boundaries[plan.copy_layer[copies[0]]], recv_f, recv_i)
+        for copy in copies:
+            spec, params = plan.specs[copy], cast_floats(plan.copy_tree(weights, copy), compute_dtype)
+            with jax.named_scope(f"layer{plan.copy_layer[copy]}_{spec.name}"):
                 h = apply_layer(spec, params, cast_floats(h, compute_dtype))
         if last:
             send_f, send_i = carrier.zeros()
             h = h if compute_dtype is None else loss_precision(h)
             return send_f, send_i, jnp.asarray(loss_fn(h, y), jnp.float32)
-        send_f, send_i = carrier.pack(plan.boundaries[layers[-1] + 1], h)
+        send_f, send_i = carrier.pack(plan.boundaries[plan.copy_layer[copies[-1]] + 1], h)
         return send_f, send_i, jnp.zeros((), jnp.float32)
 
     program = jax.named_call(program, name=f"device{q}")
@@ -79,15 +80,15 @@ def autodiff_gpipe_loss(
         ``scheduled_loss_and_grad``.
 
     Returns:
-      ``loss(params [P, N], inputs [D, M, B, ...], targets [D, M, B, ...]) ->
-      []``: the mean of ``loss_fn`` over all micro-batches of all replicas.
+      ``loss(weights, inputs [D, M, B, ...], targets [D, M, B, ...]) ->
+      []`` where ``weights`` are the plan's stacks (``[K]`` arrays ``[P, *shape]``): the mean of ``loss_fn`` over all micro-batches of all replicas.
     """
     num_devices, num_mb = plan.num_devices, plan.num_microbatches
     programs = [_device_program(plan, q, loss_fn, remat, compute_dtype) for q in range(num_devices)]
     forward_perm = [(q, q + 1) for q in range(num_devices - 1)]
 
     def body(params, inputs, targets):
-        row, inputs, targets = local_views(params, inputs, targets)
+        weights, inputs, targets = local_views(params, inputs, targets)
         q = lax.axis_index(PIPE_AXIS)
 
         def tick(carry, t):
@@ -98,7 +99,7 @@ def autodiff_gpipe_loss(
             x, y = index_microbatch(inputs, mc), index_microbatch(targets, mc)
 
             def work():
-                return lax.switch(q, programs, row, recv_f, recv_i, x, y)
+                return lax.switch(q, programs, weights, recv_f, recv_i, x, y)
 
             def idle():
                 send_f, send_i = plan.carrier.zeros()

@@ -1,9 +1,11 @@
 """Checkpoints with orbax: per layer, so any mesh or schedule can resume them.
 
 A checkpoint holds the parameters and the optimizer state in per-layer form
-(``Pipeline.to_layers``: each parameter-shaped ``[P, N]`` optimizer leaf
-unpacked like the parameters, other leaves such as counts as they are), the
-step and the data position, never the packed device layout. A run saved on
+(``Pipeline.to_layers``: the optimizer state of the per-layer tree; its
+leaves are grouped as the optimizer builds them for a single array, each
+group that mirrors the parameters stored per layer, other leaves such as
+counts as they are), the step and the data position, never the device
+layout. A run saved on
 mesh ``(2, 4)`` with GPipe resumes on ``(1, 8)`` with 1F1B, on ``(1, 1)``, or
 with fractional cuts (``Pipeline.from_layers`` fills every copy of a split
 layer).
@@ -118,19 +120,18 @@ class Checkpoints:
         """
         ocp = self._ocp
         params, opt_state, step = pipe.to_layers(state)
-        leaves = jax.tree.structure(state.opt_state).flatten_up_to(opt_state)
-        shape = tuple(state.params.shape)
+        outer, kinds = _groups(pipe)
         arrays = {"params": _layers_tree(params), "opt_state": {}}
         opt_meta = []
-        for i, (leaf, device_leaf) in enumerate(zip(leaves, jax.tree.leaves(state.opt_state))):
-            if tuple(device_leaf.shape) == shape:
-                tree = _layers_tree(leaf)
+        for i, (group, kind) in enumerate(zip(outer.flatten_up_to(opt_state), kinds)):
+            if kind["kind"] == "layers":
+                tree = _layers_tree(group)
                 if tree:
                     arrays["opt_state"][str(i)] = tree
-                opt_meta.append({"kind": "layers", "dtype": _dtype(leaf)})
+                opt_meta.append({"kind": "layers", "dtype": _dtype(group)})
             else:
-                arrays["opt_state"][str(i)] = np.asarray(leaf)
-                opt_meta.append({"kind": "array", "shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)})
+                arrays["opt_state"][str(i)] = np.asarray(group)
+                opt_meta.append({"kind": "array", "shape": list(np.shape(group)), "dtype": str(np.asarray(group).dtype)})
         arrays = {k: v for k, v in arrays.items() if v}
         meta = {
             "format": FORMAT,
@@ -174,14 +175,8 @@ class Checkpoints:
         if meta.get("format") != FORMAT:
             raise ValueError(f"checkpoint {where} has format {meta.get('format')!r}; this jaxpipe reads {FORMAT}")
         _check_layers(meta["layers"], _layers_meta(pipe), where)
-        shapes = jax.eval_shape(pipe.optimizer.init, jax.ShapeDtypeStruct(
-            (pipe.num_devices, pipe.layout.width), pipe.layout.dtype))
-        structs, treedef = jax.tree.flatten(shapes)
-        param_shape = (pipe.num_devices, pipe.layout.width)
-        kinds = [
-            {"kind": "layers"} if s.shape == param_shape else {"kind": "array", "shape": list(s.shape)}
-            for s in structs
-        ]
+        outer, kinds = _groups(pipe)
+        structs = outer.flatten_up_to(pipe.optimizer_state_structs())
         saved = [{k: v for k, v in m.items() if k != "dtype"} for m in meta["opt_state"]]
         if saved != kinds:
             raise ValueError(
@@ -189,9 +184,9 @@ class Checkpoints:
                 "resume with the optimizer that wrote it"
             )
         target = {"params": _layers_tree(_layer_shapes(pipe)), "opt_state": {}}
-        for i, struct in enumerate(structs):
-            if struct.shape == param_shape:
-                tree = _layers_tree(_layer_shapes(pipe))
+        for i, (struct, kind) in enumerate(zip(structs, kinds)):
+            if kind["kind"] == "layers":
+                tree = _layers_tree(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), struct))
                 if tree:
                     target["opt_state"][str(i)] = tree
             else:
@@ -202,12 +197,12 @@ class Checkpoints:
             step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
         )["arrays"] if target else {}
         params = _layers_list(arrays.get("params", {}), pipe)
-        opt_leaves = [
-            _layers_list(arrays.get("opt_state", {}).get(str(i), {}), pipe)
-            if struct.shape == param_shape else arrays["opt_state"][str(i)]
-            for i, struct in enumerate(structs)
+        groups = [
+            _layers_trees(arrays.get("opt_state", {}).get(str(i), {}), struct)
+            if kind["kind"] == "layers" else arrays["opt_state"][str(i)]
+            for i, (struct, kind) in enumerate(zip(structs, kinds))
         ]
-        opt_state = jax.tree.unflatten(treedef, opt_leaves)
+        opt_state = jax.tree.unflatten(outer, groups)
         state = pipe.from_layers(params, opt_state, meta["step"])
         return state, CheckpointInfo(meta["step"], meta["data_position"], where)
 
@@ -245,18 +240,57 @@ def _layers_tree(trees: Sequence[Any]) -> dict:
     return out
 
 
+def _groups(pipe: Pipeline) -> tuple[Any, list[dict]]:
+    """How the optimizer state is grouped on disk: ``(outer treedef, kind per group)``.
+
+    The groups are the leaves of the state the optimizer builds for one
+    array (what the first, flat-row layout stored); a group that holds the
+    per-layer tree's mirror (``mu``, ``nu``, ...) is stored per layer (kind
+    ``"layers"``), any other as one array. An optimizer whose ``init`` needs
+    the real tree gets one group per state leaf.
+    """
+    structs = pipe.optimizer_state_structs()
+    num_layers = pipe.stage_plan.num_layers
+    try:
+        flat = jax.eval_shape(pipe.optimizer.init, jax.ShapeDtypeStruct((2, 3), pipe.stage_plan.dtype))
+        outer = jax.tree.structure(flat)
+        groups = outer.flatten_up_to(structs)
+    except Exception:  # noqa: BLE001 - the optimizer cannot be built for one array: group per leaf
+        outer = jax.tree.structure(structs)
+        groups = jax.tree.leaves(structs)
+    kinds = [
+        {"kind": "array", "shape": list(g.shape)} if isinstance(g, jax.ShapeDtypeStruct)
+        else {"kind": "layers"} if isinstance(g, list) and len(g) == num_layers
+        else None
+        for g in groups
+    ]
+    if None in kinds:
+        outer, groups = jax.tree.structure(structs), jax.tree.leaves(structs)
+        kinds = [{"kind": "array", "shape": list(g.shape)} for g in groups]
+    return outer, kinds
+
+
 def _layer_shapes(pipe: Pipeline) -> list[list[np.ndarray]]:
-    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
-    return [[np.zeros(shape, pipe.layout.dtype) for shape in spec.shapes] for spec in specs]
+    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
+    return [[np.zeros(shape, pipe.stage_plan.dtype) for shape in spec.shapes] for spec in specs]
 
 
 def _layers_list(tree: dict, pipe: Pipeline) -> list[list[np.ndarray]]:
-    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
+    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
     return [[tree[str(i)][str(j)] for j in range(len(spec.shapes))] for i, spec in enumerate(specs)]
 
 
+def _layers_trees(tree: dict, structs: Sequence[Any]) -> list[Any]:
+    """Per-layer trees shaped like ``structs`` from ``{layer: {leaf: array}}``."""
+    out = []
+    for i, struct in enumerate(structs):
+        leaves, treedef = jax.tree.flatten(struct)
+        out.append(jax.tree.unflatten(treedef, [tree[str(i)][str(j)] for j in range(len(leaves))]))
+    return out
+
+
 def _layers_meta(pipe: Pipeline) -> list[dict]:
-    specs = pipe.layout.specs[: pipe.stage_plan.num_layers]
+    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
     return [{"name": spec.name, "shapes": [list(s) for s in spec.shapes]} for spec in specs]
 
 

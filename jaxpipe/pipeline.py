@@ -29,6 +29,7 @@ from .partition import (
     partition_layers,
     pieces_from_counts,
 )
+from .optimizer import LayerOptimizer, OptState, local_init, local_updates, whole_tree_update
 from .placement import place_stages, sync_copies
 from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, make_schedule
@@ -50,13 +51,15 @@ class TrainState(NamedTuple):
     """Training state, all on device.
 
     Attributes:
-      params: ``[P, N]`` packed parameters, sharded over ``pipe``.
-      opt_state: the optax state of ``params``.
+      params: the parameter stacks (``[K]`` arrays ``[P, *shape]`` sharded
+        over ``pipe``, ``stacks.py``); ``Pipeline.unpack`` gives per-layer trees.
+      opt_state: the optimizer state of the per-layer tree, held the same way
+        (``optimizer.OptState``); ``Pipeline.to_layers`` gives optax's tree.
       step: number of optimizer steps taken.
     """
 
-    params: jax.Array
-    opt_state: Any
+    params: tuple
+    opt_state: OptState
     step: jax.Array
 
 
@@ -109,11 +112,13 @@ class Pipeline:
       mesh_shape: ``(D, P)``: data replicas and pipe devices per replica.
       loss_fn: ``(outputs, targets) -> []``, the mean loss over one
         micro-batch's rows.
-      optimizer: an optax transformation. It sees each pipe device's
-        parameters as one flat vector (``[P, N]``), which is exact for
-        element-wise optimizers and global-norm clipping (sgd, momentum, adam,
-        adamw, lion, rmsprop, ``clip_by_global_norm``...), not for optimizers
-        that look at leaf shapes or names (adafactor's factoring, masks, LAMB).
+      optimizer: an optax transformation, applied exactly as to the
+        per-layer parameter tree ``model_fn`` builds (a list of one
+        ``nnx.State`` per layer, natural shapes): masks, adafactor, LAMB, Muon,
+        ``MultiSteps`` and ``clip_by_global_norm`` give single-device results.
+        Each device updates its own layers, unless the transformation couples
+        layers of different devices (``clip_by_global_norm``): then one
+        program updates the whole tree (``self.optimizer_mode``).
       num_microbatches: M, micro-batches per data replica per step.
       example_batch: ``(inputs, targets)``, one global batch (``[R, ...]``
         leaves): fixes the shapes the pipeline is compiled for.
@@ -198,6 +203,8 @@ class Pipeline:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         _check_options(seed, remat, max_memory_per_device)
+        if isinstance(optimizer, optax.MultiSteps):
+            optimizer = optimizer.gradient_transformation()
         if not isinstance(optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
@@ -335,8 +342,7 @@ class Pipeline:
         self.stage_plan = place_stages(
             self.stages, self.num_devices, self.num_microbatches, specs, params, dtype, structs, x_mb
         )
-        self.layout = self.stage_plan.layout
-        self._host_params = [params[layer] for layer in self.stage_plan.slot_layer]
+        self._host_params = list(params)
 
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -356,7 +362,19 @@ class Pipeline:
                 self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat),
                 compute_dtype=self.compute_dtype,
             )
-        self._sync_copies = sync_copies(self.stage_plan, self.mesh)
+        self._layer_opt = LayerOptimizer.build(optimizer, self.stage_plan)
+        self.optimizer_mode = "per device" if self._layer_opt.per_device else "whole tree"
+        if self._layer_opt.per_device:
+            self._update = local_updates(self._layer_opt, self.mesh)
+        else:
+            sync = sync_copies(self.stage_plan, self.mesh)
+            whole = whole_tree_update(self._layer_opt)
+
+            def update(grads, opt_state, weights):
+                weights, opt_state, norm = whole(grads, opt_state, weights)
+                return sync(weights), opt_state, norm
+
+            self._update = update
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
@@ -396,27 +414,24 @@ class Pipeline:
         self, state: TrainState, inputs: Any, targets: Any
     ) -> tuple[TrainState, jax.Array, jax.Array]:
         loss, grads = self._value_and_grad(state.params, inputs, targets)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = self._sync_copies(optax.apply_updates(state.params, updates))
+        params, opt_state, grad_norm = self._update(grads, state.opt_state, state.params)
         # A non-finite loss or gradient leaves the state as it was, so the
         # caller still holds the last good state (the input is donated).
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = TrainState(params, opt_state, state.step + 1)
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), loss, grad_norm
 
     def init(self) -> TrainState:
-        """The initial state: ``model_fn``'s parameters, packed and placed.
+        """The initial state: ``model_fn``'s parameters, in stacks on their devices.
 
         Returns:
           A ``TrainState`` with step 0.
         """
-        params = jax.device_put(self.layout.pack(self._host_params), self._param_sharding)
-        shapes = jax.eval_shape(self.optimizer.init, params)
-        shardings = jax.tree.map(
-            lambda s: self._param_sharding if s.shape == params.shape else self._replicated, shapes
-        )
-        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings)(params)
+        params = self.pack(self._host_params)
+        if self._layer_opt.per_device:
+            opt_state = jax.jit(local_init(self._layer_opt, self.mesh))(params)
+        else:
+            opt_state = self._place_opt_state(*self._layer_opt.from_tree(self.optimizer.init(self._host_params)))
         step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
         return TrainState(params, opt_state, step)
 
@@ -461,15 +476,17 @@ class Pipeline:
         state, loss, _ = self.train_step_stats(state, batch)
         return state, loss
 
-    def loss_and_grad(self, params: jax.Array, batch: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
+    def loss_and_grad(self, params: tuple, batch: tuple[Any, Any]) -> tuple[jax.Array, tuple]:
         """The mean loss of a global batch and its gradient.
 
         Args:
-          params: ``[P, N]`` packed parameters.
+          params: the parameter stacks (``state.params``).
           batch: ``(inputs, targets)``, ``[R, ...]`` leaves or placed ones.
 
         Returns:
-          ``(loss [], grads [P, N])``; ``unpack(grads)`` gives per-layer trees.
+          ``(loss [], grads)``, ``grads`` in stacks like ``params`` (a split
+          layer's gradient summed into its owner copy); ``unpack(grads)``
+          gives per-layer trees.
         """
         return self._loss_and_grad(params, *self._placed(batch))
 
@@ -479,21 +496,18 @@ class Pipeline:
             return batch
         return self.shard_batch(batch)
 
-    def unpack(self, packed: jax.Array) -> list[nnx.State]:
-        """Per-layer ``nnx.State`` trees from packed ``[P, N]`` parameters or gradients.
+    def unpack(self, stacks: tuple) -> list[nnx.State]:
+        """Per-layer ``nnx.State`` trees from parameter or gradient stacks.
 
         A layer split between devices is read from its owner copy.
         """
-        if isinstance(packed, jax.Array) and not packed.is_fully_addressable:
-            # Several processes (jax.distributed): gather the rows held elsewhere.
-            packed = multihost_utils.process_allgather(packed, tiled=True)
-        return self.layout.unpack(packed)[: self.stage_plan.num_layers]
+        return self.stage_plan.unpack([_host(a) for a in stacks])
 
-    def layers(self, params: jax.Array) -> list[nnx.Module]:
-        """The layers with the given packed parameters, as ``model_fn`` returns them."""
+    def layers(self, params: tuple) -> list[nnx.Module]:
+        """The layers with the given parameters, as ``model_fn`` returns them."""
         return [
             nnx.merge(spec.graphdef, tree, spec.rest)
-            for spec, tree in zip(self.layout.specs, self.unpack(params))
+            for spec, tree in zip(self.stage_plan.specs, self.unpack(params))
         ]
 
     def train_step_stats(
@@ -512,8 +526,8 @@ class Pipeline:
         inputs, targets = self._placed(batch)
         return self._step(state, inputs, targets)
 
-    def pack(self, trees: Sequence[Any], dtype: Any = None) -> jax.Array:
-        """Packed ``[P, N]`` parameters, placed on the mesh, from per-layer trees.
+    def pack(self, trees: Sequence[Any], dtype: Any = None) -> tuple:
+        """Parameter stacks, placed on the mesh, from per-layer trees.
 
         The inverse of ``unpack``: every copy of a layer split between
         devices is filled from the layer's tree.
@@ -521,31 +535,21 @@ class Pipeline:
         Args:
           trees: ``[L]`` per-layer trees (``nnx.State`` or anything whose
             leaves come in the layer's parameter order), as ``unpack`` gives.
-          dtype: the buffer's dtype; default the parameters' dtype.
+          dtype: the stacks' dtype; default the parameters' dtype.
 
         Returns:
-          A ``[P, N]`` array sharded over ``pipe``.
+          ``[K]`` arrays ``[P, *shape]`` sharded over ``pipe``.
 
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
-        layout, plan = self.layout, self.stage_plan
-        if len(trees) != plan.num_layers:
-            raise ValueError(f"pack needs {plan.num_layers} per-layer trees, got {len(trees)}")
-        out = np.zeros((self.num_devices, layout.width), dtype or layout.dtype)
-        for p, slots in enumerate(layout.device_layers):
-            for slot in slots:
-                layer = plan.slot_layer[slot]
-                leaves = jax.tree.leaves(trees[layer])
-                shapes = [tuple(np.shape(leaf)) for leaf in leaves]
-                if shapes != list(layout.specs[slot].shapes):
-                    raise ValueError(
-                        f"layer {layer} ({layout.specs[slot].name}) has parameter shapes "
-                        f"{list(layout.specs[slot].shapes)}, got {shapes}"
-                    )
-                for offset, leaf in zip(layout.offsets[slot], leaves):
-                    out[p, offset : offset + np.size(leaf)] = np.asarray(leaf).reshape(-1)
-        return jax.device_put(out, self._param_sharding)
+        return tuple(jax.device_put(a, self._param_sharding) for a in self.stage_plan.pack(trees, dtype))
+
+    def _place_opt_state(self, stacks: Sequence[np.ndarray], shared: Sequence[np.ndarray]) -> OptState:
+        return OptState(
+            tuple(jax.device_put(a, self._param_sharding) for a in stacks),
+            tuple(jax.device_put(a, self._replicated) for a in shared),
+        )
 
     def to_layers(self, state: TrainState) -> tuple[list[Any], Any, int]:
         """A state in per-layer form, independent of mesh, schedule and cut.
@@ -555,48 +559,39 @@ class Pipeline:
 
         Returns:
           ``(params, opt_state, step)``: ``params`` as ``unpack`` gives;
-          ``opt_state`` the optimizer's tree with each parameter-shaped
-          ``[P, N]`` leaf replaced by its ``[L]`` per-layer trees and every
-          other leaf (counts, scalars) a NumPy array; ``step`` an int.
+          ``opt_state`` the optimizer's state of the per-layer tree (what
+          ``optimizer.init(params)`` builds), as NumPy arrays; ``step`` an int.
         """
-        shape = state.params.shape
-
-        def host(leaf):
-            if np.shape(leaf) == shape:
-                return self.unpack(leaf)
-            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-                return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-            return np.asarray(jax.device_get(leaf))
-
-        return self.unpack(state.params), jax.tree.map(host, state.opt_state), int(host(state.step))
+        opt_state = OptState(tuple(_host(a) for a in state.opt_state.stacks),
+                             tuple(_host(a) for a in state.opt_state.shared))
+        return self.unpack(state.params), self._layer_opt.to_tree(opt_state), int(_host(state.step))
 
     def from_layers(self, params: Sequence[Any], opt_state: Any, step: int) -> TrainState:
-        """The inverse of ``to_layers``: packs and places a per-layer state on this mesh.
+        """The inverse of ``to_layers``: places a per-layer state on this mesh.
 
         Args:
           params: ``[L]`` per-layer parameter trees.
-          opt_state: the optimizer's tree with ``[L]`` per-layer trees in
-            place of each parameter-shaped leaf and arrays elsewhere.
+          opt_state: the optimizer's state of the per-layer tree.
           step: the step count.
 
         Returns:
           A ``TrainState`` laid out for this pipeline.
 
         Raises:
-          ValueError: if a shape differs from this pipeline's.
+          ValueError: if a shape or the state's structure differs from this pipeline's.
         """
-        packed = self.pack(params)
-        shapes = jax.eval_shape(self.optimizer.init, jax.ShapeDtypeStruct(packed.shape, packed.dtype))
-
-        def place(struct, value):
-            if struct.shape == packed.shape:
-                return self.pack(value, struct.dtype)
-            if np.shape(value) != struct.shape:
-                raise ValueError(
-                    f"optimizer state leaf has shape {list(struct.shape)} here, got {list(np.shape(value))}"
-                )
-            return jax.device_put(np.asarray(value, struct.dtype), self._replicated)
-
-        opt_state = jax.tree.map(place, shapes, opt_state)
+        stacks = self.pack(params)
+        opt_state = self._place_opt_state(*self._layer_opt.from_tree(opt_state))
         step = jax.device_put(jnp.asarray(step, jnp.int32), self._replicated)
-        return TrainState(packed, opt_state, step)
+        return TrainState(stacks, opt_state, step)
+
+    def optimizer_state_structs(self) -> Any:
+        """The optimizer state of the per-layer tree, as shape structs."""
+        return jax.tree.unflatten(self._layer_opt.treedef, list(self._layer_opt.structs))
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """A NumPy copy of ``leaf``, gathering the parts other processes hold."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))

@@ -1,11 +1,13 @@
-"""Placing stages on pipe devices: parameter slots and split-layer copies.
+"""Placing stages on pipe devices: parameter copies, split-layer copies, stacks.
 
 A stage (a run of pieces, ``partition.Piece``) lives on device ``s % P``. A
-layer cut by rows between stages has a parameter copy on each device that
-runs part of it; the packed layout holds one *slot* per copy. Their partial
-gradients are summed into the owner slot before the optimizer and the copies
-are refreshed from the owner after it, so every copy stays identical and
-the optimizer sees each parameter once.
+layer cut by rows between stages has a *parameter copy* on each device that
+runs part of it: copy ``i < L`` is layer ``i`` itself (its owner copy), and
+copies ``L, L + 1, ...`` are the extra copies of split layers. Every copy's
+leaves live in natural-shape stacks (``stacks.py``). The partial gradients
+of a split layer's copies are summed into the owner copy before the
+optimizer and the copies are refreshed from the owner after it, so every
+copy stays identical and the optimizer sees each parameter once.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from .mesh import PIPE_AXIS
 from .partition import Piece
+from .stacks import Item, StackLayout
 from .stages import (
     Boundary,
     Carrier,
     LayerSpec,
-    ParamLayout,
     check_rows_follow,
     trace_at_rows,
 )
@@ -37,35 +39,40 @@ class StagePlan:
 
     Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
     ``stage_pieces[s]``: rows of a micro-batch through consecutive layers
-    (``partition.Piece``). A layer split by rows between stages has a copy of
-    its parameters on each of their devices: the packed layout holds
-    parameter *slots*, slot ``i < L`` is layer ``i`` (its owner copy) and
-    slots ``L, L + 1, ...`` are the extra copies (``slot_layer`` maps back).
+    (``partition.Piece``). A layer split by rows between stages has a
+    parameter copy on each of their devices (``copy_layer`` maps a copy to
+    its layer; copy ``i < L`` is layer ``i``'s owner copy).
 
     Attributes:
-      layout: the packed parameter layout over slots.
+      specs: ``[C]`` the layer spec of each parameter copy.
+      stacks: where every copy's leaves live (items are the copies).
+      device_copies: ``[P]`` tuples, the copies each device holds.
       stage_pieces: ``[S]`` tuples of pieces.
-      stage_slots: ``[S]`` tuples, the parameter slot of each piece.
+      stage_copies: ``[S]`` tuples, the parameter copy of each piece.
       boundaries: ``L + 1`` entries: entry ``i`` is the structure of layer
         ``i``'s input for one micro-batch (``i = L``: the model output) where
         a stage message carries it, else ``None``.
       carrier: the wire format shared by all messages.
       num_microbatches: M.
-      slot_layer: the layer of each parameter slot.
+      copy_layer: ``[C]`` the layer of each parameter copy.
+      dtype: the parameters' dtype.
     """
 
-    layout: ParamLayout
+    specs: tuple[LayerSpec, ...]
+    stacks: StackLayout
+    device_copies: tuple[tuple[int, ...], ...]
     stage_pieces: tuple[tuple[Piece, ...], ...]
-    stage_slots: tuple[tuple[int, ...], ...]
+    stage_copies: tuple[tuple[int, ...], ...]
     boundaries: tuple[Boundary | None, ...]
     carrier: Carrier
     num_microbatches: int
-    slot_layer: tuple[int, ...]
+    copy_layer: tuple[int, ...]
+    dtype: Any
 
     @property
     def num_devices(self) -> int:
         """P."""
-        return len(self.layout.device_layers)
+        return len(self.device_copies)
 
     @property
     def num_stages(self) -> int:
@@ -74,13 +81,8 @@ class StagePlan:
 
     @property
     def num_layers(self) -> int:
-        """L; parameter slots ``>= L`` are copies of split layers."""
-        return len(set(self.slot_layer))
-
-    @property
-    def window(self) -> int:
-        """G, the largest stage's parameter count (>= 1)."""
-        return max([1] + [self.layout.segment(slots)[1] for slots in self.stage_slots])
+        """L; parameter copies ``>= L`` are extra copies of split layers."""
+        return len(set(self.copy_layer))
 
     @property
     def sends_ints(self) -> bool:
@@ -91,6 +93,34 @@ class StagePlan:
         """``(layer, k)``: stage ``s`` receives layer ``layer`` done for rows ``[0, k)``."""
         first = self.stage_pieces[s][0]
         return first.layer, first.start
+
+    def copy_tree(self, entries: Sequence[jax.Array], copy: int) -> Any:
+        """Inside ``shard_map``: copy ``copy``'s parameter tree from this device's stack entries."""
+        return jax.tree.unflatten(self.specs[copy].treedef, self.stacks.read(entries, copy))
+
+    def pack(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
+        """Host stacks ``[P, *shape]`` from per-layer trees; every copy of a split layer filled.
+
+        Raises:
+          ValueError: if the number of layers or a leaf's shape differs.
+        """
+        if len(layer_trees) != self.num_layers:
+            raise ValueError(f"pack needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
+        for layer, tree in enumerate(layer_trees):
+            shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree)]
+            if shapes != list(self.specs[layer].shapes):
+                raise ValueError(
+                    f"layer {layer} ({self.specs[layer].name}) has parameter shapes "
+                    f"{list(self.specs[layer].shapes)}, got {shapes}"
+                )
+        return self.stacks.pack([layer_trees[layer] for layer in self.copy_layer], dtype)
+
+    def unpack(self, stacks: Sequence[Any]) -> list[Any]:
+        """Per-layer parameter trees (each layer's owner copy) from host stacks ``[P, *shape]``."""
+        return [
+            jax.tree.unflatten(self.specs[layer].treedef, self.stacks.unpack(stacks, layer))
+            for layer in range(self.num_layers)
+        ]
 
 
 def place_stages(
@@ -125,19 +155,19 @@ def place_stages(
     """
     num_layers, rows = len(specs), jax.tree.leaves(x_mb)[0].shape[0]
     num_chunks = len(stages) // num_devices
-    slot_layer, stage_slots, seen = list(range(num_layers)), [], set()
+    copy_layer, stage_copies, seen = list(range(num_layers)), [], set()
     for stage in stages:
-        slots = []
+        copies = []
         for piece in stage:
             if piece.layer in seen:
-                slots.append(len(slot_layer))
-                slot_layer.append(piece.layer)
+                copies.append(len(copy_layer))
+                copy_layer.append(piece.layer)
             else:
                 seen.add(piece.layer)
-                slots.append(piece.layer)
-        stage_slots.append(tuple(slots))
-    device_slots = [
-        sum((stage_slots[c * num_devices + p] for c in range(num_chunks)), ())
+                copies.append(piece.layer)
+        stage_copies.append(tuple(copies))
+    device_copies = [
+        sum((stage_copies[c * num_devices + p] for c in range(num_chunks)), ())
         for p in range(num_devices)
     ]
     needed = set()
@@ -155,66 +185,73 @@ def place_stages(
         for i in sorted(needed) if probe is not None else ():
             check_rows_follow(structs[i], probe[i], probe_rows, f"the output of layer {i - 1}")
     carrier = Carrier.for_boundaries([b for b in boundaries if b is not None], rows)
-    slot_specs = [specs[layer] for layer in slot_layer]
-    layout = ParamLayout.build(slot_specs, device_slots, dtype, groups=stage_slots)
+    device_of = {copy: p for p, copies in enumerate(device_copies) for copy in copies}
+    copy_specs = tuple(specs[layer] for layer in copy_layer)
+    items = [
+        Item(device_of[copy], spec.shapes, (jnp.dtype(dtype),) * len(spec.shapes))
+        for copy, spec in enumerate(copy_specs)
+    ]
     return StagePlan(
-        layout, tuple(map(tuple, stages)), tuple(stage_slots), boundaries, carrier, num_microbatches, tuple(slot_layer)
+        copy_specs, StackLayout.build(items, num_devices), tuple(device_copies), tuple(map(tuple, stages)),
+        tuple(stage_copies), boundaries, carrier, num_microbatches, tuple(copy_layer), jnp.dtype(dtype),
     )
 
 
-def split_copies(plan: StagePlan) -> list[tuple[int, int, int, int, int]]:
-    """``(owner device, owner start, copy device, copy start, size)`` per extra copy."""
-    layout = plan.layout
-    device_of = {slot: p for p, slots in enumerate(layout.device_layers) for slot in slots}
-    return [
-        (device_of[layer], layout.starts[layer], device_of[slot], layout.starts[slot], layout.specs[slot].size)
-        for slot, layer in enumerate(plan.slot_layer)
-        if slot >= plan.num_layers and layout.specs[slot].size
-    ]
+def split_copies(plan: StagePlan) -> list[tuple[int, int, int, int]]:
+    """``(owner device, owner stack, copy device, copy stack)`` per leaf of every extra copy."""
+    stacks = plan.stacks
+    out = []
+    for copy, layer in enumerate(plan.copy_layer):
+        if copy < plan.num_layers:
+            continue
+        for owner_stack, copy_stack in zip(stacks.places[layer], stacks.places[copy]):
+            if owner_stack >= 0:
+                out.append((stacks.items[layer].device, owner_stack, stacks.items[copy].device, copy_stack))
+    return out
 
 
-def merge_copies_local(plan: StagePlan, row: jax.Array, p: jax.Array) -> jax.Array:
-    """Inside ``shard_map``: adds each split layer's copy gradient into its owner, zeroing the copy.
+def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+    """Inside ``shard_map``: adds each split layer's copy gradient into its owner copy.
 
-    One ``ppermute`` of just that layer's gradient per copy. Global-norm
-    clipping and the optimizer then see every parameter once.
+    One ``ppermute`` of one leaf per copy leaf, once per step. Global-norm
+    clipping and the optimizer then see every parameter once (they read
+    owner copies only).
 
     Args:
       plan: the stage plan.
-      row: this device's ``[N]`` gradient row.
+      acc: this device's gradient stack entries.
       p: this device's pipe index (traced).
 
     Returns:
-      The merged ``[N]`` row.
+      The merged entries.
     """
-    for po, so, pc, sc, n in split_copies(plan):
-        at_copy = jnp.where(p == pc, sc, 0)
-        sent = lax.ppermute(lax.dynamic_slice_in_dim(row, at_copy, n), PIPE_AXIS, [(pc, po)])
-        at_owner = jnp.where(p == po, so, 0)
-        row = lax.dynamic_update_slice_in_dim(row, lax.dynamic_slice_in_dim(row, at_owner, n) + sent, at_owner, 0)
-        kept = lax.dynamic_slice_in_dim(row, at_copy, n)
-        row = lax.dynamic_update_slice_in_dim(row, jnp.where(p == pc, jnp.zeros_like(kept), kept), at_copy, 0)
-    return row
+    acc = list(acc)
+    for po, ko, pc, kc in split_copies(plan):
+        sent = lax.ppermute(acc[kc], PIPE_AXIS, [(pc, po)])
+        merged = acc[ko] + sent.reshape(acc[ko].shape)
+        acc[ko] = jnp.where(p == po, merged, acc[ko])
+    return tuple(acc)
 
 
-def sync_copies(plan: StagePlan, mesh: Mesh):
-    """``params [P, N] -> params``: each copy of a split layer overwritten by its owner.
+def sync_copies_local(plan: StagePlan, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+    """Inside ``shard_map``: each extra copy of a split layer overwritten by its owner copy."""
+    entries = list(entries)
+    for po, ko, pc, kc in split_copies(plan):
+        sent = lax.ppermute(entries[ko], PIPE_AXIS, [(po, pc)])
+        entries[kc] = jnp.where(p == pc, sent.reshape(entries[kc].shape), entries[kc])
+    return tuple(entries)
 
-    A ``shard_map`` with one ``ppermute`` of that layer's parameters per copy;
-    the identity when nothing is split.
+
+def sync_copies(plan: StagePlan, mesh):
+    """``weights -> weights`` on the mesh: every extra copy of a split layer set to its owner copy.
+
+    The identity when nothing is split.
     """
-    copies = split_copies(plan)
-    if not copies:
-        return lambda params: params
-
-    def body(params):
-        row, p = params[0], lax.axis_index(PIPE_AXIS)
-        for po, so, pc, sc, n in copies:
-            sent = lax.ppermute(lax.dynamic_slice_in_dim(row, jnp.where(p == po, so, 0), n), PIPE_AXIS, [(po, pc)])
-            at_copy = jnp.where(p == pc, sc, 0)
-            kept = lax.dynamic_slice_in_dim(row, at_copy, n)
-            row = lax.dynamic_update_slice_in_dim(row, jnp.where(p == pc, sent, kept), at_copy, 0)
-        return row[None]
+    if not split_copies(plan):
+        return lambda weights: weights
+    def body(weights):
+        entries = sync_copies_local(plan, tuple(a[0] for a in weights), lax.axis_index(PIPE_AXIS))
+        return tuple(a[None] for a in entries)
 
     spec = PartitionSpec(PIPE_AXIS)
-    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)

@@ -1,13 +1,12 @@
-"""Heterogeneous Flax layers as pure functions over packed, padded buffers.
+"""Heterogeneous Flax layers as pure functions, and the wire format between them.
 
 SPMD needs one shape per sharded array, but pipeline devices hold different
-layers and pass differently shaped activations. This module makes them one
-shape (DESIGN.md rule 3):
+layers and pass differently shaped activations. Parameters keep their
+natural shapes in stacks (``stacks.py``); activations are made one shape
+here:
 
 * Each layer becomes a pure function ``apply_layer(spec, params, x)`` over its
   ``nnx.Param`` tree; anything else the layer holds is a constant.
-* Each device's parameters are concatenated into one flat vector, padded to
-  the largest device: ``[P, N]``, sharded over ``pipe``.
 * A boundary activation (any pytree whose leaves all have ``B`` leading rows)
   travels as two row-major buffers: floats ``[B, F]`` in one float dtype and
   integers ``[B, I]`` as int32, both padded to the widest boundary, so
@@ -116,8 +115,8 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
     if len(dtypes) > 1 or any(not jnp.issubdtype(d, jnp.floating) for d in dtypes):
         found = ", ".join(f"{d} (first in {where})" for d, where in dtypes.items())
         raise TypeError(
-            "all parameters must share one floating dtype so they pack into one "
-            f"buffer, got {found}; build every layer with the same float param_dtype"
+            "all parameters must share one floating dtype (the master parameters, "
+            f"gradients and optimizer state are kept in it), got {found}; build every layer with the same float param_dtype"
         )
     dtype = next(iter(dtypes)) if dtypes else jnp.dtype(jnp.float32)
     return specs, params, dtype
@@ -190,116 +189,6 @@ def _astype(leaf: Any, dtype: Any) -> Any:
 def apply_layer(spec: LayerSpec, params: Any, x: Any) -> Any:
     """Calls layer ``spec`` with parameters ``params`` on input ``x``."""
     return nnx.merge(spec.graphdef, params, spec.rest)(x)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamLayout:
-    """Where each layer's parameters sit in the packed ``[P, N]`` buffer.
-
-    Attributes:
-      specs: all layer specs.
-      device_layers: for each pipe device, the indices of its layers.
-      offsets: per layer, the start of each parameter leaf in its device's row.
-      width: N, the row length (the largest device's parameter count, >= 1).
-      dtype: the buffer's dtype.
-      starts: per layer, where its parameters begin in its device's row.
-    """
-
-    specs: tuple[LayerSpec, ...]
-    device_layers: tuple[tuple[int, ...], ...]
-    offsets: tuple[tuple[int, ...], ...]
-    width: int
-    dtype: Any
-    starts: tuple[int, ...]
-
-    @classmethod
-    def build(cls, specs, device_layers, dtype, groups=()) -> "ParamLayout":
-        """Lays each device's layers out one after the other.
-
-        Args:
-          specs: all layer specs.
-          device_layers: per device, its layer indices in row order.
-          dtype: the buffer's dtype.
-          groups: runs of consecutive layers of one device (stages) whose
-            parameters must fit in a window ``[start, start + G)`` of the row,
-            G the largest group's size: the row is widened to make it so.
-        """
-        offsets, starts = [()] * len(specs), [0] * len(specs)
-        width = 1
-        for layers in device_layers:
-            pos = 0
-            for li in layers:
-                starts[li] = pos
-                leaf_starts = []
-                for shape in specs[li].shapes:
-                    leaf_starts.append(pos)
-                    pos += math.prod(shape)
-                offsets[li] = tuple(leaf_starts)
-            width = max(width, pos)
-        if groups:
-            window = max(sum(specs[li].size for li in g) for g in groups)
-            width = max([width] + [starts[g[0]] + window for g in groups])
-        return cls(tuple(specs), tuple(map(tuple, device_layers)), tuple(offsets), width, dtype, tuple(starts))
-
-    def segment(self, layer_ids: Sequence[int]) -> tuple[int, int]:
-        """``(start, size)`` of consecutive layers' parameters in their row."""
-        return self.starts[layer_ids[0]], sum(self.specs[li].size for li in layer_ids)
-
-    def unpack_layer(self, li: int, row: jax.Array) -> Any:
-        """Layer ``li``'s parameter tree from its device's row ``[N]``."""
-        spec = self.specs[li]
-        leaves = [
-            row[o : o + math.prod(s)].reshape(s)
-            for o, s in zip(self.offsets[li], spec.shapes)
-        ]
-        return jax.tree.unflatten(spec.treedef, leaves)
-
-    def unpack_layers(self, layer_ids: Sequence[int], row: jax.Array) -> list[Any]:
-        """Parameter trees of consecutive layers of one device, from its row ``[N]``.
-
-        Differentiable with a cheap backward: the row's cotangent is the
-        leaves' cotangents concatenated and padded once, instead of one
-        full-size padded ``[N]`` buffer per leaf as slicing's own transpose
-        builds.
-        """
-        layer_ids = tuple(layer_ids)
-        start, size = self.segment(layer_ids)
-
-        @jax.custom_vjp
-        def unpack(row):
-            return [self.unpack_layer(li, row) for li in layer_ids]
-
-        def forward(row):
-            return unpack(row), None
-
-        def backward(_, cotangents):
-            flat = self.flatten(cotangents, row.dtype)
-            return (jnp.pad(flat, (start, row.shape[0] - start - size)),)
-
-        unpack.defvjp(forward, backward)
-        return unpack(row)
-
-    @staticmethod
-    def flatten(trees: Sequence[Any], dtype) -> jax.Array:
-        """Consecutive layers' trees as one flat vector, in row order."""
-        leaves = [leaf.reshape(-1).astype(dtype) for leaf in jax.tree.leaves(trees)]
-        return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), dtype)
-
-    def pack(self, params: Sequence[Any]) -> np.ndarray:
-        """Packs per-layer parameter trees into a host array ``[P, N]``."""
-        out = np.zeros((len(self.device_layers), self.width), self.dtype)
-        for p, layers in enumerate(self.device_layers):
-            for li in layers:
-                for o, leaf in zip(self.offsets[li], jax.tree.leaves(params[li])):
-                    leaf = np.asarray(leaf)
-                    out[p, o : o + leaf.size] = leaf.reshape(-1)
-        return out
-
-    def unpack(self, packed: jax.Array) -> list[Any]:
-        """Per-layer parameter trees, in layer order, from a packed ``[P, N]`` array."""
-        packed = np.asarray(jax.device_get(packed))
-        device_of = {li: p for p, layers in enumerate(self.device_layers) for li in layers}
-        return [self.unpack_layer(li, packed[device_of[li]]) for li in range(len(self.specs))]
 
 
 def _kind(dtype) -> str:

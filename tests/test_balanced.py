@@ -47,12 +47,11 @@ def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMI
     return pipe
 
 
-def _assert_copies_identical(pipe, packed):
-    slots = pipe.layout.unpack(packed)
-    plan = pipe.stage_plan
-    for slot, layer in enumerate(plan.slot_layer):
-        for a, b in zip(jax.tree.leaves(slots[slot]), jax.tree.leaves(slots[layer])):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"copy slot {slot} of layer {layer}")
+def _assert_copies_identical(pipe, stacks):
+    plan, host = pipe.stage_plan, [np.asarray(a) for a in stacks]
+    for copy, layer in enumerate(plan.copy_layer):
+        for a, b in zip(plan.stacks.unpack(host, copy), plan.stacks.unpack(host, layer)):
+            np.testing.assert_array_equal(a, b, err_msg=f"parameter copy {copy} of layer {layer}")
 
 
 def _split_layers(pipe):

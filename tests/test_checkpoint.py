@@ -57,10 +57,10 @@ def test_checkpoint_holds_per_layer_trees_and_metadata(saved):
     for i, tree in enumerate(layers):
         for j, leaf in enumerate(jax.tree.leaves(tree)):
             np.testing.assert_array_equal(arrays["params"][str(i)][str(j)], np.asarray(leaf))
-    count, mu, nu = (jax.tree.leaves(result.state.opt_state)[k] for k in range(3))
-    np.testing.assert_array_equal(arrays["opt_state"]["0"], np.asarray(count))
-    for k, moment in ((1, mu), (2, nu)):
-        for i, tree in enumerate(result.pipeline.unpack(moment)):
+    adam = result.pipeline.to_layers(result.state)[1][0]
+    np.testing.assert_array_equal(arrays["opt_state"]["0"], np.asarray(adam.count))
+    for k, moment in ((1, adam.mu), (2, adam.nu)):
+        for i, tree in enumerate(moment):
             for j, leaf in enumerate(jax.tree.leaves(tree)):
                 np.testing.assert_array_equal(arrays["opt_state"][str(k)][str(i)][str(j)], np.asarray(leaf))
     assert meta["step"] == meta["data_position"] == 2
@@ -80,12 +80,13 @@ def test_resume_on_other_meshes_schedules_and_cuts(saved, tmp_path):
                     checkpoint_dir=directory)
     assert positions == [2] and second.start_step == 2
     pipe = second.pipeline
-    assert len(pipe.stage_plan.slot_layer) > pipe.stage_plan.num_layers, "expected a split layer"
+    plan = pipe.stage_plan
+    assert len(plan.copy_layer) > plan.num_layers, "expected a split layer"
     restored, info = Checkpoints(directory).restore(pipe, 2)
-    slots = pipe.layout.unpack(restored.params)
-    for slot, layer in enumerate(pipe.stage_plan.slot_layer):
-        for a, b in zip(jax.tree.leaves(slots[slot]), jax.tree.leaves(first.pipeline.unpack(first.state.params)[layer])):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"slot {slot} of layer {layer}")
+    host = [np.asarray(a) for a in restored.params]
+    for copy, layer in enumerate(plan.copy_layer):
+        for a, b in zip(plan.stacks.unpack(host, copy), jax.tree.leaves(first.pipeline.unpack(first.state.params)[layer])):
+            np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"parameter copy {copy} of layer {layer}")
     # (1, 4) fractional -> (1, 1), data as a fresh generator that replays from the start.
     third = _train((1, 1), 6, data=train_worker.data(), checkpoint_dir=directory)
     assert third.start_step == 4
@@ -107,7 +108,8 @@ def test_an_unfinished_save_is_ignored(saved, tmp_path):
     assert store.latest() == 2
     state, info = store.restore(first.pipeline)
     assert info.step == 2 and int(state.step) == 2
-    np.testing.assert_array_equal(np.asarray(state.params), np.asarray(first.state.params))
+    for a, b in zip(state.params, first.state.params):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resuming_another_model_or_optimizer_is_refused(saved, tmp_path):
@@ -190,3 +192,20 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path, referen
     np.testing.assert_allclose(killed[:last] + resumed.losses, reference, rtol=2e-5)
     logged = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, train_worker.STEPS + 1))  # the killed run's later lines dropped
+
+
+def test_checkpoint_of_the_flat_layout_resumes(tmp_path):
+    """A checkpoint the first, flat-row layout wrote still resumes exactly.
+
+    ``tests/data/checkpoint_flat_layout`` was written by jaxpipe 29b4f8b
+    (parameters packed ``[P, N]``): mesh (2, 2), GPipe, Adam, this module's
+    model and data, 2 steps. Resuming on (1, 2) with 1F1B for 2 more steps
+    must give the reference's steps 3 and 4 and its parameters.
+    """
+    directory = tmp_path / "ckpt"
+    shutil.copytree(HERE / "data" / "checkpoint_flat_layout", directory)
+    ref_losses, _, ref_params = reference_run(MODEL, DATA[:4], LOSS, OPTIMIZER)
+    result = _train((1, 2), 4, schedule="1f1b", checkpoint_dir=directory)
+    assert result.start_step == 2
+    np.testing.assert_allclose(result.losses, ref_losses[2:], rtol=2e-5, err_msg="losses")
+    assert_trees_close(result.pipeline.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")

@@ -140,7 +140,7 @@ def test_saved_residuals_are_counted_in_memory():
 def test_explicit_partition_is_used():
     pipe = _check("mlp", (1, 4), 4, partition=(2, 1, 1, 4))
     assert pipe.partition == (2, 1, 1, 4)
-    assert pipe.layout.device_layers == ((0, 1), (2,), (3,), (4, 5, 6, 7))
+    assert pipe.stage_plan.device_copies == ((0, 1), (2,), (3,), (4, 5, 6, 7))
 
 
 def test_adamw_matches_reference():

@@ -123,12 +123,12 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
 
     # What the tick loop carries: activations and their gradients (stash,
     # inbox, arrivals: [..., B, F]) are bfloat16; so are the saved residuals
-    # (all other arrays but the float32 loss sum [] and gradient row [N]),
+    # (all other arrays but the float32 loss sum [] and gradient stacks),
     # except what a layer computes in float32 itself (flax's LayerNorm keeps
     # its statistics in float32).
     carry = [a for a in _tick_carry(pipe, state.params, data[0]) if jnp.issubdtype(a.dtype, jnp.floating)]
     boundary = (ROWS_PER_MICROBATCH, pipe.stage_plan.carrier.float_width)
-    accumulators = ((), (pipe.layout.width,))
+    accumulators = {()} | set(pipe.stage_plan.stacks.shapes)
     assert {a.dtype for a in carry if a.shape[-2:] == boundary} == {jnp.dtype(jnp.bfloat16)}
     assert {a.dtype for a in carry if a.shape in accumulators} == {jnp.dtype(jnp.float32)}
     residuals = {a.dtype for a in carry if a.shape[-2:] != boundary and a.shape not in accumulators}
@@ -141,8 +141,8 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
         state, loss = pipe.train_step(state, batch)
         losses.append(float(loss))
         if grads is None:  # SGD momentum's trace after one step is that step's gradient
-            grads = pipe.unpack(state.opt_state[0].trace)
-    assert state.params.dtype == jnp.float32
+            grads = pipe.to_layers(state)[1][0].trace
+    assert {a.dtype for a in state.params} == {jnp.dtype(jnp.float32)}
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state))
 
     no_casts = _float32_loss(case, data[0])
@@ -178,7 +178,7 @@ def test_bfloat16_master_parameters_through_train():
     )
     pipe, state = result.pipeline, result.state
     assert pipe.param_dtype == jnp.bfloat16 and pipe.compute_dtype is None
-    assert state.params.dtype == jnp.bfloat16
+    assert {a.dtype for a in state.params} == {jnp.dtype(jnp.bfloat16)}
     assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_allclose(result.losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
     momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)

@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 from models_for_tests import CASES
 
+from jaxpipe.stacks import Item, StackLayout
 from jaxpipe.stages import (
     Boundary,
     Carrier,
-    ParamLayout,
     apply_layer,
     check_rows_follow,
     split_layers,
@@ -100,7 +100,12 @@ def test_split_layers_errors():
         split_layers([nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 2, param_dtype=jnp.bfloat16, rngs=rngs)])
 
 
-# ParamLayout
+# StackLayout (natural-shape stacks)
+
+
+def _items(specs, device_layers, dtype):
+    device_of = {li: p for p, layers in enumerate(device_layers) for li in layers}
+    return [Item(device_of[i], spec.shapes, (dtype,) * len(spec.shapes)) for i, spec in enumerate(specs)]
 
 
 @pytest.mark.parametrize(
@@ -108,56 +113,62 @@ def test_split_layers_errors():
     [((0, 1, 2, 3, 4, 5),), ((0, 1), (2, 3), (4, 5)), ((0,), (1, 2), (3, 4, 5)), ((0,), (1,), (2,), (3,), (4,), (5,))],
     ids=str,
 )
-def test_param_layout_round_trip(device_layers):
+def test_stack_layout_round_trip(device_layers):
     specs, params, dtype = split_layers(_hetero_layers(nnx.Rngs(1)))
-    layout = ParamLayout.build(specs, device_layers, dtype)
-    used = [sum(specs[li].size for li in layers) for layers in device_layers]
-    assert layout.width == max(used)
-
-    packed = layout.pack(params)
-    assert packed.shape == (len(device_layers), layout.width)
-    assert packed.dtype == np.float32
-    for p, n in enumerate(used):
-        np.testing.assert_array_equal(packed[p, n:], 0, err_msg=f"padding of device {p}")
-
-    for got, want in zip(layout.unpack(packed), params):
-        assert jax.tree.structure(got) == jax.tree.structure(want)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    layout = StackLayout.build(_items(specs, device_layers, dtype), len(device_layers))
+    stacks = layout.pack(params)
+    assert [a.shape[0] for a in stacks] == [len(device_layers)] * layout.num_stacks
+    for i, want in enumerate(params):
+        for g, w in zip(layout.unpack(stacks, i), jax.tree.leaves(want)):
             assert g.shape == w.shape
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
+    # Inside shard_map a device reads its leaves from its entries, in their shapes.
     for p, layers in enumerate(device_layers):
+        entries = [jnp.asarray(a[p]) for a in stacks]
         for li in layers:
-            for g, w in zip(jax.tree.leaves(layout.unpack_layer(li, jnp.asarray(packed[p]))), jax.tree.leaves(params[li])):
+            for g, w in zip(layout.read(entries, li), jax.tree.leaves(params[li])):
                 np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_param_layout_offsets_are_contiguous_per_device():
+def test_stack_layout_shares_stacks_between_devices_and_never_between_leaves_of_one_device():
+    """Equal-size leaves of different devices share a stack; one device's leaves never do."""
     specs, params, dtype = split_layers(_hetero_layers(nnx.Rngs(0)))
-    layout = ParamLayout.build(specs, ((0, 1, 2), (3, 4, 5)), dtype)
-    for layers in layout.device_layers:
-        pos = 0
-        for li in layers:
-            for start, shape in zip(layout.offsets[li], specs[li].shapes):
-                assert start == pos
-                pos += int(np.prod(shape))
+    device_layers = ((0, 1, 2), (3, 4, 5))
+    layout = StackLayout.build(_items(specs, device_layers, dtype), 2)
+    for layers in device_layers:
+        used = [k for li in layers for k in layout.places[li] if k >= 0]
+        assert len(used) == len(set(used))
+    held = sum(int(np.prod(s)) for s in layout.shapes) * 4
+    assert layout.held_bytes() == held
+    assert held < sum(layout.needed_bytes()), "blocks of equal size on both devices must share stacks"
+    assert all(o >= 1.0 for o in layout.overhead())
 
 
-def test_param_layout_width_is_at_least_one():
+def test_stack_layout_embedding_and_output_kernel_share_a_stack():
+    """[V, D] on the first device and [D, V] on the last: one stack, read through a reshape."""
+    layers = [nnx.Embed(12, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 12, use_bias=False, rngs=nnx.Rngs(1))]
+    specs, params, dtype = split_layers(layers)
+    layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
+    assert layout.num_stacks == 1 and layout.overhead() == [1.0, 1.0]
+    stacks = layout.pack(params)
+    for i in range(2):
+        np.testing.assert_array_equal(layout.unpack(stacks, i)[0], np.asarray(jax.tree.leaves(params[i])[0]))
+
+
+def test_stack_layout_layers_without_parameters():
     specs, params, dtype = split_layers([NoParams(), NoParams()])
-    layout = ParamLayout.build(specs, ((0,), (1,)), dtype)
-    assert layout.width == 1
-    np.testing.assert_array_equal(layout.pack(params), np.zeros((2, 1), np.float32))
+    layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
+    assert layout.num_stacks == 0 and layout.pack(params) == []
 
 
-def test_param_layout_bfloat16_round_trip():
+def test_stack_layout_bfloat16_round_trip():
     layers = [nnx.Linear(3, 5, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))]
     specs, params, dtype = split_layers(layers)
-    layout = ParamLayout.build(specs, ((0,), (1,)), dtype)
-    packed = layout.pack(params)
-    assert packed.dtype == jnp.bfloat16 and packed.shape == (2, 20)
-    for got, want in zip(layout.unpack(packed), params):
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
+    stacks = layout.pack(params)
+    assert all(a.dtype == jnp.bfloat16 for a in stacks)
+    for i, want in enumerate(params):
+        for g, w in zip(layout.unpack(stacks, i), jax.tree.leaves(want)):
             assert g.dtype == w.dtype
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 

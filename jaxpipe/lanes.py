@@ -1,0 +1,299 @@
+"""What a stage computes in each lane of a tick: the branches the executor switches over.
+
+A stage is a run of pieces (``partition.Piece``) on one device. Its forward
+receives a message (``[B, F]`` floats, ``[B, I]`` ints, see ``stages.Carrier``),
+runs its pieces and sends the next message; its backward takes the
+message's cotangent and adds the weight gradient of each of its parameter
+copies into that copy's accumulator stacks (``stacks.py``).
+
+Legend: B rows per micro-batch, F/I float/int message columns, R_d residual
+elements of dtype d per buffer slot; ``weights``/``acc`` are this device's
+stack entries, each in its leaf's natural shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .placement import StagePlan
+from .stages import apply_layer, cast_floats, loss_precision, vjp_residuals
+
+
+def _rows(tree: Any, start: int, stop: int | None = None) -> Any:
+    return jax.tree.map(lambda a: a[start:stop], tree)
+
+
+def _concat_rows(first: Any, second: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
+
+
+def receive(plan: StagePlan, s: int, in_f, in_i):
+    """Unpacks stage ``s``'s message: ``(done, pending)`` row blocks.
+
+    ``pending`` is the entry layer's input for rows ``[k, B)``; ``done`` its
+    output for rows ``[0, k)``, or ``None`` when ``k = 0``.
+    """
+    layer, k = plan.entry(s)
+    carrier = plan.carrier
+    pending = carrier.unpack(plan.boundaries[layer], in_f[k:], in_i[k:])
+    done = carrier.unpack(plan.boundaries[layer + 1], in_f[:k], in_i[:k]) if k else None
+    return done, pending
+
+
+def send(plan: StagePlan, s: int, done, pending):
+    """Packs stage ``s``'s exit state into one ``([B, F], [B, I])`` message."""
+    carrier, last = plan.carrier, plan.stage_pieces[s][-1]
+    if last.stop == carrier.rows:
+        return carrier.pack(plan.boundaries[last.layer + 1], pending)
+    done_f, done_i = carrier.pack(plan.boundaries[last.layer + 1], done)
+    pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
+    return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
+
+
+def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
+    """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
+
+    The state between pieces is ``(done, pending)``: the current layer's
+    output for the rows finished so far, and its input for the rest. A piece
+    ``(layer, r0, r1)`` computes rows ``[r0, r1)``; when it reaches the last
+    row, the layer's full output becomes the next layer's input. With a
+    ``compute_dtype`` each piece's float inputs are cast to it (``trees``
+    already are).
+
+    Returns:
+      The exit state ``(done, pending)``; for a stage whose last piece ends a
+      layer, ``done`` is ``None`` and ``pending`` is the next layer's input
+      (for the last stage: the model output).
+    """
+    done, pending = (None, x) if s == 0 else receive(plan, s, in_f, in_i)
+    rows = plan.carrier.rows
+    for piece, params in zip(plan.stage_pieces[s], trees):
+        spec = plan.specs[piece.layer]
+        with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
+            rows_in = cast_floats(_rows(pending, 0, piece.stop - piece.start), compute_dtype)
+            part = apply_layer(spec, params, rows_in)
+        part = part if done is None else _concat_rows(done, part)
+        if piece.stop == rows:
+            done, pending = None, part
+        else:
+            done, pending = part, _rows(pending, piece.stop - piece.start)
+    return done, pending
+
+
+def stage_trees(plan: StagePlan, s: int, weights) -> list[Any]:
+    """Stage ``s``'s parameter trees, read from this device's weight entries."""
+    return [plan.copy_tree(weights, copy) for copy in plan.stage_copies[s]]
+
+
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
+    """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function."""
+
+    def f(trees_, in_f_):
+        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype))
+
+    return jax.vjp(f, trees, in_f, has_aux=True)
+
+
+class Residuals(NamedTuple):
+    """How one stage's saved residuals are stored between its two lanes.
+
+    ``jax.vjp``'s backward function is a pytree whose leaves are the
+    residuals. Leaves that are the stage's own inputs (parameters, the
+    stashed message, the micro-batch) are not stored: the backward lane reads
+    them again. The others are packed per dtype into flat buffer-slot vectors.
+
+    Attributes:
+      treedef: the backward function's tree structure (holds no arrays).
+      shapes: ``[K]`` residual leaf shapes.
+      dtypes: ``[K]`` their dtypes.
+      inputs: ``[K]`` index into the flattened stage inputs, -1 if stored.
+      offsets: ``[K]`` offset in its dtype's slot vector, -1 if an input.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+    inputs: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def sizes(self) -> dict:
+        """Elements stored per dtype."""
+        out: dict = {}
+        for shape, dtype, where in zip(self.shapes, self.dtypes, self.inputs):
+            if where < 0:
+                out[dtype] = out.get(dtype, 0) + math.prod(shape)
+        return out
+
+
+def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None) -> Residuals:
+    """Traces stage ``s`` once (abstractly) to find which residuals to store."""
+    treedef, residuals = vjp_residuals(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *args)
+    offsets, used = [], {}
+    for shape, dtype, where in residuals:
+        offsets.append(used.get(dtype, 0) if where < 0 else -1)
+        if where < 0:
+            used[dtype] = offsets[-1] + math.prod(shape)
+    shapes, dtypes, inputs = zip(*residuals) if residuals else ((), (), ())
+    return Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), tuple(offsets))
+
+
+class Lanes(NamedTuple):
+    """The two lanes' branches and the residual buffer-slot sizes.
+
+    Attributes:
+      forwards: ``[idle, forward_0 .. forward_{S-2}]`` for one ``lax.switch``,
+        each ``(weights, in_f, in_i, x) -> (send_f, send_i, saved)``.
+      backwards: ``[S]`` stage backwards, each run under its own two-branch
+        ``lax.cond`` (see ``run_backward``): ``(weights, acc_s, in_f, in_i,
+        cot_f, saved, x, y) -> (acc_s, send_grad, loss)``, ``acc_s`` the
+        accumulator stacks the stage adds into (``touched[s]``).
+      touched: ``[S]`` the accumulator stacks each stage's backward adds into.
+      res_dtypes: dtypes of the residual vectors.
+      res_sizes: ``R_d`` per dtype.
+    """
+
+    forwards: list[Callable]
+    backwards: list[Callable]
+    touched: tuple[tuple[int, ...], ...]
+    res_dtypes: tuple[Any, ...]
+    res_sizes: tuple[int, ...]
+
+
+def run_backward(lanes: Lanes, branch: jax.Array, weights, acc, *operands):
+    """The backward lane of one tick: ``(acc, send_grad, loss)``.
+
+    One two-branch ``lax.cond`` per stage, each over only the accumulator
+    stacks that stage adds into, instead of one ``lax.switch`` over all
+    stages: when several branches of one conditional may update the same
+    operand in place, XLA copies it (every accumulator, every tick); a
+    conditional with one updating branch and a pass-through updates in place.
+    """
+    send_g, loss = None, jnp.zeros((), jnp.float32)
+    acc = list(acc)
+    for s, (backward, touched) in enumerate(zip(lanes.backwards, lanes.touched)):
+        def idle(weights, sub, in_f, *rest):
+            return sub, jnp.zeros_like(in_f), jnp.zeros((), jnp.float32)
+
+        sub, g_in, l = lax.cond(branch == 1 + s, backward, idle, weights, tuple(acc[k] for k in touched), *operands)
+        for k, a in zip(touched, sub):
+            acc[k] = a
+        send_g = g_in if send_g is None else send_g + g_in
+        loss = loss + l
+    return tuple(acc), send_g, loss
+
+
+def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, compute_dtype, args) -> Lanes:
+    """The two lanes' branch lists and the residual slot sizes.
+
+    A backward differentiates with respect to its stage's parameter trees
+    and adds each copy's gradient into that copy's accumulator stacks, in
+    the leaves' own shapes (idle passes the accumulators through). With
+    ``remat`` (or on the last stage, whose forward is folded into its
+    backward) the backward recomputes the stage's forward from its stashed
+    input; otherwise it uses the residuals the forward lane saved. The
+    weights arrive already cast to ``compute_dtype`` (once per step), so a
+    stage's parameter trees are ``jax.vjp`` inputs, never stored residuals;
+    gradients are cast to the accumulators' dtype as they are added. The
+    last stage widens the model output to float32 for ``loss_fn``.
+
+    Args:
+      plan: the stage plan.
+      loss_fn: ``(outputs, targets) -> []``.
+      loss_scale: each micro-batch loss's weight in the step loss.
+      remat: recompute forwards in the backward lane.
+      compute_dtype: dtype the stages compute in, or ``None``.
+      args: ``(weights, in_f, in_i, x)`` examples, to trace residual sizes.
+    """
+    carrier, last = plan.carrier, plan.num_stages - 1
+
+    def loss_of(out, y):
+        return loss_fn(out if compute_dtype is None else loss_precision(out), y)
+
+    specs = {}
+    if not remat:
+        weights, in_f, in_i, x = args
+        for s in range(last):
+            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x), compute_dtype)
+    sizes: dict = {}
+    for spec in specs.values():
+        for dtype, n in spec.sizes().items():
+            sizes[dtype] = max(sizes.get(dtype, 0), n)
+    # Zero-sized arrays in a conditional crash XLA 0.11's conditional canonicalizer.
+    res_dtypes = tuple(sorted((d for d in sizes if sizes[d] > 0), key=str))
+    res_sizes = tuple(sizes[d] for d in res_dtypes)
+
+    def no_residuals():
+        return tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes))
+
+    def idle_forward(weights, in_f, in_i, x):
+        return carrier.zeros() + (no_residuals(),)
+
+    def forward(s):
+        def branch(weights, in_f, in_i, x):
+            with jax.named_scope(f"stage{s}_forward"):
+                trees = stage_trees(plan, s, weights)
+                if remat:
+                    return send(plan, s, *stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype)) + (
+                        no_residuals(),)
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
+                parts = {d: [] for d in res_dtypes}
+                for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs):
+                    if where < 0 and leaf.size:
+                        parts[leaf.dtype].append(leaf.reshape(-1))
+                saved = tuple(
+                    jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d),
+                            (0, n - sum(p.shape[0] for p in parts[d])))
+                    for d, n in zip(res_dtypes, res_sizes)
+                )
+            return send_f, send_i, saved
+
+        return branch
+
+    touched = tuple(
+        tuple(sorted({k for copy in plan.stage_copies[s] for k in plan.stacks.places[copy] if k >= 0}))
+        for s in range(plan.num_stages)
+    )
+
+    def backward(s):
+        def branch(weights, sub, in_f, in_i, cot_f, saved, x, y):
+            with jax.named_scope(f"stage{s}_backward"):
+                trees = stage_trees(plan, s, weights)
+                loss = jnp.zeros((), jnp.float32)
+                if s == last:
+                    def f(trees_, in_f_):
+                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+                        return jnp.asarray(loss_of(out, y), jnp.float32)
+
+                    loss, vjp = jax.vjp(f, trees, in_f)
+                    g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
+                elif remat:
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
+                    g_trees, g_in = vjp(cot_f)
+                else:
+                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x))
+                    vectors = dict(zip(res_dtypes, saved))
+                    leaves = [
+                        inputs[where] if where >= 0
+                        else jnp.zeros(shape, dtype) if not math.prod(shape)
+                        else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
+                        for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
+                    ]
+                    g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cot_f)
+                acc = dict(zip(touched[s], sub))
+                for copy, g_tree in zip(plan.stage_copies[s], g_trees):
+                    for k, g in zip(plan.stacks.places[copy], jax.tree.leaves(g_tree)):
+                        if k >= 0:
+                            acc[k] = acc[k] + g.reshape(acc[k].shape).astype(acc[k].dtype)
+            return tuple(acc[k] for k in touched[s]), g_in, loss
+
+        return branch
+
+    forwards = [idle_forward] + [forward(s) for s in range(last)]
+    backwards = [backward(s) for s in range(plan.num_stages)]
+    return Lanes(forwards, backwards, touched, res_dtypes, res_sizes)

@@ -1,0 +1,96 @@
+"""Reading XLA's optimized HLO text: what runs inside a loop, and how many bytes it moves.
+
+Used to pin structural performance properties (no weight-sized copies per
+tick) so that they cannot silently regress. Only the text format of
+``Compiled.as_text()`` is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+MOVEMENT = ("copy", "concatenate", "pad", "broadcast", "dynamic-update-slice", "slice", "dynamic-slice", "transpose")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_CALLED = re.compile(r"(?:calls|body|condition|to_apply|branch_computations)=\{?([^}]*?)\}?(?:,\s*\w+=|$)")
+
+
+def computations(text: str) -> dict[str, list[tuple[str, str, str, str, bool]]]:
+    """``{name: [(instruction, shape, opcode, rest, is_root)]}`` of every computation."""
+    out, current = {}, None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header and "=" not in line.split("{")[0].split("(")[0]:
+            current = header.group(1)
+            out[current] = []
+            continue
+        if current is None:
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            out[current].append((m.group(1), m.group(2), m.group(3), m.group(4), line.lstrip().startswith("ROOT")))
+    return out
+
+
+def called(rest: str) -> list[str]:
+    """Names of the computations an instruction calls."""
+    names = []
+    for key in ("calls", "body", "condition", "to_apply", "branch_computations"):
+        for m in re.finditer(key + r"=\{?([%\w.\-,\s]+)\}?", rest):
+            names += [n.strip().lstrip("%") for n in m.group(1).split(",") if n.strip()]
+    return names
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape such as ``f32[256,256]{1,0}`` (tuples: the sum)."""
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def loop_bodies(text: str) -> list[str]:
+    """Names of the body computations of every ``while`` in the module."""
+    comps = computations(text)
+    bodies = []
+    for instrs in comps.values():
+        for _, _, opcode, rest, _ in instrs:
+            if opcode == "while":
+                m = re.search(r"body=%?([\w.\-]+)", rest)
+                if m:
+                    bodies.append(m.group(1))
+    return bodies
+
+
+def movement_in(text: str, root: str) -> list[tuple[str, str, int]]:
+    """``(computation, opcode, bytes)`` of every data-movement operation reachable from ``root``.
+
+    Fusions count as the opcode of their fused root (a fusion whose root is
+    a ``copy`` moves data; one whose root is an ``add`` computes). Bitcasts
+    are free and not listed.
+    """
+    comps = computations(text)
+    roots = {name: next((op for _, _, op, _, r in instrs if r), None) for name, instrs in comps.items()}
+    seen, todo, out = set(), [root], []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for _, shape, opcode, rest, _ in comps[name]:
+            kind = opcode
+            if opcode == "fusion":
+                fused = called(rest)
+                kind = roots.get(fused[0]) if fused else None
+            else:
+                todo += called(rest)
+            if kind in MOVEMENT:
+                out.append((name, kind, shape_bytes(shape)))
+    return out
