@@ -279,7 +279,8 @@ def fractional_partition(
         raise ValueError(
             f"the balanced cut leaves stage {empty} without work (cuts {cuts}); "
             "unsplittable layers are too heavy to cut around for "
-            f"{num_stages} stages: use fewer pipe devices or integer cuts"
+            f"{num_stages} stages: use fewer pipe devices"
+            + (" or integer cuts" if len(costs) >= num_stages else "")
         )
     stages = []
     for (l0, k0), (l1, k1) in zip(cuts[:-1], cuts[1:]):

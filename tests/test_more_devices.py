@@ -182,3 +182,12 @@ def test_fractional_partition_gives_every_stage_rows_or_names_the_fewest(costs, 
 def test_fractional_partition_with_an_unsplittable_layer_still_blames_it():
     with pytest.raises(ValueError, match="unsplittable layers are too heavy"):
         fractional_partition([1.0, 10.0, 1.0], 4, 8, [True, False, True])
+
+
+@pytest.mark.parametrize("schedule", ["balanced", "auto"])
+def test_an_unsplittable_heavy_layer_on_more_devices_than_layers_is_refused(schedule):
+    batch = _mlp_batch(np.random.default_rng(0), 32)
+    with pytest.raises(ValueError, match=r"unsplittable layers are too heavy to cut around for 4 stages: use "
+                                         r"fewer pipe devices$"):
+        jaxpipe.Pipeline(MLP3, (1, 4), mse, OPTIMIZER, 4, batch, schedule=schedule, costs=[1.0, 6.0, 1.0],
+                         unsplittable=(1,))
