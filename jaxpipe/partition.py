@@ -201,6 +201,29 @@ def pieces_from_counts(counts: Sequence[int], rows: int) -> tuple[tuple[Piece, .
     )
 
 
+def _fractional_cuts(costs: np.ndarray, num_stages: int, rows: int, splittable: Sequence[bool]) -> list:
+    """``S + 1`` cut positions ``(layer, k)``: layer ``layer`` has finished rows ``[0, k)``."""
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    total = prefix[-1]
+    cuts = [(0, 0)]
+    for s in range(1, num_stages):
+        target = total * s / num_stages
+        li = int(np.clip(np.searchsorted(prefix, target, side="right") - 1, 0, len(costs) - 1))
+        if costs[li] > 0 and splittable[li]:
+            # Half rows round up (not to even), so cuts at least a row apart
+            # stay distinct.
+            k = int(np.floor((target - prefix[li]) / costs[li] * rows + 0.5))
+        else:
+            k = 0 if target - prefix[li] <= prefix[li + 1] - target else rows
+        cuts.append((li + 1, 0) if k >= rows else (li, k))
+    cuts.append((len(costs), 0))
+    return cuts
+
+
+def _empty_stage(cuts: list) -> int | None:
+    return next((s for s in range(len(cuts) - 1) if cuts[s + 1] <= cuts[s]), None)
+
+
 def fractional_partition(
     costs: Sequence[float], num_stages: int, rows: int, splittable: Sequence[bool]
 ) -> tuple[tuple[Piece, ...], ...]:
@@ -209,9 +232,10 @@ def fractional_partition(
     Stage ``s`` owns the cost interval ``[s T / S, (s + 1) T / S]``. A cut that
     falls inside a splittable layer splits it by micro-batch rows (granularity
     one row: the left stage computes rows ``[0, k)``, the right stage the rest;
-    a layer heavier than ``T / S`` spans several stages). A cut inside an
-    unsplittable layer moves to the nearer end of that layer. Assumes a
-    layer's cost is proportional to its rows.
+    a layer heavier than ``T / S`` spans several stages, and a stage inside
+    it gets only rows ``[k0, k1)`` of it, so there may be fewer layers than
+    stages). A cut inside an unsplittable layer moves to the nearer end of
+    that layer. Assumes a layer's cost is proportional to its rows.
 
     Args:
       costs: ``[L]`` per-layer costs for a whole micro-batch.
@@ -220,38 +244,44 @@ def fractional_partition(
       splittable: ``[L]`` whether each layer treats rows independently.
 
     Returns:
-      ``[S]`` tuples of pieces, covering every row of every layer once.
+      ``[S]`` tuples of pieces, covering every row of every layer once; every
+      stage gets at least one row of some layer.
 
     Raises:
-      ValueError: if costs are negative or not finite, ``rows < 1``, or the
-        cuts leave a stage with no work (unsplittable layers too heavy to cut
-        around for this many stages).
+      ValueError: if costs are negative or not finite, ``rows < 1``, B is
+        too small to give every stage at least one row (the message names
+        the fewest rows that would), or the cuts leave a stage with no work
+        for any B (unsplittable layers too heavy to cut around for this many
+        stages).
     """
     costs = np.asarray(costs, dtype=np.float64)
     if not np.all(np.isfinite(costs)) or np.any(costs < 0):
         raise ValueError(f"layer costs must be finite and >= 0, got {costs.tolist()}")
     if rows < 1:
         raise ValueError(f"rows per micro-batch must be >= 1, got {rows}")
-    prefix = np.concatenate([[0.0], np.cumsum(costs)])
-    total = prefix[-1]
-    # A cut is a position (layer, k): layer ``layer`` has finished rows [0, k).
-    cuts = [(0, 0)]
-    for s in range(1, num_stages):
-        target = total * s / num_stages
-        li = int(np.clip(np.searchsorted(prefix, target, side="right") - 1, 0, len(costs) - 1))
-        if costs[li] > 0 and splittable[li]:
-            k = int(round((target - prefix[li]) / costs[li] * rows))
-        else:
-            k = 0 if target - prefix[li] <= prefix[li + 1] - target else rows
-        cuts.append((li + 1, 0) if k >= rows else (li, k))
-    cuts.append((len(costs), 0))
-    for s in range(num_stages):
-        if cuts[s + 1] <= cuts[s]:
+    cuts = _fractional_cuts(costs, num_stages, rows, splittable)
+    empty = _empty_stage(cuts)
+    if empty is not None:
+        # Cuts T / S apart inside a splittable layer fall at least B / S rows
+        # apart, so with B >= S only an unsplittable layer leaves a stage empty.
+        enough = next(
+            (b for b in range(rows + 1, num_stages + 1)
+             if _empty_stage(_fractional_cuts(costs, num_stages, b, splittable)) is None),
+            None,
+        )
+        if enough is not None:
             raise ValueError(
-                f"the balanced cut leaves stage {s} without work (cuts {cuts}); "
-                "unsplittable layers are too heavy to cut around for "
-                f"{num_stages} stages: use fewer pipe devices or integer cuts"
+                f"micro-batches of B={rows} rows are too few to give each of {num_stages} "
+                f"stages at least one row (the balanced cut leaves stage {empty} without "
+                f"work, cuts {cuts}); use micro-batches of at least {enough} rows "
+                "(fewer micro-batches or a larger batch), or fewer pipe devices"
             )
+        raise ValueError(
+            f"the balanced cut leaves stage {empty} without work (cuts {cuts}); "
+            "unsplittable layers are too heavy to cut around for "
+            f"{num_stages} stages: use fewer pipe devices"
+            + (" or integer cuts" if len(costs) >= num_stages else "")
+        )
     stages = []
     for (l0, k0), (l1, k1) in zip(cuts[:-1], cuts[1:]):
         pieces = []

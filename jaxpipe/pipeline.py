@@ -132,7 +132,9 @@ class Pipeline:
       cut: ``"integer"``: whole layers per stage, cut to minimise the
         largest stage's cost. ``"fractional"``: every stage gets the same
         cost; a layer straddling a cut is split by micro-batch rows between
-        neighbouring devices (each holds a copy of its parameters).
+        neighbouring devices (each holds a copy of its parameters), so a
+        heavy layer may span several devices and the model may have fewer
+        layers than pipe devices.
       partition: ``[V * P]`` layers per stage for ``cut="integer"``.
       costs: per-layer costs for the cuts and the planner: a ``Profile``
         (measured seconds), ``[L]`` numbers, or ``None`` for XLA's
@@ -167,7 +169,9 @@ class Pipeline:
 
     Raises:
       ValueError: for a mesh larger than the device count, a batch whose rows
-        do not divide by ``D * M``, fewer layers than pipe devices, a layer
+        do not divide by ``D * M``, fewer layers than pipe devices with integer
+        cuts (or than stages with ``"interleaved"``), micro-batches with too
+        few rows to give every device a piece with fractional cuts, a layer
         that fails on its input, an activation crossing pipe devices with a
         leaf that does not have the rows first, a ``loss_fn`` that fails or
         returns no scalar, or a bad partition.
@@ -252,13 +256,16 @@ class Pipeline:
         # the executors' compute_dtype casts, so the carrier gets that dtype.
         params = cast_floats(layer_params, dtype)
         run_params = cast_floats(params, self.compute_dtype)
-        if len(specs) < self.num_devices:
+        if len(specs) < self.num_devices and cut == "integer" and schedule != "auto":
+            # Fractional cuts (and "auto", which then plans only those) give
+            # each device rows of some layer instead.
             raise ValueError(
                 f"the model has {len(specs)} layers but mesh_shape={tuple(mesh_shape)} "
                 f"has {self.num_devices} pipe devices; every pipe device needs at least "
-                f"one layer, so use pipe <= {len(specs)}"
+                f"one layer, so use pipe <= {len(specs)}, or cut='fractional' "
+                "(schedule='balanced') to split layers by rows"
             )
-        if len(specs) < self.num_chunks * self.num_devices:
+        if self.num_chunks > 1 and len(specs) < self.num_chunks * self.num_devices:
             raise ValueError(
                 f"schedule='interleaved' with virtual_stages={self.num_chunks} on "
                 f"{self.num_devices} pipe devices needs at least "

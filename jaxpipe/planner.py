@@ -82,7 +82,9 @@ class Plan:
 
     Attributes:
       chosen: the candidate picked.
-      plain: integer cuts with the 1F1B order, for comparison.
+      plain: integer cuts with the 1F1B order, for comparison; ``None``
+        when the model has fewer layers than pipe devices (no integer cut
+        exists, only fractional ones).
       candidates: every candidate predicted.
       layer_names: class name of each layer.
       unsplittable: layers that mix rows (or were marked) and are never split.
@@ -93,7 +95,7 @@ class Plan:
     """
 
     chosen: Candidate
-    plain: Candidate
+    plain: Candidate | None
     candidates: tuple[Candidate, ...]
     layer_names: tuple[str, ...]
     unsplittable: tuple[int, ...]
@@ -114,15 +116,22 @@ class Plan:
             lines.append(
                 f"  device {p}: load {c.loads[p]:.4g}  memory {c.memory[p] / 2**20:.1f} MiB  | {work}"
             )
-        mean = float(np.mean(c.loads))
-        lines.append(
-            f"  max/mean load: chosen {float(np.max(c.loads)) / mean:.3f}, "
-            f"plain {float(np.max(self.plain.loads)) / float(np.mean(self.plain.loads)):.3f}"
-        )
-        lines.append(
-            f"  predicted step: chosen {c.step:.4g}, plain 1f1b {self.plain.step:.4g} "
-            f"({self.plain.step / c.step:.2f}x)"
-        )
+        mean, plain = float(np.mean(c.loads)), self.plain
+        if plain is None:
+            lines.append(f"  max/mean load: chosen {float(np.max(c.loads)) / mean:.3f}")
+            lines.append(
+                f"  predicted step: chosen {c.step:.4g}, plain 1f1b impossible "
+                f"({len(self.layer_names)} layers < {num_devices} pipe devices)"
+            )
+        else:
+            lines.append(
+                f"  max/mean load: chosen {float(np.max(c.loads)) / mean:.3f}, "
+                f"plain {float(np.max(plain.loads)) / float(np.mean(plain.loads)):.3f}"
+            )
+            lines.append(
+                f"  predicted step: chosen {c.step:.4g}, plain 1f1b {plain.step:.4g} "
+                f"({plain.step / c.step:.2f}x)"
+            )
         if self.unsplittable:
             names = ", ".join(f"{i} ({self.layer_names[i]})" for i in self.unsplittable)
             lines.append(f"  never split (rows mix or marked): {names}")
@@ -209,6 +218,9 @@ def predict(
 def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer_names, unsplittable=(), unit="flop", **common) -> Plan:
     """A ``Plan`` for a configuration the caller chose, beside the plain one.
 
+    With fewer layers than pipe devices there is no plain (integer) plan:
+    ``Plan.plain`` is ``None``.
+
     Args:
       stages: ``[S]`` tuples of pieces.
       schedule: the order.
@@ -224,10 +236,13 @@ def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer
     """
     total = np.asarray(common["forward"]) + np.asarray(common["backward"])
     chosen = predict(stages, schedule, virtual_stages, cut, **common)
-    counts = partition_layers(total, common["num_devices"])
-    plain = predict(pieces_from_counts(counts, common["rows"]), "1f1b", 1, "integer", **common)
-    return Plan(chosen, plain, (chosen, plain), tuple(layer_names), tuple(unsplittable),
-                common["num_microbatches"], common["rows"], unit, "schedule and cut given by the caller")
+    plain = None
+    if len(total) >= common["num_devices"]:
+        counts = partition_layers(total, common["num_devices"])
+        plain = predict(pieces_from_counts(counts, common["rows"]), "1f1b", 1, "integer", **common)
+    candidates = (chosen,) if plain is None else (chosen, plain)
+    return Plan(chosen, plain, candidates, tuple(layer_names), tuple(unsplittable), common["num_microbatches"],
+                common["rows"], unit, "schedule and cut given by the caller")
 
 
 def make_plan(
@@ -253,6 +268,9 @@ def make_plan(
     ``V * P <= L``; with ``remat=None`` and a memory limit, each also with
     recomputation (``remat``). Ties go to the earlier candidate in that order
     (integer before fractional, 1F1B first, saved residuals before remat).
+    With fewer layers than pipe devices (``L < P``) only fractional cuts
+    exist: each device gets rows of some layer, and ``Plan.plain`` is
+    ``None``.
 
     Args:
       forward: ``[L]`` per-layer forward costs of one micro-batch.
@@ -275,7 +293,10 @@ def make_plan(
       The ``Plan``.
 
     Raises:
-      ValueError: if the per-layer arguments differ in length, or no candidate fits in ``max_memory_per_device``.
+      ValueError: if the per-layer arguments differ in length, no candidate
+        fits in ``max_memory_per_device``, or ``L < P`` and no fractional cut
+        exists (too few rows per micro-batch or unsplittable layers; the
+        message says which).
     """
     forward, backward = np.asarray(forward, float), np.asarray(backward, float)
     sizes = {"forward": len(forward), "backward": len(backward), "layer_names": len(layer_names),
@@ -296,9 +317,18 @@ def make_plan(
     orders = [("1f1b", 1), ("gpipe", 1)]
     if num_microbatches % num_devices == 0:
         orders += [("interleaved", v) for v in range(2, num_layers // num_devices + 1)]
+    integer = num_layers >= num_devices
+    if not integer:
+        try:
+            fractional_partition(total, num_devices, rows, splittable)
+        except ValueError as err:
+            raise ValueError(
+                f"{num_layers} layers on {num_devices} pipe devices have no integer cut, "
+                f"and no fractional one: {err}"
+            ) from err
     candidates = []
     for again in remats:
-        for cut in ("integer", "fractional"):
+        for cut in ("integer", "fractional") if integer else ("fractional",):
             for order, v in orders:
                 if cut == "integer":
                     stages = pieces_from_counts(partition_layers(total, v * num_devices), rows)
@@ -308,7 +338,7 @@ def make_plan(
                     except ValueError:
                         continue
                 candidates.append(predict(stages, order, v, cut, **common, remat=again))
-    plain = candidates[0]
+    plain = candidates[0] if integer else None
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise ValueError(
@@ -317,7 +347,12 @@ def make_plan(
             "limit, use more pipe devices, or smaller micro-batches"
         )
     chosen = min(fitting, key=lambda c: c.step)
-    if chosen is plain:
+    if plain is None:
+        reason = (
+            f"no integer cut exists ({num_layers} layers < {num_devices} pipe devices); "
+            f"{chosen.label} is the fastest predicted fractional plan"
+        )
+    elif chosen is plain:
         reason = "integer cuts with 1F1B are already the fastest predicted plan"
     else:
         reason = (
