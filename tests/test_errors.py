@@ -179,18 +179,33 @@ def test_layer_with_batch_statistics():
 
     with pytest.raises(
         TypeError,
-        match=r"layer 1 \(BatchNorm\) holds batch statistics or RNG state at \[.*'mean'.*\]; "
-        r"jaxpipe trains nnx.Param state only",
+        match=r"layer 1 \(BatchNorm\) holds batch statistics at \['mean', 'var'\] that it would update; "
+        r"jaxpipe trains nnx.Param state only.*schedule's order.*nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm.*"
+        r"use_running_average=True",
     ):
         _pipeline(model_fn)
+
+
+def test_nested_batch_statistics_are_named_by_path():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(6, 5, rngs=rngs)
+            self.norm = nnx.BatchNorm(5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.linear(x))
+
+    with pytest.raises(TypeError, match=r"layer 0 \(Block\) holds batch statistics at \['norm/mean', 'norm/var'\]"):
+        _pipeline(lambda rngs: [Block(rngs)])
 
 
 def test_dropout_with_rng_state():
     def model_fn(rngs):
         return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)]
 
-    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds batch statistics or RNG state at \[.*rngs.*\].*without rngs"):
+    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds RNG state at \[.*rngs.*\].*without rngs") as err:
         _pipeline(model_fn)
+    assert "batch statistics" not in str(err.value)
 
 
 def test_dropout_without_rngs_is_accepted():
