@@ -1,6 +1,7 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
 from . import distributed, ticks
+from .batches import DataShard, data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
 from .mesh import make_mesh
 from .metrics import StepMetrics
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointInfo",
     "Checkpoints",
     "Costs",
+    "DataShard",
     "LayerCost",
     "NonFiniteError",
     "Piece",
@@ -44,6 +46,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "assign_buffers",
+    "data_shard",
     "fractional_partition",
     "gpipe",
     "interleaved_1f1b",

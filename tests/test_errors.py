@@ -46,7 +46,8 @@ def _train(model_fn=MLP, mesh_shape=(1, 1), data=None, steps=1, **options):
 def test_mesh_needing_more_devices_than_there_are():
     message = (
         r"mesh_shape=\(4, 4\) needs 16 devices but only 8 are available \(cpu\); use a mesh with "
-        r"data \* pipe <= 8, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=16"
+        r"data \* pipe <= 8; or run several processes, e.g. `python -m jaxpipe.launch --nproc 16 -- python "
+        r"your_script.py` on this machine .*; or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=16"
     )
     with pytest.raises(ValueError, match=message):
         _pipeline(mesh_shape=(4, 4))
