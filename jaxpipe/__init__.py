@@ -3,6 +3,7 @@
 from . import distributed, ticks
 from .batches import DataShard, data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
+from .load import load_layers
 from .mesh import make_mesh
 from .metrics import StepMetrics
 from .partition import Piece, fractional_partition, partition_layers
@@ -50,6 +51,7 @@ __all__ = [
     "fractional_partition",
     "gpipe",
     "interleaved_1f1b",
+    "load_layers",
     "make_mesh",
     "make_plan",
     "make_schedule",
