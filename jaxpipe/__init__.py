@@ -1,7 +1,9 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
 from . import distributed, ticks
+from .batches import DataShard, data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
+from .load import load_layers
 from .mesh import make_mesh
 from .metrics import StepMetrics
 from .partition import Piece, fractional_partition, partition_layers
@@ -30,6 +32,7 @@ __all__ = [
     "CheckpointInfo",
     "Checkpoints",
     "Costs",
+    "DataShard",
     "LayerCost",
     "NonFiniteError",
     "Piece",
@@ -44,9 +47,11 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "assign_buffers",
+    "data_shard",
     "fractional_partition",
     "gpipe",
     "interleaved_1f1b",
+    "load_layers",
     "make_mesh",
     "make_plan",
     "make_schedule",

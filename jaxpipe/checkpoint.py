@@ -107,6 +107,39 @@ class Checkpoints:
         meta = self._read_meta(step)
         return CheckpointInfo(meta["step"], meta["data_position"], os.path.join(self.directory, str(step)))
 
+    def read_params(self, step: int | None = None) -> tuple[list[dict], list[list[np.ndarray]]]:
+        """The per-layer parameters of checkpoint ``step`` (default: the newest), without a pipeline.
+
+        Returns:
+          ``(layers, params)``: the saved per-layer names and shapes
+          (``{"name", "shapes"}``), and per layer its parameter leaves as
+          NumPy arrays in the layer's ``nnx.Param`` leaf order.
+
+        Raises:
+          ValueError: if there is no such checkpoint or it has another format.
+        """
+        ocp = self._ocp
+        step = self._check_step(step)
+        meta = self._read_meta(step)
+        if meta.get("format") != FORMAT:
+            where = os.path.join(self.directory, str(step))
+            raise ValueError(f"checkpoint {where} has format {meta.get('format')!r}; this jaxpipe reads {FORMAT}")
+        target = {
+            str(i): {str(j): np.zeros(shape, np.float32) for j, shape in enumerate(layer["shapes"])}
+            for i, layer in enumerate(meta["layers"]) if layer["shapes"]
+        }
+        arrays = {}
+        if target:
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            arrays = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True,
+            )))["arrays"]["params"]
+        params = [
+            [np.asarray(arrays[str(i)][str(j)]) for j in range(len(layer["shapes"]))]
+            for i, layer in enumerate(meta["layers"])
+        ]
+        return meta["layers"], params
+
     def save(self, pipe: Pipeline, state: TrainState, data_position: int | None = None) -> CheckpointInfo:
         """Saves ``state`` in per-layer form at its step; blocks until it is on disk.
 

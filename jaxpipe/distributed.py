@@ -13,10 +13,16 @@ On a TPU pod or a SLURM GPU allocation, where JAX finds the cluster itself,
 it calls ``jax.distributed.initialize()`` with no arguments. With neither,
 it does nothing (one process).
 
+``jaxpipe.train``, ``Pipeline`` and ``data_shard`` make this call themselves
+(``auto_initialize``) when the environment describes a job of several
+processes, so a script that only calls ``jaxpipe.train`` runs as it is under
+the launcher or on a cluster, provided it uses no JAX device before.
+
 Every process then runs the same script: ``jaxpipe.train`` and ``Pipeline``
 build global arrays from the global batch each process passes (all processes
-must pass the same batches, e.g. from the same seed), so results equal the
-single-process run.
+must pass the same batches, e.g. from the same seed), or from each process's
+own rows with ``data_per_process=True`` (see ``batches.py``), so results
+equal the single-process run.
 """
 
 from __future__ import annotations
@@ -67,6 +73,67 @@ def initialize() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def job_size() -> int:
+    """The number of processes the environment says this job has (1 if it says nothing).
+
+    The launcher's ``JAXPIPE_NUM_PROCESSES``; else SLURM's ``SLURM_NTASKS``,
+    Open MPI's ``OMPI_COMM_WORLD_SIZE``, the hosts in a TPU pod's
+    ``TPU_WORKER_HOSTNAMES``, or 2 for a multi-slice TPU job
+    (``MEGASCALE_COORDINATOR_ADDRESS``). Malformed values count as 1 here;
+    ``initialize`` reports the launcher's.
+    """
+    env = os.environ
+    if COORDINATOR_ENV in env:
+        return _int(env.get(NUM_PROCESSES_ENV))
+    if "SLURM_JOB_ID" in env:
+        return _int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS")))
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _int(env["OMPI_COMM_WORLD_SIZE"])
+    if "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        return 2
+    if "TPU_WORKER_HOSTNAMES" in env:
+        return max(1, len([h for h in env["TPU_WORKER_HOSTNAMES"].split(",") if h.strip()]))
+    return 1
+
+
+def _int(value: str | None) -> int:
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
+
+
+def auto_initialize() -> bool:
+    """``initialize()``, once, if the environment describes a job of several processes.
+
+    Called by ``jaxpipe.train``, ``Pipeline`` and ``data_shard`` before they
+    touch a device, so a script needs no call of its own. A job of one
+    process, or one already joined, is left alone.
+
+    Returns:
+      True if this call joined the job.
+
+    Raises:
+      RuntimeError: if the environment describes a job of several processes
+        but JAX was used in this process before it joined (every process
+        would otherwise train alone, on its own copy of the model).
+    """
+    size = job_size()
+    if size < 2 or jax.distributed.is_initialized():
+        return False
+    try:
+        return initialize()
+    except RuntimeError as err:
+        if "before any JAX" not in str(err):
+            raise
+        raise RuntimeError(
+            f"the environment describes a job of {size} processes (e.g. `python -m jaxpipe.launch` or a "
+            "cluster), but this process used JAX before joining it, so it cannot join any more; call "
+            "jaxpipe.distributed.initialize() at the top of the script, before any other JAX call "
+            "(jax.devices(), jax.numpy arrays, ...)"
+        ) from err
 
 
 def _exit_on_error(kind, value, tb) -> None:

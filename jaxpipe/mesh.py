@@ -71,11 +71,15 @@ def make_mesh(
         raise TypeError(f"devices must be jax.Device objects (e.g. jax.devices()[:4]), got {strangers[0]!r}")
     needed = data * pipe
     if needed > len(devices):
+        processes = jax.process_count()
         raise ValueError(
             f"mesh_shape=({data}, {pipe}) needs {needed} devices but only "
-            f"{len(devices)} are available ({devices[0].platform if devices else 'none'}); "
-            f"use a mesh with data * pipe <= {len(devices)}, or on CPU set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before "
+            f"{len(devices)} are available ({devices[0].platform if devices else 'none'}"
+            f"{f', {processes} processes' if processes > 1 else ''}); "
+            f"use a mesh with data * pipe <= {len(devices)}; or run several processes, e.g. "
+            f"`python -m jaxpipe.launch --nproc {needed} -- python your_script.py` on this machine "
+            "(one CPU device each; jaxpipe joins them into one job), or one per host on a cluster; "
+            f"or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={needed} before "
             "importing jax"
         )
     grid = np.array(devices[:needed], dtype=object).reshape(data, pipe)

@@ -6,6 +6,7 @@ This is the lower-level API: build one, ``init`` a state, then call
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,7 +18,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from . import distributed
 from .autodiff import autodiff_gpipe_loss
+from .batches import place_batch
 from .executor import scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .partition import (
@@ -207,6 +210,7 @@ class Pipeline:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         _check_options(seed, remat, max_memory_per_device)
+        distributed.auto_initialize()
         if isinstance(optimizer, optax.MultiSteps):
             optimizer = optimizer.gradient_transformation()
         if not isinstance(optimizer, optax.GradientTransformation):
@@ -442,30 +446,32 @@ class Pipeline:
         step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
         return TrainState(params, opt_state, step)
 
-    def shard_batch(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
-        """Places a global batch on the mesh as ``[D, M, B, ...]`` leaves.
+    def shard_batch(self, batch: tuple[Any, Any], per_process: bool = False) -> tuple[Any, Any]:
+        """Places a batch on the mesh as global ``[D, M, B, ...]`` leaves.
 
         Args:
-          batch: ``(inputs, targets)`` with ``[R, ...]`` leaves.
+          batch: ``(inputs, targets)`` with ``[R, ...]`` leaves, the global
+            batch; with ``per_process`` only this process's rows
+            (``jaxpipe.data_shard``: global rows ``[i * R / n, (i + 1) * R / n)``
+            for block ``i`` of ``n``), which no other host then needs.
+          per_process: whether ``batch`` holds this process's rows only.
 
         Returns:
           ``(inputs, targets)`` with ``[D, M, B, ...]`` leaves sharded over ``data``.
 
         Raises:
-          ValueError: if the rows differ from the example batch's.
+          ValueError: if the rows differ from the example batch's (or from
+            this process's share of them).
         """
         inputs, targets = _check_batch(batch)
-        rows = self._check_rows(inputs, targets)
-        expected = self.num_replicas * self.num_microbatches * self.microbatch_rows
-        if rows != expected:
-            raise ValueError(
-                f"this pipeline was built for global batches of {expected} rows, got {rows}"
-            )
-        shape = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
-        return jax.tree.map(
-            lambda a: jax.device_put(np.asarray(a).reshape(shape + np.shape(a)[1:]), self._data_sharding),
-            (inputs, targets),
-        )
+        layout = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
+        if not per_process:
+            rows = self._check_rows(inputs, targets)
+            if rows != math.prod(layout):
+                raise ValueError(
+                    f"this pipeline was built for global batches of {math.prod(layout)} rows, got {rows}"
+                )
+        return place_batch((inputs, targets), self._data_sharding, layout, per_process)
 
     def train_step(self, state: TrainState, batch: tuple[Any, Any]) -> tuple[TrainState, jax.Array]:
         """One optimizer step on a global batch. ``state`` is donated.

@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_FORBIDDEN_STATE = (nnx.BatchStat, nnx.RngState)
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -68,9 +66,9 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
       per layer, and the common parameter dtype.
 
     Raises:
-      TypeError: if a layer is not an ``nnx.Module``, holds batch statistics or
-        RNG state (not supported in pipelines yet), or the layers' parameters
-        do not share one floating dtype.
+      TypeError: if a layer is not an ``nnx.Module``, holds state that
+        ``check_state`` refuses, or the layers' parameters do not share one
+        floating dtype.
     """
     if isinstance(layers, nnx.Module) or not isinstance(layers, Sequence):
         raise TypeError(
@@ -86,18 +84,7 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
                 f"layer {i} is a {type(layer).__name__}, expected an nnx.Module"
             )
         graphdef, param_state, rest = nnx.split(layer, nnx.Param, ...)
-        bad = [
-            "/".join(map(str, path))
-            for path, var in nnx.to_flat_state(rest)
-            if isinstance(var, _FORBIDDEN_STATE)
-        ]
-        if bad:
-            raise TypeError(
-                f"layer {i} ({type(layer).__name__}) holds batch statistics or RNG "
-                f"state at {bad}; jaxpipe trains nnx.Param state only. Build the "
-                "layer without rngs (e.g. deterministic dropout) or without "
-                "running statistics"
-            )
+        check_state(i, layer, rest)
         leaves, treedef = jax.tree.flatten(param_state)
         for leaf in leaves:
             dtypes.setdefault(jnp.dtype(leaf.dtype), f"layer {i} ({type(layer).__name__})")
@@ -120,6 +107,50 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
         )
     dtype = next(iter(dtypes)) if dtypes else jnp.dtype(jnp.float32)
     return specs, params, dtype
+
+
+def check_state(index: int, layer: nnx.Module, rest: Any) -> None:
+    """Refuses non-parameter state a pipeline would not keep exact.
+
+    Everything a layer holds besides ``nnx.Param`` is a constant of the
+    pipeline. That is exact for buffers and for frozen batch statistics
+    (``nnx.BatchNorm(..., use_running_average=True)``, or after
+    ``layer.eval()``), not for RNG streams or running statistics a layer
+    updates: per micro-batch updates would depend on the schedule's order and
+    on how a cut splits rows (see BUILD_NOTES.md, "Jobs and data").
+
+    Args:
+      index: the layer's position, for messages.
+      layer: the layer.
+      rest: its non-``nnx.Param`` state (``nnx.split(layer, nnx.Param, ...)``).
+
+    Raises:
+      TypeError: for RNG state, or batch statistics that are not frozen.
+    """
+    flat = [(path, var) for path, var in nnx.to_flat_state(rest)]
+    where = f"layer {index} ({type(layer).__name__})"
+    rng = ["/".join(map(str, path)) for path, var in flat if isinstance(var, nnx.RngState)]
+    if rng:
+        raise TypeError(
+            f"{where} holds RNG state at {rng}; jaxpipe trains nnx.Param state only and does not "
+            "supply random keys to layers yet. Build the layer without rngs (e.g. "
+            "nnx.Dropout(rate, deterministic=True), or no dropout)"
+        )
+    modules = dict(nnx.iter_modules(layer))
+    updated = [
+        "/".join(map(str, path)) for path, var in flat
+        if isinstance(var, nnx.BatchStat) and not (
+            isinstance(modules.get(path[:-1]), nnx.BatchNorm) and modules[path[:-1]].use_running_average is True
+        )
+    ]
+    if updated:
+        raise TypeError(
+            f"{where} holds batch statistics at {updated} that it would update; jaxpipe trains "
+            "nnx.Param state only, and running statistics updated per micro-batch would depend on "
+            "the schedule's order and on how a cut splits rows. Normalise per row instead "
+            "(nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm), or freeze the statistics: "
+            "nnx.BatchNorm(..., use_running_average=True) or layer.eval(), which jaxpipe keeps constant"
+        )
 
 
 def check_float_dtype(value: Any, name: str) -> Any:

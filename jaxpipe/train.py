@@ -18,6 +18,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from . import distributed
+from .batches import data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
 from .metrics import MetricsFile, Progress, StepMetrics
 from .pipeline import Pipeline, TrainState, check_rows
@@ -80,6 +82,7 @@ def train(
     mesh_shape: Sequence[int] = (1, 1),
     *,
     data: Iterable[tuple[Any, Any]] | Callable[[int], Iterable[tuple[Any, Any]]],
+    data_per_process: bool = False,
     loss_fn: Callable[[Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
     steps: int,
@@ -127,6 +130,12 @@ def train(
         batches are read and dropped. A stream that cannot replay loses those
         batches; give instead a function ``data(position)`` returning an
         iterable that starts at batch ``position``.
+      data_per_process: ``data`` (and ``eval_data``) yield only this
+        process's rows of each global batch: global rows
+        ``[i * R / n, (i + 1) * R / n)`` for block ``i`` of ``n`` given by
+        ``jaxpipe.data_shard(mesh_shape)`` (with one data replica per process,
+        process ``i``'s ``1/n``); no process loads all rows. Default False:
+        every process passes the same global batches.
       loss_fn: ``(outputs, targets) -> []``, mean loss over one micro-batch.
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: total optimizer steps, counting those of a resumed checkpoint.
@@ -191,6 +200,9 @@ def train(
     steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(data_per_process, bool):
+        raise TypeError(f"data_per_process must be True or False, got {data_per_process!r}")
+    distributed.auto_initialize()
     _check_options(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
         metrics_path=metrics_path, eval_data=eval_data, eval_every=eval_every, callbacks=callbacks,
@@ -202,6 +214,8 @@ def train(
     resumed = store.info(latest) if latest is not None else None
     position = resumed.data_position if resumed is not None else 0
     batches, example = _open_data(data, position, steps)
+    if data_per_process:
+        example = _global_example(example, data_shard(mesh_shape, devices).count)
     pipe = Pipeline(
         model_fn, mesh_shape, loss_fn, optimizer, num_microbatches, example,
         schedule=schedule, virtual_stages=virtual_stages, cut=cut, partition=partition, costs=costs,
@@ -215,7 +229,7 @@ def train(
     start = resumed.step if resumed is not None else 0
     if start >= steps:
         return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
-    evals = _place_eval(pipe, eval_batches)
+    evals = _place_eval(pipe, eval_batches, data_per_process)
     main = jax.process_index() == 0
     if metrics_path is None and checkpoint_dir is not None:
         metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
@@ -227,6 +241,8 @@ def train(
         with _SigtermFlag() as sigterm:
             for step in range(start + 1, steps + 1):
                 batch = _next_batch(batches, step - 1, steps)
+                if data_per_process:
+                    batch = pipe.shard_batch(batch, per_process=True)
                 began = time.perf_counter()
                 state, loss, grad_norm = pipe.train_step_stats(state, batch)
                 loss, grad_norm = float(loss), float(grad_norm)
@@ -352,11 +368,22 @@ def _eval_batches(eval_data) -> list:
     return batches
 
 
-def _place_eval(pipe: Pipeline, batches: list) -> list:
+def _global_example(example, count: int) -> tuple[Any, Any]:
+    """Shapes of the global batch whose per-process block ``example`` is (``count`` blocks)."""
+    if not isinstance(example, (tuple, list)) or len(example) != 2:
+        return example  # Pipeline names the error
+    return tuple(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct((np.shape(a)[0] * count,) + np.shape(a)[1:], np.asarray(a).dtype)
+                     if np.ndim(a) else a, part)
+        for part in example
+    )
+
+
+def _place_eval(pipe: Pipeline, batches: list, per_process: bool = False) -> list:
     placed = []
     for i, batch in enumerate(batches):
         try:
-            placed.append(pipe.shard_batch(batch))
+            placed.append(pipe.shard_batch(batch, per_process=per_process))
         except (TypeError, ValueError) as err:
             raise type(err)(f"eval_data batch {i}: {err}") from err
     return placed

@@ -46,7 +46,8 @@ def _train(model_fn=MLP, mesh_shape=(1, 1), data=None, steps=1, **options):
 def test_mesh_needing_more_devices_than_there_are():
     message = (
         r"mesh_shape=\(4, 4\) needs 16 devices but only 8 are available \(cpu\); use a mesh with "
-        r"data \* pipe <= 8, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=16"
+        r"data \* pipe <= 8; or run several processes, e.g. `python -m jaxpipe.launch --nproc 16 -- python "
+        r"your_script.py` on this machine .*; or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=16"
     )
     with pytest.raises(ValueError, match=message):
         _pipeline(mesh_shape=(4, 4))
@@ -179,18 +180,33 @@ def test_layer_with_batch_statistics():
 
     with pytest.raises(
         TypeError,
-        match=r"layer 1 \(BatchNorm\) holds batch statistics or RNG state at \[.*'mean'.*\]; "
-        r"jaxpipe trains nnx.Param state only",
+        match=r"layer 1 \(BatchNorm\) holds batch statistics at \['mean', 'var'\] that it would update; "
+        r"jaxpipe trains nnx.Param state only.*schedule's order.*nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm.*"
+        r"use_running_average=True",
     ):
         _pipeline(model_fn)
+
+
+def test_nested_batch_statistics_are_named_by_path():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(6, 5, rngs=rngs)
+            self.norm = nnx.BatchNorm(5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.linear(x))
+
+    with pytest.raises(TypeError, match=r"layer 0 \(Block\) holds batch statistics at \['norm/mean', 'norm/var'\]"):
+        _pipeline(lambda rngs: [Block(rngs)])
 
 
 def test_dropout_with_rng_state():
     def model_fn(rngs):
         return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)]
 
-    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds batch statistics or RNG state at \[.*rngs.*\].*without rngs"):
+    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds RNG state at \[.*rngs.*\].*without rngs") as err:
         _pipeline(model_fn)
+    assert "batch statistics" not in str(err.value)
 
 
 def test_dropout_without_rngs_is_accepted():
