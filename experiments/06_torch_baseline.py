@@ -39,6 +39,11 @@ show the comparison with equal matmul kernels.
 Writes ``experiments/results/torch_baseline.json`` and ``.csv``. Needs the
 ``bench`` extra (``pip install -e ".[bench]"``). Run:
 ``python experiments/06_torch_baseline.py``.
+
+``EXP06_MODEL=resmlp`` runs issue 10's configuration instead: 3 residual
+MLP blocks ``x + W2 tanh(W1 x)``, width 512, hidden 2048, M = 8 micro-batches
+of 128 rows (``jaxpipe.models.residual_mlp``; the same blocks in torch), and
+writes ``torch_baseline_resmlp.{json,csv}``.
 """
 
 import contextlib
@@ -56,7 +61,12 @@ import sys
 import tempfile
 import time
 
-WIDTH, ROWS, M, BLOCKS = 2048, 256, 8, 3
+MODEL = os.environ.get("EXP06_MODEL", "dense")  # "dense": experiment 01 (a); "resmlp": issue 10's model
+if MODEL not in ("dense", "resmlp"):
+    raise SystemExit(f"EXP06_MODEL={MODEL!r}: use 'dense' or 'resmlp'")
+WIDTH, ROWS, M, BLOCKS = (2048, 256, 8, 3) if MODEL == "dense" else (512, 128, 8, 3)
+HIDDEN = 4 * WIDTH  # resmlp only: each block is x + W2 tanh(W1 x)
+SUFFIX = "" if MODEL == "dense" else "_resmlp"
 WARMUP, STEPS, REPEATS, MICRO_REPS, PROFILE_STEPS = 3, 10, 3, 30, 4
 TORCH_CUTS = ((1, 2), (2, 1))
 JAX_SCHEDULES = ("1f1b", "balanced")
@@ -86,6 +96,16 @@ def _torch_blocks():
     from torch import nn
 
     torch.manual_seed(0)
+    if MODEL == "resmlp":
+        class Residual(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, WIDTH))
+
+            def forward(self, x):
+                return x + self.body(x)
+
+        return [Residual() for _ in range(BLOCKS)]
     return [
         nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.GELU(approximate="tanh")) if i < BLOCKS - 1
         else nn.Linear(WIDTH, WIDTH)
@@ -166,7 +186,8 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
     from jaxpipe import models
 
     batch = _batch()
-    pipe = jaxpipe.Pipeline(models.mlp([WIDTH] * (BLOCKS + 1)), (1, 2), lambda o, t: jnp.mean((o - t) ** 2),
+    model_fn = models.mlp([WIDTH] * (BLOCKS + 1)) if MODEL == "dense" else models.residual_mlp(WIDTH, HIDDEN, BLOCKS)
+    pipe = jaxpipe.Pipeline(model_fn, (1, 2), lambda o, t: jnp.mean((o - t) ** 2),
                             optax.sgd(1e-4), M, batch, schedule=schedule)
     state = pipe.init()
     placed = pipe.shard_batch(batch)
@@ -312,7 +333,9 @@ def jax_micro(env_names: dict) -> None:
 
     from jaxpipe import models
 
-    graphdef, params = nnx.split(models.Dense(WIDTH, WIDTH, activate=True, rngs=nnx.Rngs(0)))
+    block = (models.Dense(WIDTH, WIDTH, activate=True, rngs=nnx.Rngs(0)) if MODEL == "dense"
+             else models.ResidualBlock(WIDTH, HIDDEN, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(block)
 
     def apply(p, x):
         return nnx.merge(graphdef, p)(x)
@@ -432,8 +455,8 @@ def _git_state() -> str:
 
 def _write(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "torch_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(RESULTS / "torch_baseline.csv", "w", newline="") as f:
+    (RESULTS / f"torch_baseline{SUFFIX}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(RESULTS / f"torch_baseline{SUFFIX}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["repeat", "config", "partition", "step_s", "step_min_s", "first_loss", "last_loss"])
         for repeat, runs in enumerate(result["runs"]):
@@ -508,7 +531,8 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
     for key, value in estimates.items():
         print(f"estimate {key}: {value * 1e3:.1f} ms")
     _write({
-        "model": f"mlp([{WIDTH}] * {BLOCKS + 1}), tanh-GELU, MSE, SGD(1e-4), float32",
+        "model": (f"mlp([{WIDTH}] * {BLOCKS + 1}), tanh-GELU" if MODEL == "dense"
+                  else f"residual_mlp({WIDTH}, {HIDDEN}, {BLOCKS}), tanh") + ", MSE, SGD(1e-4), float32",
         "processes": 2, "threads_per_process": 1, "rows_per_microbatch": ROWS, "M": M,
         "warmup_steps": WARMUP, "timed_steps": STEPS, "repeats": REPEATS, "profiled_steps": PROFILE_STEPS,
         "versions": {"torch": torch_version, "jax": jax_version, "python": sys.version.split()[0],

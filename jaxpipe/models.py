@@ -1,4 +1,4 @@
-"""Small ready-made layer lists: an MLP, a transformer LM and a conv net.
+"""Small ready-made layer lists: MLPs, a transformer LM and a conv net.
 
 Used by the quickstart, the tests and the experiments. Each builder returns a
 ``model_fn``: ``(nnx.Rngs) -> list[nnx.Module]``, the layers in order.
@@ -43,6 +43,30 @@ def mlp(widths: Sequence[int]) -> ModelFn:
         return [
             Dense(widths[i], widths[i + 1], activate=i < n - 1, rngs=rngs) for i in range(n)
         ]
+
+    return model_fn
+
+
+class ResidualBlock(nnx.Module):
+    """``x + W2 tanh(W1 x)``: ``[B, D] -> [B, D]`` through a hidden layer of ``hidden`` units."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(dim, hidden, rngs=rngs)
+        self.down = nnx.Linear(hidden, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.down(jnp.tanh(self.up(x)))
+
+
+def residual_mlp(dim: int, hidden: int, blocks: int) -> ModelFn:
+    """``blocks`` residual MLP blocks of width ``dim`` with ``hidden`` units each.
+
+    Returns:
+      A ``model_fn``.
+    """
+
+    def model_fn(rngs: nnx.Rngs) -> list[nnx.Module]:
+        return [ResidualBlock(dim, hidden, rngs=rngs) for _ in range(blocks)]
 
     return model_fn
 

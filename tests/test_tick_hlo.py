@@ -18,9 +18,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hlo import loop_bodies, movement_in
 
 import jaxpipe
+from jaxpipe.hlo import loop_bodies, movement_in
 
 WIDTH, ROWS = 256, 2
 
