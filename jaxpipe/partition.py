@@ -1,8 +1,8 @@
 """Cutting the layer list into contiguous runs, one per pipe device.
 
-The partitioner is pure Python over a cost vector (DESIGN.md rule 4); the
-cost estimate comes from XLA's cost analysis of each layer's forward and
-backward pass on one micro-batch.
+The partitioner is pure Python over a cost vector (``docs/design.md``,
+"Pure planning"); the cost estimate comes from XLA's cost analysis of each
+layer's forward and backward pass on one micro-batch.
 """
 
 from __future__ import annotations

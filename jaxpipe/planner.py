@@ -1,7 +1,7 @@
 """The planner: predict each candidate schedule with the simulator, pick the fastest.
 
-Pure NumPy over per-layer costs (DESIGN.md rule 4). A candidate is a
-partition (integer min-max cuts, or fractional cuts that split layers by
+Pure NumPy over per-layer costs (``docs/design.md``, "Pure planning"). A
+candidate is a partition (integer min-max cuts, or fractional cuts that split layers by
 rows) with an order (GPipe, 1F1B, interleaved 1F1B with V chunks). Each is
 turned into per-stage forward and backward costs as the table executor pays
 them and timed on the packed ticks the executor runs (``ticks.py``: up to one

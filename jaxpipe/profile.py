@@ -2,7 +2,7 @@
 
 The balanced planner cuts the layer line by time, so it needs each layer's
 forward and backward time on one micro-batch, measured where the pipeline will
-run (DESIGN.md, "The load-balanced hybrid schedule"). ``profile`` runs every
+run (``docs/design.md``, "Fractional (row-split) cuts"). ``profile`` runs every
 layer on a real micro-batch (the outputs of the layers before it), times a
 jitted forward and a jitted backward (the vjp given the forward's residuals)
 with ``warmup`` untimed calls then the median of ``repeats`` timed ones, and
