@@ -22,7 +22,7 @@ renames it to ``<step>`` when complete, and only complete folders count as
 checkpoints, so a crash mid-save leaves the previous checkpoint the newest.
 
 Several processes (``jax.distributed``): every process must call ``save``
-and ``restore`` (``to_layers`` gathers the rows other processes hold, and
+and ``restore`` (``to_layers`` gathers the stack entries other processes hold, and
 orbax synchronises the processes); the arrays are identical host copies on
 every process and orbax writes them from process 0 only. The directory must
 be one shared file system that every process can read.

@@ -190,16 +190,17 @@ def scheduled_loss_and_grad(
         p = lax.axis_index(PIPE_AXIS)
         lanes = make_lanes(
             plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
-            (weights, zero_f, zero_i, index_microbatch(inputs, 0)),
+            (weights, zero_f, zero_i, index_microbatch(inputs, 0), index_microbatch(targets, 0)),
         )
 
         def tick(state: TickState, row: TickColumns):
             cell = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, p, keepdims=False), row)
             state = _store_arrivals(state, cell)
             f_mb, b_mb = jnp.maximum(cell.forward_mb, 0), jnp.maximum(cell.backward_mb, 0)
-            send_f, send_i, produced = lax.switch(
+            send_f, send_i, produced, early_loss = lax.switch(
                 cell.forward_branch, lanes.forwards, weights, _read(state.stash_f, cell.forward_slot),
                 _read(state.stash_i, cell.forward_slot), index_microbatch(inputs, f_mb),
+                index_microbatch(targets, f_mb),
             )
             acc, send_g, loss = run_backward(
                 lanes, cell.backward_branch, weights, state.acc,
@@ -213,7 +214,7 @@ def scheduled_loss_and_grad(
                     send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
             state = state._replace(
-                acc=acc, loss_sum=state.loss_sum + loss, arrived_f=send_f, arrived_i=send_i, arrived_g=send_g,
+                acc=acc, loss_sum=state.loss_sum + early_loss + loss, arrived_f=send_f, arrived_i=send_i, arrived_g=send_g,
                 pending=produced, pending_slot=cell.residual_slot,
             )
             return state, None

@@ -42,8 +42,9 @@ def receive(plan: StagePlan, s: int, in_f, in_i):
     layer, k = plan.entry(s)
     carrier = plan.carrier
     pending = carrier.unpack(plan.boundaries[layer], in_f[k:], in_i[k:])
-    done = carrier.unpack(plan.boundaries[layer + 1], in_f[:k], in_i[:k]) if k else None
-    return done, pending
+    if not k or plan.boundaries[layer + 1] is None:  # split_loss: rows [0, k) of the last layer are done upstream
+        return None, pending
+    return carrier.unpack(plan.boundaries[layer + 1], in_f[:k], in_i[:k]), pending
 
 
 def send(plan: StagePlan, s: int, done, pending):
@@ -51,6 +52,10 @@ def send(plan: StagePlan, s: int, done, pending):
     carrier, last = plan.carrier, plan.stage_pieces[s][-1]
     if last.stop == carrier.rows:
         return carrier.pack(plan.boundaries[last.layer + 1], pending)
+    if plan.boundaries[last.layer + 1] is None:  # split_loss: this stage took the loss of its rows
+        pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
+        zero_f, zero_i = carrier.zeros(last.stop)
+        return jnp.concatenate([zero_f, pend_f]), jnp.concatenate([zero_i, pend_i])
     done_f, done_i = carrier.pack(plan.boundaries[last.layer + 1], done)
     pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
@@ -91,8 +96,37 @@ def stage_trees(plan: StagePlan, s: int, weights) -> list[Any]:
     return [plan.copy_tree(weights, copy) for copy in plan.stage_copies[s]]
 
 
-def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
-    """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function."""
+def partial_loss(plan: StagePlan, s: int, done, y, loss_of: Callable) -> jax.Array:
+    """The loss of the rows ``[r0, r1)`` of the last layer stage ``s`` computed, weighted by ``(r1 - r0) / B``.
+
+    ``loss_fn`` is a mean over rows, so these shares add up to the
+    micro-batch's loss.
+    """
+    r0, r1 = plan.loss_rows(s)
+    share = (r1 - r0) / plan.carrier.rows
+    return jnp.asarray(loss_of(done, _rows(y, r0, r1)), jnp.float32) * share
+
+
+def takes_loss_early(plan: StagePlan, s: int) -> bool:
+    """Whether stage ``s`` (not the last) computes the loss of its rows of the last layer."""
+    return s < plan.num_stages - 1 and plan.loss_rows(s) is not None
+
+
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None, y=None, loss_of=None):
+    """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function.
+
+    A stage that takes the loss of its rows early differentiates
+    ``(send_f, loss)``; its ``send_i`` is then ``(send_i, loss)``.
+    """
+    if takes_loss_early(plan, s):
+        def f(trees_, in_f_):
+            done, pending = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+            send_f, send_i = send(plan, s, done, pending)
+            loss = partial_loss(plan, s, done, y, loss_of)
+            return (send_f, loss), (send_i, loss)
+
+        (send_f, _), vjp, aux = jax.vjp(f, trees, in_f, has_aux=True)
+        return send_f, vjp, aux
 
     def f(trees_, in_f_):
         return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype))
@@ -131,9 +165,14 @@ class Residuals(NamedTuple):
         return out
 
 
-def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None) -> Residuals:
-    """Traces stage ``s`` once (abstractly) to find which residuals to store."""
-    treedef, residuals = vjp_residuals(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *args)
+def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None, y=None, loss_of=None) -> Residuals:
+    """Traces stage ``s`` once (abstractly) to find which residuals to store.
+
+    ``args`` are ``(trees, in_f, in_i, x)``; a stage that takes its loss
+    early also reads the targets ``y`` (not stored: an input).
+    """
+    treedef, residuals = vjp_residuals(
+        lambda *a: _stage_vjp(plan, s, *a[:4], compute_dtype, a[4], loss_of)[1], *args, y)
     offsets, used = [], {}
     for shape, dtype, where in residuals:
         offsets.append(used.get(dtype, 0) if where < 0 else -1)
@@ -148,7 +187,8 @@ class Lanes(NamedTuple):
 
     Attributes:
       forwards: ``[idle, forward_0 .. forward_{S-2}]`` for one ``lax.switch``,
-        each ``(weights, in_f, in_i, x) -> (send_f, send_i, saved)``.
+        each ``(weights, in_f, in_i, x, y) -> (send_f, send_i, saved, loss)``
+        (``loss``: the share a stage that takes its loss early computed).
       backwards: ``[S]`` stage backwards, each run under its own two-branch
         ``lax.cond`` (see ``run_backward``): ``(weights, acc_s, in_f, in_i,
         cot_f, saved, x, y) -> (acc_s, send_grad, loss)``, ``acc_s`` the
@@ -208,7 +248,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
       loss_scale: each micro-batch loss's weight in the step loss.
       remat: recompute forwards in the backward lane.
       compute_dtype: dtype the stages compute in, or ``None``.
-      args: ``(weights, in_f, in_i, x)`` examples, to trace residual sizes.
+      args: ``(weights, in_f, in_i, x, y)`` examples, to trace residual sizes.
     """
     carrier, last = plan.carrier, plan.num_stages - 1
 
@@ -217,9 +257,10 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
 
     specs = {}
     if not remat:
-        weights, in_f, in_i, x = args
+        weights, in_f, in_i, x, y = args
         for s in range(last):
-            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x), compute_dtype)
+            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x), compute_dtype,
+                                       y if takes_loss_early(plan, s) else None, loss_of)
     sizes: dict = {}
     for spec in specs.values():
         for dtype, n in spec.sizes().items():
@@ -231,17 +272,25 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     def no_residuals():
         return tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes))
 
-    def idle_forward(weights, in_f, in_i, x):
-        return carrier.zeros() + (no_residuals(),)
+    def idle_forward(weights, in_f, in_i, x, y):
+        return carrier.zeros() + (no_residuals(), jnp.zeros((), jnp.float32))
 
     def forward(s):
-        def branch(weights, in_f, in_i, x):
+        early = takes_loss_early(plan, s)
+
+        def branch(weights, in_f, in_i, x, y):
+            loss = jnp.zeros((), jnp.float32)
             with jax.named_scope(f"stage{s}_forward"):
                 trees = stage_trees(plan, s, weights)
                 if remat:
-                    return send(plan, s, *stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype)) + (
-                        no_residuals(),)
-                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
+                    done, pending = stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype)
+                    if early:
+                        loss = partial_loss(plan, s, done, y, loss_of)
+                    return send(plan, s, done, pending) + (no_residuals(), loss)
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype,
+                                                 y if early else None, loss_of)
+                if early:
+                    send_i, loss = send_i
                 parts = {d: [] for d in res_dtypes}
                 for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs):
                     if where < 0 and leaf.size:
@@ -251,7 +300,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
                             (0, n - sum(p.shape[0] for p in parts[d])))
                     for d, n in zip(res_dtypes, res_sizes)
                 )
-            return send_f, send_i, saved
+            return send_f, send_i, saved, loss
 
         return branch
 
@@ -261,22 +310,26 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     )
 
     def backward(s):
+        early = takes_loss_early(plan, s)
+
         def branch(weights, sub, in_f, in_i, cot_f, saved, x, y):
             with jax.named_scope(f"stage{s}_backward"):
                 trees = stage_trees(plan, s, weights)
                 loss = jnp.zeros((), jnp.float32)
+                scale = jnp.asarray(loss_scale, jnp.float32)
+                cotangent = (cot_f, scale) if early else cot_f
                 if s == last:
                     def f(trees_, in_f_):
                         _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
-                        return jnp.asarray(loss_of(out, y), jnp.float32)
+                        return partial_loss(plan, s, out, y, loss_of)
 
                     loss, vjp = jax.vjp(f, trees, in_f)
-                    g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
+                    g_trees, g_in = vjp(scale)
                 elif remat:
-                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
-                    g_trees, g_in = vjp(cot_f)
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype, y if early else None, loss_of)
+                    g_trees, g_in = vjp(cotangent)
                 else:
-                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x))
+                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, y if early else None))
                     vectors = dict(zip(res_dtypes, saved))
                     leaves = [
                         inputs[where] if where >= 0
@@ -284,7 +337,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
                         else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
                         for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
                     ]
-                    g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cot_f)
+                    g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cotangent)
                 acc = dict(zip(touched[s], sub))
                 for copy, g_tree in zip(plan.stage_copies[s], g_trees):
                     for k, g in zip(plan.stacks.places[copy], jax.tree.leaves(g_tree)):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from .dataflow import output_sources
 from .mesh import PIPE_AXIS
@@ -89,6 +89,7 @@ class LayerOptimizer:
       owners: per flattened state leaf, its layer or ``SHARED``.
       layout: the state stacks (items are layers, leaves their state leaves).
       shared: per flattened state leaf, its index in ``OptState.shared`` or -1.
+      structs: per flattened state leaf, its shape and dtype.
       per_device: which way ``update`` runs (see the module docstring).
       coupled: when not per device, why (for messages and notes).
     """
@@ -135,12 +136,6 @@ class LayerOptimizer:
     def leaf_positions(self, layer: int) -> list[int]:
         """Flattened state leaf indices of ``layer``, in its item's leaf order."""
         return [i for i, o in enumerate(self.owners) if o == layer]
-
-    def shardings(self, mesh: Mesh) -> OptState:
-        """Where each part of the state lives."""
-        pipe, replicated = NamedSharding(mesh, PartitionSpec(PIPE_AXIS)), NamedSharding(mesh, PartitionSpec())
-        n_shared = sum(1 for s in self.shared if s >= 0)
-        return OptState((pipe,) * self.layout.num_stacks, (replicated,) * n_shared)
 
     def to_tree(self, state: OptState) -> Any:
         """The state as the per-layer tree's optax state, on the host."""

@@ -154,7 +154,7 @@ class Pipeline:
         forward in the backward (less memory, one more forward per
         micro-batch). Default False for both executors.
       param_dtype: dtype of the master parameters, their gradients and the
-        optimizer state (the packed ``[P, N]`` buffers); default the layers'
+        optimizer state (the parameter and state stacks); default the layers'
         own parameter dtype.
       compute_dtype: dtype the layers compute in, e.g. ``jnp.bfloat16``
         (mixed precision); default ``None``: no casts. Each stage casts its
@@ -288,9 +288,9 @@ class Pipeline:
         outputs = structs[-1] if self.compute_dtype is None else loss_precision(structs[-1])
         self._check_loss(loss_fn, outputs, y_mb)
 
-        # Cuts balance forward + backward: the table executor's backward tick
-        # (recompute + backward) is its longest, and the last stage's forward
-        # is folded into it, so these loads set the lock-step tick length.
+        # Cuts balance forward + backward: in a packed 1F1B steady state every
+        # device runs one forward and one backward per tick, so these loads
+        # set the lock-step tick length.
         forward, backward, unit = layer_costs(costs, specs, run_params, structs)
         if jax.process_count() > 1:
             # Measured costs differ between processes; every process must cut
@@ -350,8 +350,16 @@ class Pipeline:
             if any(p.stop - p.start < self.microbatch_rows for p in stage) else len(stage)
             for stage in self.stages
         )
+        last_pieces = [p for stage in self.stages for p in stage if p.layer == len(specs) - 1]
+        # Loss where the rows live: when the last layer is split, each piece's device takes the
+        # loss of its rows (never shipping logits), if loss_fn is a mean over rows (probed).
+        self.split_loss = len(last_pieces) > 1 and _loss_is_row_mean(
+            loss_fn, outputs, jax.tree.map(lambda a: np.asarray(a)[: self.microbatch_rows], targets),
+            [(p.start, p.stop) for p in last_pieces],
+        )
         self.stage_plan = place_stages(
-            self.stages, self.num_devices, self.num_microbatches, specs, params, dtype, structs, x_mb
+            self.stages, self.num_devices, self.num_microbatches, specs, params, dtype, structs, x_mb,
+            split_loss=self.split_loss,
         )
         self._host_params = list(params)
 
@@ -601,6 +609,25 @@ class Pipeline:
     def optimizer_state_structs(self) -> Any:
         """The optimizer state of the per-layer tree, as shape structs."""
         return jax.tree.unflatten(self._layer_opt.treedef, list(self._layer_opt.structs))
+
+
+def _loss_is_row_mean(loss_fn: Callable, outputs: Any, targets: Any, blocks: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``loss_fn`` of a micro-batch equals its row blocks' losses weighted by their share of rows.
+
+    Probed on random outputs (the model output's shapes) and real targets.
+    """
+    rows = jax.tree.leaves(targets)[0].shape[0]
+    rng = np.random.default_rng(0)
+    out = jax.tree.map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32) if jnp.issubdtype(s.dtype, jnp.floating)
+        else np.zeros(s.shape, s.dtype), outputs)
+    cut = lambda tree, r0, r1: jax.tree.map(lambda a: a[r0:r1], tree)  # noqa: E731
+    try:
+        whole = float(loss_fn(out, targets))
+        parts = sum(float(loss_fn(cut(out, r0, r1), cut(targets, r0, r1))) * (r1 - r0) / rows for r0, r1 in blocks)
+    except Exception:  # noqa: BLE001 - a loss that fails on row blocks cannot be split
+        return False
+    return bool(np.isfinite(whole) and abs(whole - parts) <= 1e-5 * max(1.0, abs(whole)))
 
 
 def _host(leaf: Any) -> np.ndarray:

@@ -56,6 +56,10 @@ class StagePlan:
       num_microbatches: M.
       copy_layer: ``[C]`` the layer of each parameter copy.
       dtype: the parameters' dtype.
+      split_loss: when the last layer is split by rows, each of its pieces'
+        stages computes the loss of its own rows (weighted by its share of
+        the rows), so only the last layer's inputs cross devices, never its
+        outputs (logits); needs ``loss_fn`` to be a mean over rows.
     """
 
     specs: tuple[LayerSpec, ...]
@@ -68,6 +72,7 @@ class StagePlan:
     num_microbatches: int
     copy_layer: tuple[int, ...]
     dtype: Any
+    split_loss: bool = False
 
     @property
     def num_devices(self) -> int:
@@ -88,6 +93,21 @@ class StagePlan:
     def sends_ints(self) -> bool:
         """Whether an integer leaf crosses a stage boundary."""
         return any(b is not None and "int" in b.kinds for b in self.boundaries)
+
+    def loss_rows(self, s: int) -> tuple[int, int] | None:
+        """Rows ``[r0, r1)`` whose loss stage ``s`` computes, or ``None``.
+
+        The last stage computes the loss of the rows of the last layer it
+        runs; with ``split_loss`` so does every stage whose last piece is a
+        piece of the last layer.
+        """
+        last = self.stage_pieces[s][-1]
+        if last.layer != len(self.boundaries) - 2:
+            return None
+        if s == self.num_stages - 1 or self.split_loss:
+            start = last.start if self.split_loss else 0
+            return start, last.stop
+        return None
 
     def entry(self, s: int) -> tuple[int, int]:
         """``(layer, k)``: stage ``s`` receives layer ``layer`` done for rows ``[0, k)``."""
@@ -132,11 +152,12 @@ def place_stages(
     dtype: Any,
     structs: Sequence[Any],
     x_mb: Any,
+    split_loss: bool = False,
 ) -> StagePlan:
     """Places stages on devices: stage ``s = c * P + p`` on device ``p``.
 
-    A layer in several stages gets one parameter slot per stage: slot ``i``
-    (its first stage) is the owner, the others are copies. Only the
+    A layer in several stages gets one parameter copy per stage: copy ``i``
+    (in its first stage) is the owner copy, the others are extra copies. Only the
     activations that cross stages get a ``Boundary``; each is checked to
     follow the micro-batch rows.
 
@@ -149,6 +170,8 @@ def place_stages(
       dtype: the parameter dtype.
       structs: ``L + 1`` activation structures (``trace_boundaries``).
       x_mb: one micro-batch of model input (shape structs).
+      split_loss: compute the loss where the last layer's rows are
+        (``StagePlan.split_loss``); the model output then crosses no device.
 
     Returns:
       The ``StagePlan``.
@@ -173,7 +196,7 @@ def place_stages(
     needed = set()
     for stage in stages[1:]:
         needed.add(stage[0].layer)
-        if stage[0].start:
+        if stage[0].start and not (split_loss and stage[0].layer == num_layers - 1):
             needed.add(stage[0].layer + 1)
     boundaries = tuple(
         Boundary.from_struct(structs[i], rows, f"the output of layer {i - 1}") if i in needed else None
@@ -194,6 +217,7 @@ def place_stages(
     return StagePlan(
         copy_specs, StackLayout.build(items, num_devices), tuple(device_copies), tuple(map(tuple, stages)),
         tuple(stage_copies), boundaries, carrier, num_microbatches, tuple(copy_layer), jnp.dtype(dtype),
+        split_loss,
     )
 
 

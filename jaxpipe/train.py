@@ -50,7 +50,7 @@ class TrainResult(NamedTuple):
       losses: the mean training loss of each step this call ran (steps
         ``start_step + 1`` onwards).
       layers: the trained layers, as ``model_fn`` returns them.
-      state: the final ``TrainState`` (packed parameters and optimizer state).
+      state: the final ``TrainState`` (parameter and optimizer-state stacks).
       pipeline: the ``Pipeline`` that ran, for further steps or evaluation.
       start_step: the step this call started from: 0, or the step of the
         checkpoint it resumed.

@@ -7,7 +7,6 @@ rtol 1e-4, atol 2e-6). Split-layer copies must stay bitwise identical.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import optax
 import pytest
@@ -74,13 +73,35 @@ def test_layer_heavier_than_a_device_spans_three_devices():
     assert holders == [0, 1, 2]
 
 
-def test_transformer_with_heavy_output_layer():
+@pytest.mark.parametrize("mesh, remat", [((1, 4), False), ((2, 4), True)])
+def test_transformer_with_heavy_output_layer(mesh, remat):
+    """The head is split: each of its devices takes the loss of its rows, so logits never cross devices.
+
+    The messages then carry hidden states only: the carrier is as wide as a
+    hidden state (seq x dim = 48 floats), not as the logits (seq x vocab = 66).
+    """
     case = CASES["lm"]
     costs = [0.2] + [1.0] * 6 + [3.0]  # the head costs about three blocks
-    pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (1, 4), 4, 4, schedule="balanced", costs=costs)
+    pipe = _check(case.model_fn, case.loss_fn, case.make_batch, mesh, 4, 4, schedule="balanced", costs=costs,
+                  remat=remat)
     assert 7 in _split_layers(pipe)  # the head is split between the last devices
+    assert pipe.split_loss and pipe.stage_plan.carrier.float_width == 6 * 8
     loads = pipe.plan.chosen.loads
     assert loads.max() / loads.mean() < pipe.plan.plain.loads.max() / pipe.plan.plain.loads.mean()
+
+
+def test_a_loss_that_is_not_a_row_mean_keeps_the_whole_output_together():
+    """A summed loss cannot be split by rows: the split head ships its rows and the last device takes the loss."""
+    case = CASES["lm"]
+
+    def summed(logits, targets):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+    costs = [0.2] + [1.0] * 6 + [3.0]
+    pipe = _check(case.model_fn, summed, case.make_batch, (1, 4), 4, 4, reference_microbatches=4,
+                  schedule="balanced", costs=costs)
+    assert 7 in _split_layers(pipe) and not pipe.split_loss
+    assert pipe.stage_plan.carrier.float_width == 6 * 11
 
 
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("interleaved", 2)])

@@ -12,7 +12,6 @@ or more), so this test failed there.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
