@@ -69,15 +69,26 @@ def loop_bodies(text: str) -> list[str]:
     return bodies
 
 
+def _update_bytes(comps: dict, computation: str, rest: str) -> int | None:
+    """Bytes of a ``dynamic-update-slice``'s update operand (its second), looked up in ``computation``."""
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+    if len(operands) < 2:
+        return None
+    shapes = {name: shape for name, shape, *_ in comps.get(computation, [])}
+    return shape_bytes(shapes[operands[1]]) if operands[1] in shapes else None
+
+
 def movement_in(text: str, root: str) -> list[tuple[str, str, int]]:
     """``(computation, opcode, bytes)`` of every data-movement operation reachable from ``root``.
 
     Fusions count as the opcode of their fused root (a fusion whose root is
     a ``copy`` moves data; one whose root is an ``add`` computes). Bitcasts
-    are free and not listed.
+    are free and not listed. A ``dynamic-update-slice`` (in place) counts
+    the bytes of its update, not of the buffer it writes into.
     """
     comps = computations(text)
     roots = {name: next((op for _, _, op, _, r in instrs if r), None) for name, instrs in comps.items()}
+    root_rest = {name: next((rest for _, _, _, rest, r in instrs if r), "") for name, instrs in comps.items()}
     seen, todo, out = set(), [root], []
     while todo:
         name = todo.pop()
@@ -85,12 +96,16 @@ def movement_in(text: str, root: str) -> list[tuple[str, str, int]]:
             continue
         seen.add(name)
         for _, shape, opcode, rest, _ in comps[name]:
-            kind = opcode
+            kind, size = opcode, shape_bytes(shape)
             if opcode == "fusion":
                 fused = called(rest)
                 kind = roots.get(fused[0]) if fused else None
+                if kind == "dynamic-update-slice":
+                    size = _update_bytes(comps, fused[0], root_rest[fused[0]]) or size
             else:
                 todo += called(rest)
+                if kind == "dynamic-update-slice":
+                    size = _update_bytes(comps, name, rest) or size
             if kind in MOVEMENT:
-                out.append((name, kind, shape_bytes(shape)))
+                out.append((name, kind, size))
     return out

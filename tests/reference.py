@@ -81,3 +81,30 @@ def assert_trees_close(actual, expected, rtol, atol, what):
             np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
             err_msg=f"{what} at {jax.tree_util.keystr(path)}",
         )
+
+
+# Float32 tolerances for a pipeline against this reference: the pipeline sums micro-batch
+# losses and gradients in another order, which moves results by a few ulps; a wrong gradient
+# (a missing micro-batch, a wrong device or scale) moves them by orders of magnitude more.
+LOSS_RTOL = 2e-5
+PARAM_RTOL, PARAM_ATOL = 1e-4, 2e-6
+
+
+def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=None):
+    """Trains ``pipe`` one step per batch of ``data`` and compares with the reference run.
+
+    With ``ref_grads`` the first batch's loss and gradient are compared first
+    (one more compilation). Returns the final state.
+    """
+    state = pipe.init()
+    if ref_grads is not None:
+        loss, grads = pipe.loss_and_grad(state.params, data[0])
+        np.testing.assert_allclose(float(loss), ref_losses[0], rtol=LOSS_RTOL, err_msg="first loss")
+        assert_trees_close(pipe.unpack(grads), ref_grads, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="gradients")
+    losses = []
+    for batch in data:
+        state, loss = pipe.train_step(state, batch)
+        losses.append(float(loss))
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
+    assert_trees_close(pipe.unpack(state.params), ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
+    return state

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 from models_for_tests import CASES, batches
-from reference import assert_trees_close, reference_run
+from reference import assert_trains_like_reference, reference_run
 
 import jaxpipe
 
@@ -73,13 +73,7 @@ def test_optimizer_matches_reference(opt_name, plan):
     pipe = jaxpipe.Pipeline(case.model_fn, mesh, case.loss_fn, OPTIMIZERS[opt_name](case), m, data[0], **options)
     if plan == "balanced":
         assert pipe.stage_plan.num_layers < len(pipe.stage_plan.copy_layer), "the balanced plan must split a layer"
-    state = pipe.init()
-    losses = []
-    for batch in data:
-        state, loss = pipe.train_step(state, batch)
-        losses.append(float(loss))
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(pipe.unpack(state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
+    assert_trains_like_reference(pipe, data, ref_losses, ref_params)
 
 
 def test_mode_follows_coupling():

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from models_for_tests import CASES, batches
-from reference import assert_trees_close, reference_run
+from reference import assert_trains_like_reference, reference_run
 
 import jaxpipe
 
@@ -45,17 +45,7 @@ def _check(case_name, mesh, m, check_grads=False, **options):
     data = batches(case, rows)
     ref_losses, ref_grads, ref_params = _reference(case_name, rows)
     pipe = jaxpipe.Pipeline(case.model_fn, mesh, case.loss_fn, OPTIMIZER, m, data[0], **options)
-    state = pipe.init()
-    if check_grads:
-        loss, grads = pipe.loss_and_grad(state.params, data[0])
-        np.testing.assert_allclose(float(loss), ref_losses[0], rtol=2e-5, err_msg="loss")
-        assert_trees_close(pipe.unpack(grads), ref_grads, rtol=1e-4, atol=2e-6, what="gradients")
-    losses = []
-    for batch in data:
-        state, loss = pipe.train_step(state, batch)
-        losses.append(float(loss))
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(pipe.unpack(state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
+    assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads if check_grads else None)
     return pipe
 
 
