@@ -149,8 +149,8 @@ def test_train_with_own_data_and_loss_matches_reference(capsys, tmp_path):
     (["train", TINY, "--checkpoint-every", "2"], "checkpoint_every=2 needs checkpoint_dir"),
     (["train", TINY, "--batch-size", "7", "--mesh", "2,1"], "the global batch has 7 rows"),
     (["plan", "nocolon", "--input-shape", "4,8"], "expected MODULE:FUNCTION"),
-    (["simulate", TINY, "--input-shape", f"4,{SEQ}", "--input-dtype", "int32", "--mesh", "1,8"],
-     "has 8 pipe devices"),
+    (["simulate", TINY, "--input-shape", f"4,{SEQ}", "--input-dtype", "int32", "--mesh", "1,8",
+      "--schedule", "1f1b"], "has 8 pipe devices"),
 ])
 def test_bad_input_exits_with_one_line(capsys, argv, message):
     err = _error(capsys, argv)
