@@ -56,7 +56,7 @@ def send(plan: StagePlan, s: int, done, pending):
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
 
 
-def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
+def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None, key=None, deterministic=False):
     """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
 
     The state between pieces is ``(done, pending)``: the current layer's
@@ -64,7 +64,9 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
     ``(layer, r0, r1)`` computes rows ``[r0, r1)``; when it reaches the last
     row, the layer's full output becomes the next layer's input. With a
     ``compute_dtype`` each piece's float inputs are cast to it (``trees``
-    already are).
+    already are). ``key`` is the micro-batch's key data for layers that draw
+    random numbers (``rng.py``); ``deterministic`` runs every layer in
+    evaluation mode.
 
     Returns:
       The exit state ``(done, pending)``; for a stage whose last piece ends a
@@ -77,7 +79,7 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
         spec = plan.specs[piece.layer]
         with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
             rows_in = cast_floats(_rows(pending, 0, piece.stop - piece.start), compute_dtype)
-            part = apply_layer(spec, params, rows_in)
+            part = apply_layer(spec, params, rows_in, key, deterministic)
         part = part if done is None else _concat_rows(done, part)
         if piece.stop == rows:
             done, pending = None, part
@@ -91,11 +93,11 @@ def stage_trees(plan: StagePlan, s: int, weights) -> list[Any]:
     return [plan.copy_tree(weights, copy) for copy in plan.stage_copies[s]]
 
 
-def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, key, compute_dtype=None):
     """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function."""
 
     def f(trees_, in_f_):
-        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype))
+        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key))
 
     return jax.vjp(f, trees, in_f, has_aux=True)
 
@@ -105,7 +107,7 @@ class Residuals(NamedTuple):
 
     ``jax.vjp``'s backward function is a pytree whose leaves are the
     residuals. Leaves that are the stage's own inputs (parameters, the
-    stashed message, the micro-batch) are not stored: the backward lane reads
+    stashed message, the micro-batch, its key) are not stored: the backward lane reads
     them again. The others are packed per dtype into flat buffer-slot vectors.
 
     Attributes:
@@ -133,7 +135,7 @@ class Residuals(NamedTuple):
 
 def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None) -> Residuals:
     """Traces stage ``s`` once (abstractly) to find which residuals to store."""
-    treedef, residuals = vjp_residuals(lambda *a: _stage_vjp(plan, s, *a, compute_dtype)[1], *args)
+    treedef, residuals = vjp_residuals(lambda *a: _stage_vjp(plan, s, *a, compute_dtype=compute_dtype)[1], *args)
     offsets, used = [], {}
     for shape, dtype, where in residuals:
         offsets.append(used.get(dtype, 0) if where < 0 else -1)
@@ -148,10 +150,12 @@ class Lanes(NamedTuple):
 
     Attributes:
       forwards: ``[idle, forward_0 .. forward_{S-2}]`` for one ``lax.switch``,
-        each ``(weights, in_f, in_i, x) -> (send_f, send_i, saved)``.
+        each ``(weights, in_f, in_i, x, key) -> (send_f, send_i, saved)``
+        (``key``: the micro-batch's key data, or ``None`` when no layer
+        draws random numbers).
       backwards: ``[S]`` stage backwards, each run under its own two-branch
         ``lax.cond`` (see ``run_backward``): ``(weights, acc_s, in_f, in_i,
-        cot_f, saved, x, y) -> (acc_s, send_grad, loss)``, ``acc_s`` the
+        cot_f, saved, x, y, key) -> (acc_s, send_grad, loss)``, ``acc_s`` the
         accumulator stacks the stage adds into (``touched[s]``).
       touched: ``[S]`` the accumulator stacks each stage's backward adds into.
       res_dtypes: dtypes of the residual vectors.
@@ -208,7 +212,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
       loss_scale: each micro-batch loss's weight in the step loss.
       remat: recompute forwards in the backward lane.
       compute_dtype: dtype the stages compute in, or ``None``.
-      args: ``(weights, in_f, in_i, x)`` examples, to trace residual sizes.
+      args: ``(weights, in_f, in_i, x, key)`` examples, to trace residual sizes.
     """
     carrier, last = plan.carrier, plan.num_stages - 1
 
@@ -217,9 +221,9 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
 
     specs = {}
     if not remat:
-        weights, in_f, in_i, x = args
+        weights, in_f, in_i, x, key = args
         for s in range(last):
-            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x), compute_dtype)
+            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x, key), compute_dtype)
     sizes: dict = {}
     for spec in specs.values():
         for dtype, n in spec.sizes().items():
@@ -231,17 +235,17 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     def no_residuals():
         return tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes))
 
-    def idle_forward(weights, in_f, in_i, x):
+    def idle_forward(weights, in_f, in_i, x, key):
         return carrier.zeros() + (no_residuals(),)
 
     def forward(s):
-        def branch(weights, in_f, in_i, x):
+        def branch(weights, in_f, in_i, x, key):
             with jax.named_scope(f"stage{s}_forward"):
                 trees = stage_trees(plan, s, weights)
                 if remat:
-                    return send(plan, s, *stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype)) + (
+                    return send(plan, s, *stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype, key)) + (
                         no_residuals(),)
-                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype)
                 parts = {d: [] for d in res_dtypes}
                 for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs):
                     if where < 0 and leaf.size:
@@ -261,22 +265,22 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     )
 
     def backward(s):
-        def branch(weights, sub, in_f, in_i, cot_f, saved, x, y):
+        def branch(weights, sub, in_f, in_i, cot_f, saved, x, y, key):
             with jax.named_scope(f"stage{s}_backward"):
                 trees = stage_trees(plan, s, weights)
                 loss = jnp.zeros((), jnp.float32)
                 if s == last:
                     def f(trees_, in_f_):
-                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
                         return jnp.asarray(loss_of(out, y), jnp.float32)
 
                     loss, vjp = jax.vjp(f, trees, in_f)
                     g_trees, g_in = vjp(jnp.asarray(loss_scale, jnp.float32))
                 elif remat:
-                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype)
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype)
                     g_trees, g_in = vjp(cot_f)
                 else:
-                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x))
+                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, key))
                     vectors = dict(zip(res_dtypes, saved))
                     leaves = [
                         inputs[where] if where >= 0
