@@ -27,7 +27,7 @@ from .executor import index_microbatch, local_views
 from .lanes import send, stage_apply, stage_trees
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan
-from .rng import draws_in_eval
+from .rng import draws
 from .stages import cast_floats, loss_precision
 
 
@@ -44,7 +44,7 @@ def check_deterministic(plan: StagePlan, params: Sequence[Any], structs: Sequenc
     """
     for layer in range(plan.num_layers):
         spec = plan.specs[layer]
-        if spec.streams and draws_in_eval(spec, params[layer], structs[layer]):
+        if spec.streams and draws(spec, params[layer], structs[layer], deterministic=True):
             raise ValueError(
                 f"layer {layer} ({spec.name}) still uses its RNG streams {['/'.join(map(str, p)) for p in spec.streams]} "
                 "after layer.eval(), so its evaluation loss would be random; make its randomness follow a "

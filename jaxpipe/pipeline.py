@@ -35,6 +35,7 @@ from .partition import (
 )
 from .optimizer import LayerOptimizer, OptState, local_init, local_updates, whole_tree_update
 from .placement import place_stages, sync_copies
+from .rng import draws
 from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, make_schedule
 from .stages import (
@@ -313,7 +314,10 @@ class Pipeline:
         else:
             mixing = set()
         # A layer that draws random numbers is never split (rng.py): a piece cannot draw its rows' share.
-        random = {i for i, spec in enumerate(specs) if spec.streams}
+        random = {
+            i for i, (spec, p) in enumerate(zip(specs, run_params))
+            if spec.streams and draws(spec, p, structs[i], deterministic=False)
+        }
         self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing | random))
         common = dict(
             forward=forward, backward=backward, num_devices=self.num_devices,

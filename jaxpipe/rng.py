@@ -14,10 +14,10 @@ keeps neither: for every step and micro-batch it sets stream ``j`` of layer
 
 with ``g = replica * M + m``. Nothing else enters, so every mesh, schedule
 and cut draws the same numbers for the same global batch and the same rows
-per micro-batch ``B``. Layers that hold streams are never split by rows
-(``Pipeline.unsplittable``): a piece of a layer would draw its own rows'
-numbers from the whole micro-batch's key, which a layer's own calls
-(``random.bernoulli(key, x.shape)``) cannot do.
+per micro-batch ``B``. Layers whose output depends on their streams
+(``draws``) are never split by rows (``Pipeline.unsplittable``): a piece of a
+layer would have to draw its own rows' numbers from the whole micro-batch's
+key, which a layer's own calls (``random.bernoulli(key, x.shape)``) cannot do.
 
 Keys travel between functions as raw ``uint32`` key data, so no typed key
 array ever becomes a switch operand or a stored residual.
@@ -100,23 +100,26 @@ def _tainted_outputs(jaxpr: Any, tainted_inputs: Sequence[bool]) -> list[bool]:
     return [not isinstance(v, jax.extend.core.Literal) and v in tainted for v in jaxpr.outvars]
 
 
-def draws_in_eval(spec: Any, params: Any, x: Any) -> bool:
-    """Whether layer ``spec`` in evaluation mode still uses its RNG streams.
+def draws(spec: Any, params: Any, x: Any, deterministic: bool) -> bool:
+    """Whether layer ``spec``'s output depends on its RNG streams' keys.
 
-    Traced abstractly: the output's dependence on the stream keys is followed
-    through the layer's program (conservatively: an operation with a key
-    among its inputs counts as using it, except inside nested jitted calls,
-    which are followed).
+    Traced abstractly: the dependence is followed through the layer's
+    program, conservatively (an operation with a key among its inputs counts
+    as using it, except nested jitted calls, which are followed). A Linen
+    bridge draws from its streams on every call, but a module without
+    dropout never uses the result.
 
     Args:
       spec: a ``stages.LayerSpec`` with RNG streams.
       params: its parameter tree (or shape structs).
       x: its input (shape structs).
+      deterministic: check the layer in evaluation mode (``layer.eval()``).
     """
     from .stages import apply_layer  # stages imports this module
 
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    closed = jax.make_jaxpr(lambda k, p, h: apply_layer(spec, p, h, key=k, deterministic=True))(key, params, x)
+    key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
+    closed = jax.make_jaxpr(lambda k, p, h: apply_layer(spec, p, h, key=k, deterministic=deterministic))(
+        key, params, x)
     flags = [True] + [False] * (len(closed.jaxpr.invars) - 1)
     return any(_tainted_outputs(closed.jaxpr, flags))
 
