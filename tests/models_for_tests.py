@@ -129,7 +129,7 @@ class DropEmbed(nnx.Module):
 
 
 class DropBlock(nnx.Module):
-    """``models.Block`` with dropout on the attention weights and on both residual branches (two streams)."""
+    """``models.Block`` with dropout on the attention weights and on the MLP branch (two streams)."""
 
     def __init__(self, dim, heads, rate, *, rngs):
         self.block = models.Block(dim, heads, rngs=rngs)
@@ -145,7 +145,7 @@ class DropBlock(nnx.Module):
         mask = jnp.tril(jnp.ones((t, t), bool))
         weights = self.attn_drop(jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1))
         attn = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-        x = x + self.drop(blk.proj(attn))
+        x = x + blk.proj(attn)
         return x + self.drop(blk.down(jax.nn.gelu(blk.up(blk.norm2(x)))))
 
 
