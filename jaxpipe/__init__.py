@@ -2,6 +2,7 @@
 
 from . import distributed, ticks
 from .batches import DataShard, data_shard
+from .bridge import LinenLayer, linen
 from .checkpoint import CheckpointInfo, Checkpoints
 from .load import load_layers
 from .mesh import make_mesh
@@ -34,6 +35,7 @@ __all__ = [
     "Costs",
     "DataShard",
     "LayerCost",
+    "LinenLayer",
     "NonFiniteError",
     "Piece",
     "Plan",
@@ -51,6 +53,7 @@ __all__ = [
     "fractional_partition",
     "gpipe",
     "interleaved_1f1b",
+    "linen",
     "load_layers",
     "make_mesh",
     "make_plan",

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 from .executor import index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan
+from .rng import microbatch_key, step_key, uses_rng
 from .stages import apply_layer, cast_floats, loss_precision
 
 
@@ -33,20 +34,21 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, com
     ``loss_fn``; the casts' transposes bring gradients back to the stacks' dtype.
     ``weights`` are this device's stack entries (``stacks.py``).
 
-    Returns a function ``(weights, recv_f [B, F], recv_i [B, I], x, y) ->
+    Returns a function ``(weights, recv_f [B, F], recv_i [B, I], x, y, key) ->
     (send_f [B, F], send_i [B, I], loss [])`` where ``x`` and ``y`` are this
-    micro-batch's model input and targets (used by the first and last device).
+    micro-batch's model input and targets (used by the first and last device)
+    and ``key`` its key data for layers that draw random numbers, or ``None``.
     """
     copies = plan.device_copies[q]
     last = q == plan.num_devices - 1
     carrier = plan.carrier
 
-    def program(weights, recv_f, recv_i, x, y):
+    def program(weights, recv_f, recv_i, x, y, key):
         h = x if q == 0 else carrier.unpack(plan.boundaries[plan.copy_layer[copies[0]]], recv_f, recv_i)
         for copy in copies:
             spec, params = plan.specs[copy], cast_floats(plan.copy_tree(weights, copy), compute_dtype)
             with jax.named_scope(f"layer{plan.copy_layer[copy]}_{spec.name}"):
-                h = apply_layer(spec, params, cast_floats(h, compute_dtype))
+                h = apply_layer(spec, params, cast_floats(h, compute_dtype), key)
         if last:
             send_f, send_i = carrier.zeros()
             h = h if compute_dtype is None else loss_precision(h)
@@ -65,6 +67,7 @@ def autodiff_gpipe_loss(
     remat: bool = False,
     skip_idle: bool = True,
     compute_dtype: Any = None,
+    seed: int = 0,
 ) -> Callable:
     """Builds the GPipe pipeline loss, differentiable with ``jax.grad``.
 
@@ -78,18 +81,21 @@ def autodiff_gpipe_loss(
         off only to measure what skipping saves).
       compute_dtype: dtype the layers compute in (``None``: no casts); see
         ``scheduled_loss_and_grad``.
+      seed: the seed of the layers' random keys (``rng.py``).
 
     Returns:
-      ``loss(weights, inputs [D, M, B, ...], targets [D, M, B, ...]) ->
-      []`` where ``weights`` are the plan's stacks (``[K]`` arrays ``[P, *shape]``): the mean of ``loss_fn`` over all micro-batches of all replicas.
+      ``loss(weights, inputs [D, M, B, ...], targets [D, M, B, ...], step=0) ->
+      []`` (``step`` enters the layers' random keys) where ``weights`` are the plan's stacks (``[K]`` arrays ``[P, *shape]``): the mean of ``loss_fn`` over all micro-batches of all replicas.
     """
     num_devices, num_mb = plan.num_devices, plan.num_microbatches
     programs = [_device_program(plan, q, loss_fn, remat, compute_dtype) for q in range(num_devices)]
     forward_perm = [(q, q + 1) for q in range(num_devices - 1)]
+    random = uses_rng(plan.specs)
 
-    def body(params, inputs, targets):
+    def body(params, inputs, targets, step):
         weights, inputs, targets = local_views(params, inputs, targets)
         q = lax.axis_index(PIPE_AXIS)
+        base = step_key(seed, step) if random else None
 
         def tick(carry, t):
             recv_f, recv_i, loss_sum = carry
@@ -97,9 +103,10 @@ def autodiff_gpipe_loss(
             active = (m >= 0) & (m < num_mb)
             mc = jnp.clip(m, 0, num_mb - 1)
             x, y = index_microbatch(inputs, mc), index_microbatch(targets, mc)
+            key = microbatch_key(base, lax.axis_index(DATA_AXIS) * num_mb + mc) if random else None
 
             def work():
-                return lax.switch(q, programs, weights, recv_f, recv_i, x, y)
+                return lax.switch(q, programs, weights, recv_f, recv_i, x, y, key)
 
             def idle():
                 send_f, send_i = plan.carrier.zeros()
@@ -118,10 +125,15 @@ def autodiff_gpipe_loss(
         loss = lax.psum(loss_sum, PIPE_AXIS) / num_mb
         return lax.pmean(loss, DATA_AXIS)
 
-    return jax.shard_map(
+    mapped = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(PartitionSpec(PIPE_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec(DATA_AXIS)),
+        in_specs=(PartitionSpec(PIPE_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec()),
         out_specs=PartitionSpec(),
         check_vma=False,
     )
+
+    def loss(weights, inputs, targets, step=0):
+        return mapped(weights, inputs, targets, jnp.asarray(step, jnp.int32))
+
+    return loss

@@ -42,6 +42,7 @@ from jax.sharding import Mesh, PartitionSpec
 from .lanes import make_lanes, run_backward
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
+from .rng import microbatch_key, step_key, uses_rng
 from .stages import cast_floats
 from .ticks import TickBuffers, Ticks
 
@@ -138,6 +139,7 @@ def scheduled_loss_and_grad(
     loss_fn: Callable,
     remat: bool = False,
     compute_dtype: Any = None,
+    seed: int = 0,
 ) -> Callable:
     """Builds the loss-and-gradient function that runs packed ticks.
 
@@ -154,10 +156,13 @@ def scheduled_loss_and_grad(
         as they arrive; gradients accumulate in the parameters' dtype. The
         plan's boundaries must have been traced with the same casts
         (``trace_boundaries``).
+      seed: the seed of the layers' random keys (``rng.py``); micro-batch
+        ``m`` of replica ``r`` draws with global micro-batch ``r * M + m``.
 
     Returns:
-      ``f(weights, inputs [D, M, B, ...], targets [D, M, B, ...]) ->
-      (loss [], grads)``: ``weights`` and ``grads`` are the plan's stacks
+      ``f(weights, inputs [D, M, B, ...], targets [D, M, B, ...], step=0) ->
+      (loss [], grads)``: ``step`` (the optimizer steps taken) enters the
+      layers' random keys; ``weights`` and ``grads`` are the plan's stacks
       (``[K]`` arrays ``[P, *shape]``); the loss is the mean of ``loss_fn``
       over all micro-batches of all replicas, the gradient its gradient
       (summed over ``data``; a split layer's copies summed into its owner).
@@ -182,15 +187,22 @@ def scheduled_loss_and_grad(
     carrier = plan.carrier
     zero_f, zero_i = carrier.zeros()
 
-    def body(weights, inputs, targets):
+    random = uses_rng(plan.specs)
+
+    def body(weights, inputs, targets, step):
         weights, inputs, targets = local_views(weights, inputs, targets)
         acc = tuple(jnp.zeros_like(w) for w in weights)
         # Cast once per step, so no tick casts weights and no stage stores a cast copy as a residual.
         weights, inputs = cast_floats(weights, compute_dtype), cast_floats(inputs, compute_dtype)
         p = lax.axis_index(PIPE_AXIS)
+        base = step_key(seed, step) if random else None
+
+        def key_of(m):
+            return microbatch_key(base, lax.axis_index(DATA_AXIS) * num_mb + m) if random else None
+
         lanes = make_lanes(
             plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
-            (weights, zero_f, zero_i, index_microbatch(inputs, 0), index_microbatch(targets, 0)),
+            (weights, zero_f, zero_i, index_microbatch(inputs, 0), index_microbatch(targets, 0), key_of(0)),
         )
 
         def tick(state: TickState, row: TickColumns):
@@ -200,13 +212,13 @@ def scheduled_loss_and_grad(
             send_f, send_i, produced, early_loss = lax.switch(
                 cell.forward_branch, lanes.forwards, weights, _read(state.stash_f, cell.forward_slot),
                 _read(state.stash_i, cell.forward_slot), index_microbatch(inputs, f_mb),
-                index_microbatch(targets, f_mb),
+                index_microbatch(targets, f_mb), key_of(f_mb),
             )
             acc, send_g, loss = run_backward(
                 lanes, cell.backward_branch, weights, state.acc,
                 _read(state.stash_f, cell.backward_slot), _read(state.stash_i, cell.backward_slot),
                 _read(state.inbox, cell.grad_slot), tuple(_read(buf, cell.backward_slot) for buf in state.saved),
-                index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb),
+                index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb), key_of(b_mb),
             )
             if num_devices > 1:
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
@@ -237,10 +249,15 @@ def scheduled_loss_and_grad(
         return loss, tuple(g[None] for g in grads)
 
     spec = PartitionSpec(PIPE_AXIS)
-    return jax.shard_map(
+    mapped = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(spec, PartitionSpec(DATA_AXIS), PartitionSpec(DATA_AXIS)),
+        in_specs=(spec, PartitionSpec(DATA_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec()),
         out_specs=(PartitionSpec(), spec),
         check_vma=False,
     )
+
+    def loss_and_grad(weights, inputs, targets, step=0):
+        return mapped(weights, inputs, targets, jnp.asarray(step, jnp.int32))
+
+    return loss_and_grad

@@ -61,7 +61,7 @@ def send(plan: StagePlan, s: int, done, pending):
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
 
 
-def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None):
+def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None, key=None, deterministic=False):
     """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
 
     The state between pieces is ``(done, pending)``: the current layer's
@@ -69,7 +69,9 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
     ``(layer, r0, r1)`` computes rows ``[r0, r1)``; when it reaches the last
     row, the layer's full output becomes the next layer's input. With a
     ``compute_dtype`` each piece's float inputs are cast to it (``trees``
-    already are).
+    already are). ``key`` is the micro-batch's key data for layers that draw
+    random numbers (``rng.py``); ``deterministic`` runs every layer in
+    evaluation mode.
 
     Returns:
       The exit state ``(done, pending)``; for a stage whose last piece ends a
@@ -82,7 +84,7 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
         spec = plan.specs[piece.layer]
         with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
             rows_in = cast_floats(_rows(pending, 0, piece.stop - piece.start), compute_dtype)
-            part = apply_layer(spec, params, rows_in)
+            part = apply_layer(spec, params, rows_in, key, deterministic)
         part = part if done is None else _concat_rows(done, part)
         if piece.stop == rows:
             done, pending = None, part
@@ -112,7 +114,7 @@ def takes_loss_early(plan: StagePlan, s: int) -> bool:
     return s < plan.num_stages - 1 and plan.loss_rows(s) is not None
 
 
-def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None, y=None, loss_of=None):
+def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, key, compute_dtype=None, y=None, loss_of=None):
     """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function.
 
     A stage that takes the loss of its rows early differentiates
@@ -120,7 +122,7 @@ def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None
     """
     if takes_loss_early(plan, s):
         def f(trees_, in_f_):
-            done, pending = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+            done, pending = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
             send_f, send_i = send(plan, s, done, pending)
             loss = partial_loss(plan, s, done, y, loss_of)
             return (send_f, loss), (send_i, loss)
@@ -129,7 +131,7 @@ def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None
         return send_f, vjp, aux
 
     def f(trees_, in_f_):
-        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype))
+        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key))
 
     return jax.vjp(f, trees, in_f, has_aux=True)
 
@@ -139,7 +141,7 @@ class Residuals(NamedTuple):
 
     ``jax.vjp``'s backward function is a pytree whose leaves are the
     residuals. Leaves that are the stage's own inputs (parameters, the
-    stashed message, the micro-batch) are not stored: the backward lane reads
+    stashed message, the micro-batch, its key) are not stored: the backward lane reads
     them again. The others are packed per dtype into flat buffer-slot vectors.
 
     Attributes:
@@ -168,11 +170,11 @@ class Residuals(NamedTuple):
 def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None, y=None, loss_of=None) -> Residuals:
     """Traces stage ``s`` once (abstractly) to find which residuals to store.
 
-    ``args`` are ``(trees, in_f, in_i, x)``; a stage that takes its loss
+    ``args`` are ``(trees, in_f, in_i, x, key)``; a stage that takes its loss
     early also reads the targets ``y`` (not stored: an input).
     """
     treedef, residuals = vjp_residuals(
-        lambda *a: _stage_vjp(plan, s, *a[:4], compute_dtype, a[4], loss_of)[1], *args, y)
+        lambda *a: _stage_vjp(plan, s, *a[:5], compute_dtype, a[5], loss_of)[1], *args, y)
     offsets, used = [], {}
     for shape, dtype, where in residuals:
         offsets.append(used.get(dtype, 0) if where < 0 else -1)
@@ -187,11 +189,13 @@ class Lanes(NamedTuple):
 
     Attributes:
       forwards: ``[idle, forward_0 .. forward_{S-2}]`` for one ``lax.switch``,
-        each ``(weights, in_f, in_i, x, y) -> (send_f, send_i, saved, loss)``
-        (``loss``: the share a stage that takes its loss early computed).
+        each ``(weights, in_f, in_i, x, y, key) -> (send_f, send_i, saved, loss)``
+        (``loss``: the share a stage that takes its loss early computed;
+        ``key``: the micro-batch's key data, or ``None`` when no layer draws
+        random numbers).
       backwards: ``[S]`` stage backwards, each run under its own two-branch
         ``lax.cond`` (see ``run_backward``): ``(weights, acc_s, in_f, in_i,
-        cot_f, saved, x, y) -> (acc_s, send_grad, loss)``, ``acc_s`` the
+        cot_f, saved, x, y, key) -> (acc_s, send_grad, loss)``, ``acc_s`` the
         accumulator stacks the stage adds into (``touched[s]``).
       touched: ``[S]`` the accumulator stacks each stage's backward adds into.
       res_dtypes: dtypes of the residual vectors.
@@ -248,7 +252,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
       loss_scale: each micro-batch loss's weight in the step loss.
       remat: recompute forwards in the backward lane.
       compute_dtype: dtype the stages compute in, or ``None``.
-      args: ``(weights, in_f, in_i, x, y)`` examples, to trace residual sizes.
+      args: ``(weights, in_f, in_i, x, y, key)`` examples, to trace residual sizes.
     """
     carrier, last = plan.carrier, plan.num_stages - 1
 
@@ -257,9 +261,9 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
 
     specs = {}
     if not remat:
-        weights, in_f, in_i, x, y = args
+        weights, in_f, in_i, x, y, key = args
         for s in range(last):
-            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x), compute_dtype,
+            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x, key), compute_dtype,
                                        y if takes_loss_early(plan, s) else None, loss_of)
     sizes: dict = {}
     for spec in specs.values():
@@ -272,22 +276,22 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     def no_residuals():
         return tuple(jnp.zeros((n,), d) for d, n in zip(res_dtypes, res_sizes))
 
-    def idle_forward(weights, in_f, in_i, x, y):
+    def idle_forward(weights, in_f, in_i, x, y, key):
         return carrier.zeros() + (no_residuals(), jnp.zeros((), jnp.float32))
 
     def forward(s):
         early = takes_loss_early(plan, s)
 
-        def branch(weights, in_f, in_i, x, y):
+        def branch(weights, in_f, in_i, x, y, key):
             loss = jnp.zeros((), jnp.float32)
             with jax.named_scope(f"stage{s}_forward"):
                 trees = stage_trees(plan, s, weights)
                 if remat:
-                    done, pending = stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype)
+                    done, pending = stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype, key)
                     if early:
                         loss = partial_loss(plan, s, done, y, loss_of)
                     return send(plan, s, done, pending) + (no_residuals(), loss)
-                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype,
+                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
                                                  y if early else None, loss_of)
                 if early:
                     send_i, loss = send_i
@@ -312,7 +316,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     def backward(s):
         early = takes_loss_early(plan, s)
 
-        def branch(weights, sub, in_f, in_i, cot_f, saved, x, y):
+        def branch(weights, sub, in_f, in_i, cot_f, saved, x, y, key):
             with jax.named_scope(f"stage{s}_backward"):
                 trees = stage_trees(plan, s, weights)
                 loss = jnp.zeros((), jnp.float32)
@@ -320,16 +324,17 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
                 cotangent = (cot_f, scale) if early else cot_f
                 if s == last:
                     def f(trees_, in_f_):
-                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype)
+                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
                         return partial_loss(plan, s, out, y, loss_of)
 
                     loss, vjp = jax.vjp(f, trees, in_f)
                     g_trees, g_in = vjp(scale)
                 elif remat:
-                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, compute_dtype, y if early else None, loss_of)
+                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
+                                           y if early else None, loss_of)
                     g_trees, g_in = vjp(cotangent)
                 else:
-                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, y if early else None))
+                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, key, y if early else None))
                     vectors = dict(zip(res_dtypes, saved))
                     leaves = [
                         inputs[where] if where >= 0

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import distributed
 from .autodiff import autodiff_gpipe_loss
 from .batches import place_batch
+from .evaluate import check_deterministic, forward_loss
 from .executor import scheduled_loss_and_grad
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .partition import (
@@ -34,6 +35,7 @@ from .partition import (
 )
 from .optimizer import LayerOptimizer, OptState, local_init, local_updates, whole_tree_update
 from .placement import place_stages, sync_copies
+from .rng import draws
 from .planner import describe_plan, make_plan
 from .schedule import SCHEDULE_NAMES, make_schedule
 from .stages import (
@@ -311,7 +313,12 @@ class Pipeline:
             mixing = {i for i, (spec, p) in enumerate(zip(specs, layer_params)) if mixes_rows(spec, p, plain[i])}
         else:
             mixing = set()
-        self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing))
+        # A layer that draws random numbers is never split (rng.py): a piece cannot draw its rows' share.
+        random = {
+            i for i, (spec, p) in enumerate(zip(specs, run_params))
+            if spec.streams and draws(spec, p, structs[i], deterministic=False)
+        }
+        self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing | random))
         common = dict(
             forward=forward, backward=backward, num_devices=self.num_devices,
             num_microbatches=self.num_microbatches, rows=self.microbatch_rows,
@@ -362,6 +369,8 @@ class Pipeline:
             split_loss=self.split_loss,
         )
         self._host_params = list(params)
+        self._structs = structs
+        self._evaluate = None
 
         self._param_sharding = NamedSharding(self.mesh, PartitionSpec(PIPE_AXIS))
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -370,7 +379,7 @@ class Pipeline:
         if executor == "autodiff":
             loss = autodiff_gpipe_loss(
                 self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle,
-                compute_dtype=self.compute_dtype,
+                compute_dtype=self.compute_dtype, seed=seed,
             )
             self._value_and_grad = jax.value_and_grad(loss)
         else:
@@ -379,7 +388,7 @@ class Pipeline:
             self.buffers = tick_buffers(self.ticks)
             self._value_and_grad = scheduled_loss_and_grad(
                 self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat),
-                compute_dtype=self.compute_dtype,
+                compute_dtype=self.compute_dtype, seed=seed,
             )
         self._layer_opt = LayerOptimizer.build(optimizer, self.stage_plan)
         self.optimizer_mode = "per device" if self._layer_opt.per_device else "whole tree"
@@ -394,6 +403,7 @@ class Pipeline:
                 return sync(weights), opt_state, norm
 
             self._update = update
+        self._loss_fn = loss_fn
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
@@ -432,7 +442,7 @@ class Pipeline:
     def _train_step(
         self, state: TrainState, inputs: Any, targets: Any
     ) -> tuple[TrainState, jax.Array, jax.Array]:
-        loss, grads = self._value_and_grad(state.params, inputs, targets)
+        loss, grads = self._value_and_grad(state.params, inputs, targets, state.step)
         params, opt_state, grad_norm = self._update(grads, state.opt_state, state.params)
         # A non-finite loss or gradient leaves the state as it was, so the
         # caller still holds the last good state (the input is donated).
@@ -497,19 +507,45 @@ class Pipeline:
         state, loss, _ = self.train_step_stats(state, batch)
         return state, loss
 
-    def loss_and_grad(self, params: tuple, batch: tuple[Any, Any]) -> tuple[jax.Array, tuple]:
+    def loss_and_grad(self, params: tuple, batch: tuple[Any, Any], step: Any = 0) -> tuple[jax.Array, tuple]:
         """The mean loss of a global batch and its gradient.
 
         Args:
           params: the parameter stacks (``state.params``).
           batch: ``(inputs, targets)``, ``[R, ...]`` leaves or placed ones.
+          step: the step whose random keys layers with RNG streams draw
+            from (``train_step`` uses ``state.step``); no effect otherwise.
 
         Returns:
           ``(loss [], grads)``, ``grads`` in stacks like ``params`` (a split
           layer's gradient summed into its owner copy); ``unpack(grads)``
           gives per-layer trees.
         """
-        return self._loss_and_grad(params, *self._placed(batch))
+        return self._loss_and_grad(params, *self._placed(batch), step)
+
+    def evaluate(self, params: tuple, batch: tuple[Any, Any]) -> jax.Array:
+        """The mean loss of a global batch, forwards only, every layer in evaluation mode.
+
+        Runs each stage's forward in GPipe order (``evaluate.py``) with
+        ``layer.eval()`` semantics (dropout off); nothing is kept for a
+        backward. Equals ``loss_and_grad``'s loss for a model without
+        dropout.
+
+        Args:
+          params: the parameter stacks (``state.params``).
+          batch: ``(inputs, targets)``, ``[R, ...]`` leaves or placed ones.
+
+        Returns:
+          The loss ``[]``.
+
+        Raises:
+          ValueError: if a layer still uses its RNG streams in evaluation mode.
+        """
+        if self._evaluate is None:
+            run_params = cast_floats(self._host_params, self.compute_dtype)
+            check_deterministic(self.stage_plan, run_params, self._structs)
+            self._evaluate = jax.jit(forward_loss(self.stage_plan, self.mesh, self._loss_fn, self.compute_dtype))
+        return self._evaluate(params, *self._placed(batch))
 
     def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         leaves = jax.tree.leaves(batch)

@@ -6,7 +6,8 @@ natural shapes in stacks (``stacks.py``); activations are made one shape
 here:
 
 * Each layer becomes a pure function ``apply_layer(spec, params, x)`` over its
-  ``nnx.Param`` tree; anything else the layer holds is a constant.
+  ``nnx.Param`` tree; anything else the layer holds is a constant, except
+  RNG streams, which get a key per step and micro-batch (``rng.py``).
 * A boundary activation (any pytree whose leaves all have ``B`` leading rows)
   travels as two row-major buffers: floats ``[B, F]`` in one float dtype and
   integers ``[B, I]`` as int32, both padded to the widest boundary, so
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .rng import eval_graphdef, stream_paths, with_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -40,6 +43,10 @@ class LayerSpec:
       rest: the layer's non-parameter state, held constant.
       treedef: tree structure of the layer's ``nnx.Param`` state.
       shapes: shapes of the parameter leaves, in ``treedef`` order.
+      streams: paths of the layer's RNG stream keys (``rng.stream_paths``);
+        empty for a layer that draws no random numbers.
+      eval_graphdef: the graph definition after ``layer.eval()`` (dropout
+        off, frozen statistics), used by ``apply_layer(..., deterministic=True)``.
     """
 
     index: int
@@ -48,6 +55,8 @@ class LayerSpec:
     rest: Any
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
+    streams: tuple[tuple[Any, ...], ...] = ()
+    eval_graphdef: Any = None
 
     @property
     def size(self) -> int:
@@ -96,6 +105,8 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
                 rest=rest,
                 treedef=treedef,
                 shapes=tuple(tuple(leaf.shape) for leaf in leaves),
+                streams=stream_paths(rest),
+                eval_graphdef=eval_graphdef(graphdef, param_state, rest),
             )
         )
         params.append(param_state)
@@ -113,11 +124,13 @@ def check_state(index: int, layer: nnx.Module, rest: Any) -> None:
     """Refuses non-parameter state a pipeline would not keep exact.
 
     Everything a layer holds besides ``nnx.Param`` is a constant of the
-    pipeline. That is exact for buffers and for frozen batch statistics
+    pipeline, except RNG streams (``nnx.RngKey`` / ``nnx.RngCount``), which
+    get a key per step, micro-batch and layer (``rng.py``). Constants are
+    exact for buffers and for frozen batch statistics
     (``nnx.BatchNorm(..., use_running_average=True)``, or after
-    ``layer.eval()``), not for RNG streams or running statistics a layer
-    updates: per micro-batch updates would depend on the schedule's order and
-    on how a cut splits rows (see BUILD_NOTES.md, "Jobs and data").
+    ``layer.eval()``), not for running statistics a layer updates: per
+    micro-batch updates would depend on the schedule's order and on how a
+    cut splits rows (see BUILD_NOTES.md, "Jobs and data").
 
     Args:
       index: the layer's position, for messages.
@@ -125,17 +138,10 @@ def check_state(index: int, layer: nnx.Module, rest: Any) -> None:
       rest: its non-``nnx.Param`` state (``nnx.split(layer, nnx.Param, ...)``).
 
     Raises:
-      TypeError: for RNG state, or batch statistics that are not frozen.
+      TypeError: for batch statistics that are not frozen.
     """
     flat = [(path, var) for path, var in nnx.to_flat_state(rest)]
     where = f"layer {index} ({type(layer).__name__})"
-    rng = ["/".join(map(str, path)) for path, var in flat if isinstance(var, nnx.RngState)]
-    if rng:
-        raise TypeError(
-            f"{where} holds RNG state at {rng}; jaxpipe trains nnx.Param state only and does not "
-            "supply random keys to layers yet. Build the layer without rngs (e.g. "
-            "nnx.Dropout(rate, deterministic=True), or no dropout)"
-        )
     modules = dict(nnx.iter_modules(layer))
     updated = [
         "/".join(map(str, path)) for path, var in flat
@@ -217,9 +223,21 @@ def _astype(leaf: Any, dtype: Any) -> Any:
     return leaf.astype(dtype)
 
 
-def apply_layer(spec: LayerSpec, params: Any, x: Any) -> Any:
-    """Calls layer ``spec`` with parameters ``params`` on input ``x``."""
-    return nnx.merge(spec.graphdef, params, spec.rest)(x)
+def apply_layer(spec: LayerSpec, params: Any, x: Any, key: Any = None, deterministic: bool = False) -> Any:
+    """Calls layer ``spec`` with parameters ``params`` on input ``x``.
+
+    Args:
+      spec: the layer.
+      params: its parameter tree.
+      x: its input.
+      key: the micro-batch's key data (``rng.microbatch_key``): the layer's
+        RNG streams are set from it (``rng.with_keys``). ``None``: the streams
+        keep the keys the layer was built with (shape tracing, costs).
+      deterministic: run the layer in evaluation mode (``layer.eval()``).
+    """
+    rest = with_keys(spec.rest, spec.index, key) if spec.streams else spec.rest
+    graphdef = spec.eval_graphdef if deterministic and spec.eval_graphdef is not None else spec.graphdef
+    return nnx.merge(graphdef, params, rest)(x)
 
 
 def _kind(dtype) -> str:

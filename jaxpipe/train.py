@@ -390,12 +390,12 @@ def _place_eval(pipe: Pipeline, batches: list, per_process: bool = False) -> lis
 
 
 def _evaluate(pipe: Pipeline, state: TrainState, evals: list) -> float:
-    return float(np.mean([float(pipe.loss_and_grad(state.params, batch)[0]) for batch in evals]))
+    return float(np.mean([float(pipe.evaluate(state.params, batch)) for batch in evals]))
 
 
 def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteError:
     """The error for a non-finite step, naming the layers (recomputed at the unchanged state)."""
-    _, grads = pipe.loss_and_grad(state.params, batch)
+    _, grads = pipe.loss_and_grad(state.params, batch, state.step)
     names = [spec.name for spec in pipe.stage_plan.specs]
 
     def bad(trees):

@@ -94,6 +94,74 @@ def _dict_batch(rng, rows):
     return inputs, targets
 
 
+class DropDense(nnx.Module):
+    """``Linear``, GELU and ``nnx.Dropout`` (with its own RNG stream): ``[B, din] -> [B, dout]``."""
+
+    def __init__(self, din, dout, rate, *, rngs):
+        self.linear = nnx.Linear(din, dout, rngs=rngs)
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(jax.nn.gelu(self.linear(x)))
+
+
+def dropout_mlp(rate):
+    """Six layers, dropout in layers 0, 2 and 4 (never split), plain ``Dense`` between them (splittable)."""
+
+    def model_fn(rngs):
+        return [
+            DropDense(6, 16, rate, rngs=rngs), models.Dense(16, 8, rngs=rngs), DropDense(8, 12, rate, rngs=rngs),
+            models.Dense(12, 8, rngs=rngs), DropDense(8, 8, rate, rngs=rngs), models.Dense(8, 5, activate=False, rngs=rngs),
+        ]
+
+    return model_fn
+
+
+class DropEmbed(nnx.Module):
+    """``models.Embed`` followed by dropout."""
+
+    def __init__(self, vocab, seq_len, dim, rate, *, rngs):
+        self.embed = models.Embed(vocab, seq_len, dim, rngs=rngs)
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.drop(self.embed(ids))
+
+
+class DropBlock(nnx.Module):
+    """``models.Block`` with dropout on the attention weights and on the MLP branch (two streams)."""
+
+    def __init__(self, dim, heads, rate, *, rngs):
+        self.block = models.Block(dim, heads, rngs=rngs)
+        self.attn_drop = nnx.Dropout(rate, rngs=rngs)
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, x):
+        blk = self.block
+        b, t, d = x.shape
+        q, k, v = jnp.split(blk.qkv(blk.norm1(x)), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, blk.heads, d // blk.heads) for a in (q, k, v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // blk.heads).astype(x.dtype)
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        weights = self.attn_drop(jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1))
+        attn = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        x = x + blk.proj(attn)
+        return x + self.drop(blk.down(jax.nn.gelu(blk.up(blk.norm2(x)))))
+
+
+def dropout_lm(rate, vocab=11, seq_len=6, dim=8, heads=2, blocks=3):
+    """A transformer LM with dropout after the embedding and inside every block."""
+
+    def model_fn(rngs):
+        return (
+            [DropEmbed(vocab, seq_len, dim, rate, rngs=rngs)]
+            + [DropBlock(dim, heads, rate, rngs=rngs) for _ in range(blocks)]
+            + [models.Head(dim, vocab, rngs=rngs)]
+        )
+
+    return model_fn
+
+
 CASES = {
     "mlp": Case("mlp", models.mlp([6, 16, 8, 12, 4, 10, 7, 9, 5]), mse, _mlp_batch),
     "lm": Case("lm", models.transformer_lm(vocab=11, seq_len=6, dim=8, heads=2, blocks=6), models.lm_loss, _lm_batch),

@@ -17,8 +17,21 @@ def _floats_to(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def _with_keys(rest, seed, step, block, layer):
+    """Layer ``layer``'s RNG streams for row block ``block`` of step ``step``, as jaxpipe documents them."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), block), layer)
+    flat, j = [], 0
+    for path, var in nnx.to_flat_state(rest):
+        if isinstance(var, nnx.RngKey):
+            var, j = var.replace(value=jax.random.fold_in(key, j)), j + 1
+        elif isinstance(var, nnx.RngCount):
+            var = var.replace(value=jnp.zeros((), jnp.uint32))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
+
+
 def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1, param_dtype=None,
-                  compute_dtype=None):
+                  compute_dtype=None, rng_keys=False):
     """Trains on ``batches`` (one step each); returns (losses, grads of step 0, params).
 
     ``grads`` and ``params`` are lists of per-layer ``nnx.State``. With
@@ -32,6 +45,12 @@ def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1,
     float inputs to it, and widens float outputs narrower than float32 to
     float32 before ``loss_fn``. Gradients come back through the casts in
     ``param_dtype``.
+
+    With ``rng_keys`` the layers' RNG streams (dropout) are set for every
+    step, row block (of ``microbatches``) and layer from the key
+    ``key(seed) -> fold_in(step) -> fold_in(block) -> fold_in(layer)``,
+    stream ``j`` ``fold_in(., j)`` with count 0, as jaxpipe documents; the
+    blocks must then have the pipeline's rows per micro-batch.
     """
     layers = model_fn(nnx.Rngs(seed))
     parts = [nnx.split(layer, nnx.Param, ...) for layer in layers]
@@ -39,11 +58,13 @@ def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1,
     if param_dtype is not None:
         params = _floats_to(params, param_dtype)
 
-    def full_loss(params, x, y):
+    def full_loss(params, x, y, step, block):
         h = x
         if compute_dtype is not None:
             params = _floats_to(params, compute_dtype)
-        for (graphdef, _, rest), p in zip(parts, params):
+        for layer, ((graphdef, _, rest), p) in enumerate(zip(parts, params)):
+            if rng_keys:
+                rest = _with_keys(rest, seed, step, block, layer)
             h = nnx.merge(graphdef, p, rest)(h if compute_dtype is None else _floats_to(h, compute_dtype))
         if compute_dtype is not None:
             h = jax.tree.map(
@@ -52,23 +73,40 @@ def reference_run(model_fn, batches, loss_fn, optimizer, seed=0, microbatches=1,
             )
         return loss_fn(h, y)
 
-    def loss(params, x, y):
+    def loss(params, x, y, step):
         split = lambda t: jax.tree.map(lambda a: a.reshape((microbatches, -1) + a.shape[1:]), t)  # noqa: E731
-        return jnp.mean(jax.vmap(full_loss, in_axes=(None, 0, 0))(params, split(x), split(y)))
+        blocks = jnp.arange(microbatches)
+        return jnp.mean(jax.vmap(full_loss, in_axes=(None, 0, 0, None, 0))(params, split(x), split(y), step, blocks))
 
     @jax.jit
-    def step(params, opt_state, x, y):
-        value, grads = jax.value_and_grad(loss)(params, x, y)
+    def step(params, opt_state, x, y, t):
+        value, grads = jax.value_and_grad(loss)(params, x, y, t)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return jax.tree.map(jnp.add, params, updates), opt_state, value, grads
 
     opt_state = optimizer.init(params)
     losses, first_grads = [], None
-    for x, y in batches:
-        params, opt_state, value, grads = step(params, opt_state, x, y)
+    for t, (x, y) in enumerate(batches):
+        params, opt_state, value, grads = step(params, opt_state, x, y, t)
         losses.append(float(value))
         first_grads = grads if first_grads is None else first_grads
     return losses, first_grads, params
+
+
+def reference_eval_loss(model_fn, params, batch, loss_fn, microbatches=1):
+    """The mean loss of ``batch`` over ``microbatches`` row blocks, every layer after ``layer.eval()``."""
+    layers = model_fn(nnx.Rngs(0))
+    for layer in layers:
+        layer.eval()
+    x, y = batch
+    losses = []
+    for x_b, y_b in zip(np.split(np.asarray(x), microbatches), np.split(np.asarray(y), microbatches)):
+        h = x_b
+        for layer, p in zip(layers, params):
+            graphdef, _, rest = nnx.split(layer, nnx.Param, ...)
+            h = nnx.merge(graphdef, p, rest)(h)
+        losses.append(float(loss_fn(h, y_b)))
+    return float(np.mean(losses))
 
 
 def assert_trees_close(actual, expected, rtol, atol, what):

@@ -200,13 +200,30 @@ def test_nested_batch_statistics_are_named_by_path():
         _pipeline(lambda rngs: [Block(rngs)])
 
 
-def test_dropout_with_rng_state():
+def test_dropout_with_rng_state_is_accepted_and_never_split():
     def model_fn(rngs):
         return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)]
 
-    with pytest.raises(TypeError, match=r"layer 1 \(Dropout\) holds RNG state at \[.*rngs.*\].*without rngs") as err:
-        _pipeline(model_fn)
-    assert "batch statistics" not in str(err.value)
+    pipe = _pipeline(model_fn)
+    assert pipe.stage_plan.specs[1].streams == (("rngs", "key"),)
+    assert 1 in pipe.unsplittable
+
+
+def test_evaluate_refuses_a_layer_that_still_draws_in_evaluation_mode():
+    from flax import linen as nn
+
+    class LinenDrop(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic=False):
+            return nn.Dropout(0.5)(nn.Dense(5)(x), deterministic=deterministic)
+
+    def model_fn(rngs):
+        return [nnx.Linear(6, 6, rngs=rngs), nnx.bridge.ToNNX(LinenDrop(), rngs=rngs).lazy_init(np.ones((1, 6)))]
+
+    pipe = _pipeline(model_fn)
+    state = pipe.init()
+    with pytest.raises(ValueError, match=r"layer 1 \(ToNNX\) still uses its RNG streams .*after layer.eval\(\).*jaxpipe.linen"):
+        pipe.evaluate(state.params, _batch(4))
 
 
 def test_dropout_without_rngs_is_accepted():
