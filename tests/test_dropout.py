@@ -7,7 +7,6 @@ streams keyed as jaxpipe documents (written again there). Layers with RNG
 streams are never split by rows; the balanced runs split their plain layers.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
