@@ -75,6 +75,48 @@ def check_rows(tree: Any, what: str) -> int:
     return rows.pop()
 
 
+def batch_signature(inputs: Any, targets: Any) -> Any:
+    """The per-row shape and dtype of every leaf of ``(inputs, targets)``, as shape structs."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jax.dtypes.canonicalize_dtype(_dtype(a))), (inputs, targets)
+    )
+
+
+def check_batch_like(signature: Any, inputs: Any, targets: Any, lead: tuple[int, ...]) -> None:
+    """Raises if a batch's leaves differ from ``signature`` (``batch_signature`` of the example).
+
+    Args:
+      signature: the example batch's ``batch_signature``.
+      inputs: the batch's inputs.
+      targets: the batch's targets.
+      lead: the leading dimensions every leaf must have before its per-row
+        shape: ``(R,)`` for a global batch, ``(D, M, B)`` for a placed one.
+
+    Raises:
+      ValueError: naming the first leaf whose structure, shape or dtype
+        differs, with the expected and the given shape and dtype.
+    """
+    given = (inputs, targets)
+    if jax.tree.structure(given) != jax.tree.structure(signature):
+        raise ValueError(
+            f"the batch's structure {jax.tree.structure(given)} differs from the example batch's "
+            f"{jax.tree.structure(signature)}; every batch must have the example batch's leaves"
+        )
+    for (path, want), leaf in zip(jax.tree_util.tree_leaves_with_path(signature), jax.tree.leaves(given)):
+        shape, dtype = tuple(np.shape(leaf)), jax.dtypes.canonicalize_dtype(_dtype(leaf))
+        if shape != lead + want.shape or dtype != want.dtype:
+            name = ("inputs", "targets")[path[0].idx] + jax.tree_util.keystr(path[1:])
+            raise ValueError(
+                f"batch leaf {name} is {dtype}{list(shape)}, but this pipeline was built for "
+                f"{want.dtype}{list(lead + want.shape)} (the example batch's shape and dtype); give "
+                "batches shaped like the example batch"
+            )
+
+
+def _dtype(leaf: Any) -> np.dtype:
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
 def _check_batch(batch: Any) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
@@ -262,6 +304,7 @@ class Pipeline:
         inputs, targets = _check_batch(example_batch)
         rows = self._check_rows(inputs, targets)
         self.microbatch_rows = rows // (self.num_replicas * self.num_microbatches)
+        self._signature = batch_signature(inputs, targets)
         x_mb, y_mb = (
             jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.microbatch_rows,) + np.shape(a)[1:], a.dtype), t)
             for t in (inputs, targets)
@@ -430,7 +473,8 @@ class Pipeline:
           ``(inputs, targets)`` with ``[D, M, B, ...]`` leaves sharded over ``data``.
 
         Raises:
-          ValueError: if the rows differ from the example batch's.
+          ValueError: if the rows, a leaf's shape or dtype, or the structure
+            differ from the example batch's.
         """
         inputs, targets = _check_batch(batch)
         rows = self._check_rows(inputs, targets)
@@ -439,6 +483,7 @@ class Pipeline:
             raise ValueError(
                 f"this pipeline was built for global batches of {expected} rows, got {rows}"
             )
+        check_batch_like(self._signature, inputs, targets, (rows,))
         shape = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
         return jax.tree.map(
             lambda a: jax.device_put(np.asarray(a).reshape(shape + np.shape(a)[1:]), self._data_sharding),
@@ -475,7 +520,13 @@ class Pipeline:
 
     def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         leaves = jax.tree.leaves(batch)
-        if leaves and all(isinstance(a, jax.Array) and a.sharding == self._data_sharding for a in leaves):
+        lead = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
+        if leaves and all(
+            isinstance(a, jax.Array) and a.sharding == self._data_sharding and a.shape[:3] == lead
+            and a.ndim == want.ndim + 3 for a, want in zip(leaves, jax.tree.leaves(self._signature))
+        ):
+            inputs, targets = _check_batch(batch)
+            check_batch_like(self._signature, inputs, targets, lead)
             return batch
         return self.shard_batch(batch)
 
