@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .row_mixing import mixes_rows  # noqa: F401 - re-exported: the check lives with its probe
 from .stages import LayerSpec, apply_layer
 
 
@@ -269,45 +270,6 @@ def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows:
     costs = np.asarray(costs, dtype=np.float64)
     return np.asarray(
         [sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages]
-    )
-
-
-def mixes_rows(spec: LayerSpec, params: Any, x: Any, seed: int = 0) -> bool:
-    """Whether a layer's output rows depend on other rows of its input.
-
-    Row-splitting a layer between devices is exact only if each output row
-    depends on its own input row alone (true for dense layers, attention
-    within a row, convolutions; false for batch statistics). Checked once on
-    random data: the layer on the first half of the rows must equal the first
-    half of the layer on all rows.
-
-    Args:
-      spec: the layer.
-      params: its parameter tree.
-      x: its input for one micro-batch (shape structs), ``[B, ...]`` leaves.
-      seed: NumPy seed for the random input.
-
-    Returns:
-      True if the rows mix (the layer must not be split), False otherwise.
-    """
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree.flatten(x)
-    rows = leaves[0].shape[0]
-    if rows < 2:
-        return False
-    values = [
-        rng.normal(size=leaf.shape).astype(leaf.dtype)
-        if jnp.issubdtype(leaf.dtype, jnp.floating)
-        else np.zeros(leaf.shape, leaf.dtype)
-        for leaf in leaves
-    ]
-    full = jax.tree.unflatten(treedef, values)
-    half = jax.tree.map(lambda a: a[: rows // 2], full)
-    run = jax.jit(lambda p, v: apply_layer(spec, p, v))
-    whole, part = run(params, full), run(params, half)
-    return not all(
-        np.allclose(np.asarray(a)[: rows // 2], np.asarray(b), rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part))
     )
 
 

@@ -25,12 +25,12 @@ from .partition import (
     check_partition,
     fractional_partition,
     layer_costs,
-    mixes_rows,
     partition_layers,
     pieces_from_counts,
 )
 from .placement import place_stages, sync_copies
 from .planner import describe_plan, make_plan
+from .row_mixing import mixing_layers
 from .schedule import SCHEDULE_NAMES, make_schedule
 from .stages import (
     cast_floats,
@@ -282,7 +282,6 @@ class Pipeline:
 
         specs, layer_params, layer_dtype = split_layers(model_fn(nnx.Rngs(seed)))
         self.param_dtype = dtype = layer_dtype if param_dtype is None else param_dtype
-        casts = dtype != layer_dtype or self.compute_dtype is not None
         # Master parameters in param_dtype; the boundaries are traced with
         # the executors' compute_dtype casts, so the carrier gets that dtype.
         params = cast_floats(layer_params, dtype)
@@ -332,8 +331,7 @@ class Pipeline:
                 )
             # Whether rows mix is the layer's property: tested in its own
             # dtype, where rows computed apart agree to float32 rounding.
-            plain = trace_boundaries(specs, layer_params, x_mb) if casts else structs
-            mixing = {i for i, (spec, p) in enumerate(zip(specs, layer_params)) if mixes_rows(spec, p, plain[i])}
+            mixing = set(mixing_layers(specs, layer_params, inputs, self.microbatch_rows))
         else:
             mixing = set()
         self.unsplittable = tuple(sorted(set(check_layer_ids(unsplittable, len(specs))) | mixing))
