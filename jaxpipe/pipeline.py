@@ -113,6 +113,43 @@ def check_batch_like(signature: Any, inputs: Any, targets: Any, lead: tuple[int,
             )
 
 
+def check_state_like(expected: Any, given: Any, what: str) -> None:
+    """Raises if ``given`` (a state or its params) is donated or shaped unlike ``expected``.
+
+    Args:
+      expected: the pipeline's state or params as shape structs.
+      given: what the caller passed.
+      what: its name in messages, e.g. ``"state"``.
+
+    Raises:
+      ValueError: if a leaf's buffer was donated to an earlier step, or the
+        structure or a leaf's shape or dtype is not this pipeline's.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(given)
+    donated = [path for path, leaf in leaves if isinstance(leaf, jax.Array) and leaf.is_deleted()]
+    if donated:
+        raise ValueError(
+            f"{what} was donated to an earlier train_step (its buffer {what}{jax.tree_util.keystr(donated[0])} now "
+            "belongs to the state that call returned); pass the state the last train_step returned: "
+            "state, loss = pipe.train_step(state, batch)"
+        )
+    if jax.tree.structure(given) != jax.tree.structure(expected):
+        raise ValueError(
+            f"{what} is not a state of this Pipeline: its structure {jax.tree.structure(given)} differs from "
+            f"{jax.tree.structure(expected)}; use the state this Pipeline's init, train_step or from_layers "
+            "returned (move a state between pipelines with to_layers and from_layers)"
+        )
+    for (path, leaf), want in zip(leaves, jax.tree.leaves(expected)):
+        shape, dtype = tuple(np.shape(leaf)), _dtype(leaf)
+        if shape != want.shape or dtype != want.dtype:
+            raise ValueError(
+                f"{what} is not a state of this Pipeline: {what}{jax.tree_util.keystr(path)} is "
+                f"{dtype}{list(shape)}, this Pipeline's is {want.dtype}{list(want.shape)}; use the state this "
+                "Pipeline's init, train_step or from_layers returned (move a state between pipelines with "
+                "to_layers and from_layers)"
+            )
+
+
 def _dtype(leaf: Any) -> np.dtype:
     return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
@@ -514,7 +551,13 @@ class Pipeline:
         Returns:
           ``(loss [], grads [P, N])``; ``unpack(grads)`` gives per-layer trees.
         """
+        check_state_like(self._state_struct().params, params, "params")
         return self._loss_and_grad(params, *self._placed(batch))
+
+    def _state_struct(self) -> TrainState:
+        if not hasattr(self, "_init_struct"):
+            self._init_struct = jax.eval_shape(self.init)
+        return self._init_struct
 
     def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         leaves = jax.tree.leaves(batch)
@@ -557,7 +600,13 @@ class Pipeline:
         Returns:
           ``(new_state, loss, grad_norm)``. If ``loss`` or ``grad_norm`` is
           not finite the update is skipped: ``new_state`` equals ``state``.
+
+        Raises:
+          ValueError: if ``state`` was already donated to an earlier step or
+            is not a state of this pipeline, or for a batch unlike the
+            example batch.
         """
+        check_state_like(self._state_struct(), state, "state")
         inputs, targets = self._placed(batch)
         return self._step(state, inputs, targets)
 

@@ -513,3 +513,31 @@ def test_placed_batches_are_checked_and_data_sharded_rows_are_placed():
     want, _ = pipe.loss_and_grad(params, batch)
     got, _ = pipe.loss_and_grad(params, sharded)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+# States (issue 15)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2)], ids=str)
+def test_reusing_a_donated_state_is_an_error_before_any_computation(mesh_shape):
+    pipe = _pipeline(mesh_shape=mesh_shape, num_microbatches=2, batch=_batch(8))
+    state = pipe.init()
+    new, loss = pipe.train_step(state, _batch(8))
+    message = r"state was donated to an earlier train_step .* pass the state the last train_step returned"
+    with pytest.raises(ValueError, match=message):
+        pipe.train_step(state, _batch(8))
+    with pytest.raises(ValueError, match=r"params was donated to an earlier train_step"):
+        pipe.loss_and_grad(state.params, _batch(8))
+    again, loss_again = pipe.train_step(new, _batch(8))  # the returned state still works
+    assert np.isfinite(float(loss_again)) and int(again.step) == 2
+
+
+def test_a_state_of_another_pipeline_is_named():
+    pipe = _pipeline(mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8))
+    other = _pipeline(model_fn=models.mlp([6, 8, 9, 5]), mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8))
+    with pytest.raises(ValueError, match=r"state is not a state of this Pipeline: (its structure|state\.params\S* is "
+                                         r"float32\[.*, this Pipeline's is float32\[)"):
+        pipe.train_step(other.init(), _batch(8))
+    adam = _pipeline(mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8), optimizer=optax.adam(0.1))
+    with pytest.raises(ValueError, match=r"state is not a state of this Pipeline: its structure"):
+        pipe.train_step(adam.init(), _batch(8))
