@@ -209,7 +209,9 @@ def train(
     )
     eval_batches = _iterate(eval_data, "eval_data") if eval_data is not None else None
     store = Checkpoints(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
-    latest = store.latest() if store is not None else None
+    if store is not None:
+        store.check_writable()
+    latest = store.latest_readable() if store is not None else None
     resumed = store.info(latest) if latest is not None else None
     position = resumed.data_position if resumed is not None else 0
     batches, example = _open_data(data, position, steps)
