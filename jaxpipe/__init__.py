@@ -1,7 +1,7 @@
 """jaxpipe: pipeline + data parallel training for JAX/Flax."""
 
 from . import distributed, ticks
-from .checkpoint import CheckpointInfo, Checkpoints
+from .checkpoint import CheckpointInfo, Checkpoints, CheckpointSaveError
 from .mesh import make_mesh
 from .metrics import StepMetrics
 from .partition import Piece, fractional_partition, partition_layers
@@ -28,6 +28,7 @@ __all__ = [
     "ticks",
     "Candidate",
     "CheckpointInfo",
+    "CheckpointSaveError",
     "Checkpoints",
     "Costs",
     "LayerCost",

@@ -8,7 +8,7 @@ backward pass on one micro-batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -300,6 +300,10 @@ def layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndar
 
 def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Validates ``unsplittable`` layer indices."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(
+            f"unsplittable must be a sequence of layer indices, e.g. ({ids!r},) or [1, 3], got {ids!r}"
+        )
     ids = tuple(ids)
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_layers]
     if bad:

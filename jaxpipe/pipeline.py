@@ -446,6 +446,11 @@ class Pipeline:
                 "they must match"
             )
         per_step = self.num_replicas * self.num_microbatches
+        if rows == 0:
+            raise ValueError(
+                f"the global batch has 0 rows; give at least data={self.num_replicas} x num_microbatches="
+                f"{self.num_microbatches} = {per_step} rows (one per micro-batch), a multiple of {per_step}"
+            )
         if rows % per_step:
             raise ValueError(
                 f"the global batch has {rows} rows, which does not divide into "

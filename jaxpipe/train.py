@@ -405,8 +405,31 @@ def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteEr
     message = (
         f"step {step}: the loss is {loss} and the gradient's global norm is {grad_norm}; {where}. "
         f"The update was not applied and {kept}. Check this step's batch, the learning rate and the loss."
+        + ("" if bad_params else _integer_inputs_hint(pipe, state, batch))
     )
     return NonFiniteError(message, step, loss, grad_norm, tuple(sorted(set(bad_grads) | set(bad_params))))
+
+
+def _integer_inputs_hint(pipe: Pipeline, state: TrainState, batch: Any) -> str:
+    """Where a batch with integer inputs first turns non-finite: out-of-range ids give NaN, not an error."""
+    inputs = batch[0]
+    ints = [np.asarray(a) for a in jax.tree.leaves(inputs) if np.issubdtype(np.asarray(a).dtype, np.integer)]
+    if not ints or not all(a.size for a in ints):
+        return ""
+    span = f"[{min(int(a.min()) for a in ints)}, {max(int(a.max()) for a in ints)}]"
+    hint = (f" The batch's integer inputs range over {span}: an id outside an embedding's table (e.g. token ids "
+            "at or above the vocabulary size, or negative) gives NaN instead of an error; check the ids against "
+            "the embedding sizes.")
+    try:
+        h = inputs
+        for i, layer in enumerate(pipe.layers(state.params)):
+            h = layer(h)
+            if not all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(h)
+                       if jnp.issubdtype(leaf.dtype, jnp.inexact)):
+                return f" Layer {i} ({type(layer).__name__}) is the first whose output is not finite." + hint
+    except Exception:  # noqa: BLE001 - only a hint: a model that does not run whole here gets the general one
+        pass
+    return hint
 
 
 def _agree(sigterm: bool, callback: bool) -> str | None:

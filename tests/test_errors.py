@@ -541,3 +541,40 @@ def test_a_state_of_another_pipeline_is_named():
     adam = _pipeline(mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8), optimizer=optax.adam(0.1))
     with pytest.raises(ValueError, match=r"state is not a state of this Pipeline: its structure"):
         pipe.train_step(adam.init(), _batch(8))
+
+
+# Messages that name the wrong value and what is right (issue 15)
+
+
+def test_a_batch_of_zero_rows():
+    message = re.escape("the global batch has 0 rows; give at least data=2 x num_microbatches=2 = 4 rows")
+    with pytest.raises(ValueError, match=message):
+        _pipeline(mesh_shape=(2, 1), num_microbatches=2, batch=_batch(0))
+    with pytest.raises(ValueError, match=message):
+        _train(mesh_shape=(2, 1), data=[_batch(0)], num_microbatches=2)
+
+
+def test_the_same_device_twice():
+    d0 = jax.devices()[0]
+    with pytest.raises(ValueError, match=re.escape(f"devices lists {d0} more than once; every mesh position needs "
+                                                   "its own device")):
+        _pipeline(mesh_shape=(1, 2), devices=[d0, d0])
+
+
+@pytest.mark.parametrize("unsplittable", [1, "1"], ids=repr)
+def test_unsplittable_that_is_not_a_sequence(unsplittable):
+    with pytest.raises(TypeError, match=re.escape(f"unsplittable must be a sequence of layer indices, e.g. "
+                                                  f"({unsplittable!r},) or [1, 3], got {unsplittable!r}")):
+        _pipeline(unsplittable=unsplittable)
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_as_a_cause():
+    lm = models.transformer_lm(vocab=8, seq_len=6, dim=8, heads=2, blocks=2)
+    ids = np.random.default_rng(0).integers(0, 12, (4, 7)).astype(np.int32)
+    ids[0, 0] = 11
+    with pytest.raises(jaxpipe.NonFiniteError, match=re.escape(
+        "Layer 0 (Embed) is the first whose output is not finite. The batch's integer inputs range over [0, 11]: "
+        "an id outside an embedding's table (e.g. token ids at or above the vocabulary size"
+    )):
+        jaxpipe.train(lm, (1, 2), data=[(ids[:, :-1], ids[:, 1:])], loss_fn=models.lm_loss, optimizer=OPTIMIZER,
+                      steps=1, progress=False)
