@@ -3,7 +3,7 @@
 from . import distributed, ticks
 from .batches import DataShard, data_shard
 from .bridge import LinenLayer, linen
-from .checkpoint import CheckpointInfo, Checkpoints
+from .checkpoint import CheckpointInfo, Checkpoints, CheckpointSaveError
 from .load import load_layers
 from .mesh import make_mesh
 from .metrics import StepMetrics
@@ -31,6 +31,7 @@ __all__ = [
     "ticks",
     "Candidate",
     "CheckpointInfo",
+    "CheckpointSaveError",
     "Checkpoints",
     "Costs",
     "DataShard",

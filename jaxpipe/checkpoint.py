@@ -31,6 +31,8 @@ be one shared file system that every process can read.
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -40,6 +42,20 @@ import numpy as np
 from .pipeline import Pipeline, TrainState
 
 FORMAT = 1
+_META_KEYS = ("format", "step", "data_position", "layers", "opt_state")
+
+
+class CheckpointSaveError(OSError):
+    """Saving a checkpoint failed; the checkpoints saved before are untouched.
+
+    Attributes:
+      step: the step whose save failed.
+      last_good: the newest complete checkpoint, or ``None``.
+    """
+
+    def __init__(self, message: str, step: int, last_good: "CheckpointInfo | None"):
+        super().__init__(message)
+        self.step, self.last_good = step, last_good
 
 
 class CheckpointInfo(NamedTuple):
@@ -91,6 +107,46 @@ class Checkpoints:
         """The step of the newest complete checkpoint, or ``None``."""
         self._manager.reload()
         return self._manager.latest_step()
+
+    def check_writable(self) -> None:
+        """Raises unless a file can be created in the folder (run before training, not at the first save).
+
+        Raises:
+          ValueError: naming the folder and the operating system's reason.
+        """
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".jaxpipe-write-check-", dir=self.directory)
+            os.close(handle)
+            os.remove(probe)
+        except OSError as err:
+            raise ValueError(
+                f"checkpoint_dir={self.directory!r} is not writable ({err.strerror or err}); give a folder "
+                "this process can write to, or check its permissions, before training"
+            ) from None
+
+    def latest_readable(self) -> int | None:
+        """The step of the newest complete checkpoint whose metadata reads, or ``None`` if there is none.
+
+        A newer checkpoint with unreadable metadata (an empty or partial JSON
+        file) is skipped with a warning naming it.
+
+        Raises:
+          ValueError: if there are checkpoints but none of them reads.
+        """
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                self._read_meta(step)
+            except ValueError as err:
+                warnings.warn(f"{err}; falling back to the checkpoint before it", stacklevel=2)
+                continue
+            return step
+        if steps:
+            raise ValueError(
+                f"no checkpoint in {self.directory} can be read (steps {steps}, every one's metadata is "
+                "unreadable); move the folder away to start afresh"
+            )
+        return None
 
     def steps(self) -> list[int]:
         """The steps of all complete checkpoints, oldest first."""
@@ -179,11 +235,22 @@ class Checkpoints:
                 "virtual_stages": pipe.num_chunks,
             },
         }
-        self._manager.save(
-            step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        if step in self.steps():
+            self._move_aside(step)
+        try:
+            self._manager.save(
+                step, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure, reported with where the good checkpoint is
+            last = self._last_good()
+            kept = (f"the last good checkpoint is {last.path} (step {last.step})" if last is not None
+                    else "there is no earlier checkpoint")
+            raise CheckpointSaveError(
+                f"saving the checkpoint of step {step} in {self.directory} failed ({type(err).__name__}: {err}); "
+                f"{kept}, untouched", step, last,
+            ) from err
         return CheckpointInfo(step, meta["data_position"], os.path.join(self.directory, str(step)))
 
     def restore(self, pipe: Pipeline, step: int | None = None) -> tuple[TrainState, CheckpointInfo]:
@@ -239,6 +306,28 @@ class Checkpoints:
         state = pipe.from_layers(params, opt_state, meta["step"])
         return state, CheckpointInfo(meta["step"], meta["data_position"], where)
 
+    def _move_aside(self, step: int) -> None:
+        """Renames an existing (unreadable, skipped on resume) checkpoint ``step`` so a new one can take its place."""
+        where = os.path.join(self.directory, str(step))
+        # Not starting with the step: orbax would take the folder for a checkpoint of it.
+        target, n = os.path.join(self.directory, f"unreadable-{step}"), 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(self.directory, f"unreadable-{step}-{n}")
+        os.rename(where, target)
+        self._manager.reload()
+        warnings.warn(f"checkpoint {where} was skipped as unreadable; moved to {target} to save step {step} anew",
+                      stacklevel=3)
+
+    def _last_good(self) -> CheckpointInfo | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                step = self.latest_readable()
+            return self.info(step) if step is not None else None
+        except Exception:  # noqa: BLE001 - reporting a failure: an unreadable folder has none
+            return None
+
     def close(self) -> None:
         """Releases orbax's resources."""
         self._manager.close()
@@ -254,8 +343,23 @@ class Checkpoints:
         return step
 
     def _read_meta(self, step: int) -> dict:
+        """Checkpoint ``step``'s metadata, or a ValueError naming its file."""
         ocp = self._ocp
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        where = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 - orbax raises JSON, key and file errors alike
+            raise ValueError(
+                f"checkpoint {os.path.join(self.directory, str(step))} has unreadable metadata {where} "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise ValueError(
+                f"checkpoint {os.path.join(self.directory, str(step))} has incomplete metadata {where}: "
+                f"it lacks {missing}"
+            )
+        return meta
 
 
 def _dtype(trees: Sequence[Any]) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import math
 import os
 import sys
 import textwrap
@@ -67,8 +68,8 @@ def _load(spec: str) -> Callable:
         sys.path.insert(0, os.getcwd())
     try:
         found = importlib.import_module(module)
-    except ImportError as error:
-        raise ValueError(f"cannot import {module!r} (from {spec!r}): {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure in the user's module is bad input
+        raise ValueError(f"cannot import {module!r} (from {spec!r}): {type(error).__name__}: {error}") from error
     target = found
     for part in name.split("."):
         if not hasattr(target, part):
@@ -84,6 +85,16 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _mesh(text: str) -> tuple[int, int]:
@@ -130,7 +141,7 @@ def _plan_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--input-dtype", default="float32", metavar="DTYPE",
                      help="input dtype (default float32; int32 for token ids)")
     sub.add_argument("--schedule", choices=SCHEDULES, default="auto", help="default auto: the planner picks")
-    sub.add_argument("--max-memory-mib", type=float, metavar="MIB", default=None,
+    sub.add_argument("--max-memory-mib", type=_positive_number, metavar="MIB", default=None,
                      help="memory limit per device for auto (MiB)")
 
 
@@ -176,8 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive, metavar="R", default=None,
                        help="R, rows per global batch, a multiple of DATA x M (default 8 x DATA x M)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="default adamw")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    train.add_argument("--clip-norm", type=float, metavar="NORM", default=None,
+    train.add_argument("--lr", type=_positive_number, default=1e-3, help="learning rate (default 1e-3)")
+    train.add_argument("--clip-norm", type=_positive_number, metavar="NORM", default=None,
                        help="clip gradients to this global norm")
     train.add_argument("--seed", type=int, metavar="SEED", default=0,
                        help="seed of the parameters and of the data (default 0)")
@@ -229,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     try:
         return args.run(args)
-    except (_UsageError, ValueError, TypeError) as error:
+    except (_UsageError, ValueError, TypeError, OSError) as error:
         if args.traceback:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
@@ -273,6 +284,9 @@ def _run_simulate(args) -> int:
     from .schedule import make_schedule
     from .simulate import simulate
 
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise _UsageError(f"--out {args.out}: the folder {folder} does not exist; create it or give another path")
     plan = _plan(args)
     chosen = plan.chosen
     # The table the executor runs (fused 1F1B warm-up), as the planner predicted it.

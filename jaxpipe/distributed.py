@@ -8,7 +8,9 @@ jaxpipe.distributed.initialize()
 ```
 
 Under ``python -m jaxpipe.launch`` it reads the coordinator, process count
-and rank the launcher set, and selects the gloo collectives for CPU devices.
+and rank the launcher set, and selects the gloo collectives for CPU devices;
+an uncaught exception or a failing ``sys.exit(n)`` then ends the process at
+once, so the launcher sees which rank failed first.
 On a TPU pod or a SLURM GPU allocation, where JAX finds the cluster itself,
 it calls ``jax.distributed.initialize()`` with no arguments. With neither,
 it does nothing (one process).
@@ -63,6 +65,7 @@ def initialize() -> bool:
             os.sched_setaffinity(0, {int(os.environ[CORE_ENV])})
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         sys.excepthook = _exit_on_error
+        sys.exit = _exit_at_once_on_failure
         jax.distributed.initialize(
             coordinator_address=os.environ[COORDINATOR_ENV],
             num_processes=num_processes,
@@ -148,3 +151,24 @@ def _exit_on_error(kind, value, tb) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(1)
+
+
+def _exit_at_once_on_failure(status: object = None) -> None:
+    """``sys.exit`` for launched workers: a failing status ends the process at once.
+
+    ``sys.exit(0)`` (or no status) exits normally, through
+    ``jax.distributed``'s shutdown barrier, where the other processes meet
+    this one. Any other status is a failure: the others may be waiting for
+    this process in a collective, so waiting at the barrier would hang the job
+    until a timeout and leave another rank to be reported as the failed one.
+    A string status is printed to stderr and exits with 1, as ``sys.exit``
+    does. ``raise SystemExit(n)`` bypasses this and exits normally.
+    """
+    if status is None or status == 0:
+        raise SystemExit(status)
+    if not isinstance(status, int):
+        print(status, file=sys.stderr)
+        status = 1
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(status)

@@ -5,16 +5,23 @@ to its own core (round robin over the cores this process may use; the pinning
 is done by ``jaxpipe.distributed.initialize`` in the child, since forking a
 multithreaded JAX process to set it would risk deadlocks), the
 coordinator on loopback, and the variables ``jaxpipe.distributed.initialize``
-reads. Their output is forwarded line by line with a ``[rank k]`` prefix. If
-one process exits non-zero, the others are stopped (SIGTERM, then SIGKILL
-after a grace period) and the launcher exits non-zero naming the rank that
-failed; a ``--timeout`` bounds the whole run. It never waits forever.
+reads. Their output is forwarded line by line with a ``[rank k]`` prefix.
+Each process runs in its own process group, so a wrapper such as
+``bash -c "python train.py; ..."`` is stopped together with what it started.
+If one process exits non-zero, every group is stopped (SIGTERM, then SIGKILL
+after ``GRACE_S`` seconds) and the launcher exits with that rank's status,
+naming the rank that failed first; a ``--timeout`` bounds the whole run (the
+launcher returns at most ``GRACE_S`` + 1 s after it). It never waits forever.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import queue
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +31,7 @@ from collections.abc import Sequence
 
 from .distributed import COORDINATOR_ENV, CORE_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 
-GRACE_S = 5.0
+GRACE_S = 3.0  # between SIGTERM and SIGKILL: stopping takes at most this plus a second
 
 
 def _free_port() -> int:
@@ -39,21 +46,55 @@ def _forward(rank: int, stream, out) -> None:
         out.flush()
 
 
+def _wait(rank: int, proc: subprocess.Popen, exits: queue.Queue) -> None:
+    exits.put((rank, proc.wait()))
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> bool:
+    """Sends ``signum`` to the process group ``proc`` leads; False if the group is gone."""
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
+    """Stops every process of every child's group: SIGTERM, then SIGKILL after ``GRACE_S``.
+
+    Whole groups, so the processes a wrapper (``bash -c "python ..."``)
+    started go too, and any that ignore SIGTERM (a training loop that saves a
+    checkpoint first) are killed.
+    """
+    alive = [proc for proc in procs if _signal_group(proc, signal.SIGTERM)]
     deadline = time.monotonic() + GRACE_S
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [proc for proc in alive if _signal_group(proc, 0)]
+    for proc in alive:
+        _signal_group(proc, signal.SIGKILL)
     for proc in procs:
         try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def launch(command: Sequence[str], nproc: int, timeout: float | None = None, out=None) -> int:
     """Runs ``command`` as ``nproc`` processes joined by ``jax.distributed``.
+
+    Each process starts in its own process group (session). When one fails,
+    on the timeout, or at the end, every group is stopped: SIGTERM, then
+    SIGKILL after ``GRACE_S`` seconds.
 
     Args:
       command: the program and its arguments.
@@ -62,52 +103,69 @@ def launch(command: Sequence[str], nproc: int, timeout: float | None = None, out
       out: where to forward output (default ``sys.stdout``).
 
     Returns:
-      0 if every process exited 0, else a non-zero exit code.
+      0 if every process exited 0; else the status of the rank that failed
+      first (``128 + N`` for a rank killed by signal N), or 124 on timeout.
 
     Raises:
-      ValueError: if ``nproc < 1`` or ``command`` is empty.
+      ValueError: if ``nproc < 1``, ``command`` is empty, or its program
+        cannot be started.
     """
-    if nproc < 1:
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout}")
     if not command:
         raise ValueError("give the command to run after '--', e.g. -- python train.py")
+    if shutil.which(command[0]) is None:
+        raise ValueError(
+            f"cannot run {command[0]!r}: no such program (not a file, and not found on PATH); "
+            "check the command after '--'"
+        )
     out = sys.stdout if out is None else out
     cores = sorted(os.sched_getaffinity(0))
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs, threads = [], []
-    for rank in range(nproc):
-        env = dict(os.environ, **{
-            COORDINATOR_ENV: coordinator, NUM_PROCESSES_ENV: str(nproc), PROCESS_ID_ENV: str(rank),
-            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "PYTHONUNBUFFERED": "1",
-        })
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
-        env[CORE_ENV] = str(cores[rank % len(cores)])
-        proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        thread = threading.Thread(target=_forward, args=(rank, proc.stdout, out), daemon=True)
-        thread.start()
-        threads.append(thread)
+    procs, threads, exits = [], [], queue.Queue()
     start, code = time.monotonic(), 0
     try:
-        while True:
-            codes = [proc.poll() for proc in procs]
-            failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                out.write(f"[launch] rank {rank} exited with code {code}; stopping the other processes\n")
-                break
-            if all(c == 0 for c in codes):
-                break
-            if timeout is not None and time.monotonic() - start > timeout:
-                out.write(f"[launch] timeout after {timeout:.0f} s; stopping all processes\n")
+        for rank in range(nproc):
+            env = dict(os.environ, **{
+                COORDINATOR_ENV: coordinator, NUM_PROCESSES_ENV: str(nproc), PROCESS_ID_ENV: str(rank),
+                "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "PYTHONUNBUFFERED": "1",
+            })
+            flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+            env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+            env[CORE_ENV] = str(cores[rank % len(cores)])
+            try:
+                proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            except OSError as err:
+                raise ValueError(f"cannot run {command[0]!r}: {err.strerror or err}") from None
+            procs.append(proc)
+            for target, args in ((_forward, (rank, proc.stdout, out)), (_wait, (rank, proc, exits))):
+                thread = threading.Thread(target=target, args=args, daemon=True)
+                thread.start()
+                threads.append(thread)
+        finished = 0
+        while finished < nproc:
+            left = None if timeout is None else start + timeout - time.monotonic()
+            if left is not None and left <= 0:
+                out.write(f"[launch] timeout after {timeout:g} s; stopping all processes\n")
                 code = 124
                 break
-            time.sleep(0.05)
+            try:
+                rank, status = exits.get(timeout=left)
+            except queue.Empty:
+                continue
+            finished += 1
+            if status != 0:
+                out.write(f"[launch] rank {rank} {_describe(status)} (the first to fail); "
+                          "stopping the other processes\n")
+                code = status if status > 0 else 128 - status
+                break
     finally:
         _stop(procs)
         for thread in threads:
-            thread.join(timeout=GRACE_S)
+            thread.join(timeout=0.5)
     out.flush()
     return code
 
@@ -127,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return launch(command, args.nproc, args.timeout)
     except ValueError as err:
-        parser.error(str(err))
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def make_mesh(
     strangers = [d for d in devices if not isinstance(d, jax.Device)]
     if strangers:
         raise TypeError(f"devices must be jax.Device objects (e.g. jax.devices()[:4]), got {strangers[0]!r}")
+    twice = sorted({str(d) for d in devices if devices.count(d) > 1})
+    if twice:
+        raise ValueError(
+            f"devices lists {', '.join(twice)} more than once; every mesh position needs its own device: give "
+            "distinct devices, e.g. jax.devices()[:n]"
+        )
     needed = data * pipe
     if needed > len(devices):
         processes = jax.process_count()

@@ -8,13 +8,14 @@ layer's forward and backward pass on one micro-batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .row_mixing import mixes_rows  # noqa: F401 - re-exported: the check lives with its probe
 from .stages import LayerSpec, apply_layer
 
 
@@ -302,45 +303,6 @@ def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows:
     )
 
 
-def mixes_rows(spec: LayerSpec, params: Any, x: Any, seed: int = 0) -> bool:
-    """Whether a layer's output rows depend on other rows of its input.
-
-    Row-splitting a layer between devices is exact only if each output row
-    depends on its own input row alone (true for dense layers, attention
-    within a row, convolutions; false for batch statistics). Checked once on
-    random data: the layer on the first half of the rows must equal the first
-    half of the layer on all rows.
-
-    Args:
-      spec: the layer.
-      params: its parameter tree.
-      x: its input for one micro-batch (shape structs), ``[B, ...]`` leaves.
-      seed: NumPy seed for the random input.
-
-    Returns:
-      True if the rows mix (the layer must not be split), False otherwise.
-    """
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree.flatten(x)
-    rows = leaves[0].shape[0]
-    if rows < 2:
-        return False
-    values = [
-        rng.normal(size=leaf.shape).astype(leaf.dtype)
-        if jnp.issubdtype(leaf.dtype, jnp.floating)
-        else np.zeros(leaf.shape, leaf.dtype)
-        for leaf in leaves
-    ]
-    full = jax.tree.unflatten(treedef, values)
-    half = jax.tree.map(lambda a: a[: rows // 2], full)
-    run = jax.jit(lambda p, v: apply_layer(spec, p, v))
-    whole, part = run(params, full), run(params, half)
-    return not all(
-        np.allclose(np.asarray(a)[: rows // 2], np.asarray(b), rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part))
-    )
-
-
 def check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
     """``[L]`` finite non-negative costs as float64, or a ValueError naming them."""
     costs = np.asarray(costs, dtype=np.float64)
@@ -368,6 +330,10 @@ def layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndar
 
 def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Validates ``unsplittable`` layer indices."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(
+            f"unsplittable must be a sequence of layer indices, e.g. ({ids!r},) or [1, 3], got {ids!r}"
+        )
     ids = tuple(ids)
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < num_layers]
     if bad:

@@ -23,13 +23,13 @@ from .autodiff import autodiff_gpipe_loss
 from .batches import place_batch
 from .evaluate import check_deterministic, forward_loss
 from .executor import scheduled_loss_and_grad
+from .guards import batch_signature, check_batch_like, check_state_like
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .partition import (
     check_layer_ids,
     check_partition,
     fractional_partition,
     layer_costs,
-    mixes_rows,
     partition_layers,
     pieces_from_counts,
 )
@@ -37,6 +37,7 @@ from .optimizer import LayerOptimizer, OptState, local_init, local_updates, whol
 from .placement import place_stages, sync_copies
 from .rng import draws
 from .planner import describe_plan, make_plan
+from .row_mixing import mixing_layers
 from .schedule import SCHEDULE_NAMES, make_schedule
 from .stages import (
     cast_floats,
@@ -257,7 +258,6 @@ class Pipeline:
 
         specs, layer_params, layer_dtype = split_layers(model_fn(nnx.Rngs(seed)))
         self.param_dtype = dtype = layer_dtype if param_dtype is None else param_dtype
-        casts = dtype != layer_dtype or self.compute_dtype is not None
         # Master parameters in param_dtype; the boundaries are traced with
         # the executors' compute_dtype casts, so the carrier gets that dtype.
         params = cast_floats(layer_params, dtype)
@@ -282,6 +282,7 @@ class Pipeline:
         inputs, targets = _check_batch(example_batch)
         rows = self._check_rows(inputs, targets)
         self.microbatch_rows = rows // (self.num_replicas * self.num_microbatches)
+        self._signature = batch_signature(inputs, targets)
         x_mb, y_mb = (
             jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.microbatch_rows,) + np.shape(a)[1:], a.dtype), t)
             for t in (inputs, targets)
@@ -309,8 +310,7 @@ class Pipeline:
                 )
             # Whether rows mix is the layer's property: tested in its own
             # dtype, where rows computed apart agree to float32 rounding.
-            plain = trace_boundaries(specs, layer_params, x_mb) if casts else structs
-            mixing = {i for i, (spec, p) in enumerate(zip(specs, layer_params)) if mixes_rows(spec, p, plain[i])}
+            mixing = set(mixing_layers(specs, layer_params, inputs, self.microbatch_rows))
         else:
             mixing = set()
         # A layer that draws random numbers is never split (rng.py): a piece cannot draw its rows' share.
@@ -415,6 +415,11 @@ class Pipeline:
                 "they must match"
             )
         per_step = self.num_replicas * self.num_microbatches
+        if rows == 0:
+            raise ValueError(
+                f"the global batch has 0 rows; give at least data={self.num_replicas} x num_microbatches="
+                f"{self.num_microbatches} = {per_step} rows (one per micro-batch), a multiple of {per_step}"
+            )
         if rows % per_step:
             raise ValueError(
                 f"the global batch has {rows} rows, which does not divide into "
@@ -478,17 +483,18 @@ class Pipeline:
           ``(inputs, targets)`` with ``[D, M, B, ...]`` leaves sharded over ``data``.
 
         Raises:
-          ValueError: if the rows differ from the example batch's (or from
-            this process's share of them).
+          ValueError: if the rows, a leaf's shape or dtype, or the structure
+            differ from the example batch's (or from this process's share of
+            its rows).
         """
         inputs, targets = _check_batch(batch)
         layout = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
-        if not per_process:
-            rows = self._check_rows(inputs, targets)
-            if rows != math.prod(layout):
-                raise ValueError(
-                    f"this pipeline was built for global batches of {math.prod(layout)} rows, got {rows}"
-                )
+        rows = self._check_rows(inputs, targets)
+        if not per_process and rows != math.prod(layout):
+            raise ValueError(
+                f"this pipeline was built for global batches of {math.prod(layout)} rows, got {rows}"
+            )
+        check_batch_like(self._signature, inputs, targets, (rows,))
         return place_batch((inputs, targets), self._data_sharding, layout, per_process)
 
     def train_step(self, state: TrainState, batch: tuple[Any, Any]) -> tuple[TrainState, jax.Array]:
@@ -521,6 +527,7 @@ class Pipeline:
           layer's gradient summed into its owner copy); ``unpack(grads)``
           gives per-layer trees.
         """
+        check_state_like(self._state_struct().params, params, "params")
         return self._loss_and_grad(params, *self._placed(batch), step)
 
     def evaluate(self, params: tuple, batch: tuple[Any, Any]) -> jax.Array:
@@ -541,15 +548,27 @@ class Pipeline:
         Raises:
           ValueError: if a layer still uses its RNG streams in evaluation mode.
         """
+        check_state_like(self._state_struct().params, params, "params")
         if self._evaluate is None:
             run_params = cast_floats(self._host_params, self.compute_dtype)
             check_deterministic(self.stage_plan, run_params, self._structs)
             self._evaluate = jax.jit(forward_loss(self.stage_plan, self.mesh, self._loss_fn, self.compute_dtype))
         return self._evaluate(params, *self._placed(batch))
 
+    def _state_struct(self) -> TrainState:
+        if not hasattr(self, "_init_struct"):
+            self._init_struct = jax.eval_shape(self.init)
+        return self._init_struct
+
     def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         leaves = jax.tree.leaves(batch)
-        if leaves and all(isinstance(a, jax.Array) and a.sharding == self._data_sharding for a in leaves):
+        lead = (self.num_replicas, self.num_microbatches, self.microbatch_rows)
+        if leaves and all(
+            isinstance(a, jax.Array) and a.sharding == self._data_sharding and a.shape[:3] == lead
+            and a.ndim == want.ndim + 3 for a, want in zip(leaves, jax.tree.leaves(self._signature))
+        ):
+            inputs, targets = _check_batch(batch)
+            check_batch_like(self._signature, inputs, targets, lead)
             return batch
         return self.shard_batch(batch)
 
@@ -579,7 +598,13 @@ class Pipeline:
         Returns:
           ``(new_state, loss, grad_norm)``. If ``loss`` or ``grad_norm`` is
           not finite the update is skipped: ``new_state`` equals ``state``.
+
+        Raises:
+          ValueError: if ``state`` was already donated to an earlier step or
+            is not a state of this pipeline, or for a batch unlike the
+            example batch.
         """
+        check_state_like(self._state_struct(), state, "state")
         inputs, targets = self._placed(batch)
         return self._step(state, inputs, targets)
 

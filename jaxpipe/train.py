@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any, NamedTuple
 
@@ -24,6 +25,9 @@ from .checkpoint import CheckpointInfo, Checkpoints
 from .metrics import MetricsFile, Progress, StepMetrics
 from .pipeline import Pipeline, TrainState, check_rows
 from .planner import Plan
+
+
+DEFAULT_EVAL_STEPS = 100  # batches read from an eval_data without a length
 
 
 class NonFiniteError(ValueError):
@@ -108,6 +112,7 @@ def train(
     metrics_path: str | os.PathLike | None = None,
     eval_data: Iterable[tuple[Any, Any]] | None = None,
     eval_every: int | None = None,
+    eval_steps: int | None = None,
     callbacks: Sequence[Callable[[StepMetrics], Any]] = (),
 ) -> TrainResult:
     """Trains ``model_fn``'s layers with pipeline and data parallelism.
@@ -176,10 +181,15 @@ def train(
         ``grad_norm``, and ``eval_loss`` when evaluated). Default
         ``checkpoint_dir/metrics.jsonl`` with a ``checkpoint_dir``, else none.
         Lines of steps after the starting step are dropped on opening.
-      eval_data: a finite iterable of held-out global batches (same rows as
-        training batches), read once; the eval loss is their mean loss.
+      eval_data: an iterable of held-out global batches (shaped like the
+        training batches), read once, one batch at a time, before the first
+        step; the eval loss is the mean loss of the batches read.
       eval_every: evaluate every this many steps (needs ``eval_data``); with
         ``eval_data`` the last step is always evaluated.
+      eval_steps: read at most this many batches of ``eval_data``. Default
+        ``None``: all of an ``eval_data`` with a length (a list, a dataset),
+        and the first ``DEFAULT_EVAL_STEPS`` (100) of one without (a
+        generator, possibly endless), with a warning if it holds more.
       callbacks: functions called after every step with its ``StepMetrics``;
         one returning ``True`` stops training after that step (a checkpoint
         is saved first when ``checkpoint_dir`` is set).
@@ -205,12 +215,15 @@ def train(
     distributed.auto_initialize()
     _check_options(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
-        metrics_path=metrics_path, eval_data=eval_data, eval_every=eval_every, callbacks=callbacks,
+        metrics_path=metrics_path, eval_data=eval_data, eval_every=eval_every, eval_steps=eval_steps,
+        callbacks=callbacks,
         progress=progress,
     )
-    eval_batches = _eval_batches(eval_data)
+    eval_batches = _iterate(eval_data, "eval_data") if eval_data is not None else None
     store = Checkpoints(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
-    latest = store.latest() if store is not None else None
+    if store is not None:
+        store.check_writable()
+    latest = store.latest_readable() if store is not None else None
     resumed = store.info(latest) if latest is not None else None
     position = resumed.data_position if resumed is not None else 0
     batches, example = _open_data(data, position, steps)
@@ -229,7 +242,7 @@ def train(
     start = resumed.step if resumed is not None else 0
     if start >= steps:
         return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
-    evals = _place_eval(pipe, eval_batches, data_per_process)
+    evals = _read_eval(pipe, eval_batches, eval_steps, isinstance(eval_data, Sized), data_per_process)
     main = jax.process_index() == 0
     if metrics_path is None and checkpoint_dir is not None:
         metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
@@ -282,11 +295,12 @@ def train(
 
 
 def _check_options(*, checkpoint_dir, checkpoint_every, log_every, metrics_path, eval_data, eval_every,
-                   callbacks, progress) -> None:
+                   eval_steps, callbacks, progress) -> None:
     for name, value in (("checkpoint_dir", checkpoint_dir), ("metrics_path", metrics_path)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every), ("log_every", log_every)):
+    for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every),
+                        ("eval_steps", eval_steps), ("log_every", log_every)):
         if value is None and name != "log_every":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -297,8 +311,9 @@ def _check_options(*, checkpoint_dir, checkpoint_every, log_every, metrics_path,
         raise ValueError(
             f"checkpoint_every={checkpoint_every} needs checkpoint_dir: give the folder to save checkpoints in"
         )
-    if eval_every is not None and eval_data is None:
-        raise ValueError(f"eval_every={eval_every} needs eval_data: give the held-out batches to evaluate")
+    for name, value in (("eval_every", eval_every), ("eval_steps", eval_steps)):
+        if value is not None and eval_data is None:
+            raise ValueError(f"{name}={value} needs eval_data: give the held-out batches to evaluate")
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or callable(callbacks):
         raise TypeError(
             f"callbacks must be a list or tuple of functions, got {type(callbacks).__name__}; "
@@ -359,13 +374,31 @@ def _next_batch(batches, step: int, steps: int):
         ) from None
 
 
-def _eval_batches(eval_data) -> list:
-    if eval_data is None:
+def _read_eval(pipe: Pipeline, batches: Iterator | None, eval_steps: int | None, sized: bool,
+               per_process: bool = False) -> list:
+    """The held-out batches, read one at a time and placed: at most ``eval_steps`` of them."""
+    if batches is None:
         return []
-    batches = list(_iterate(eval_data, "eval_data"))
-    if not batches:
+    limit = eval_steps if eval_steps is not None else None if sized else DEFAULT_EVAL_STEPS
+    if limit is not None:
+        # One batch past the default limit tells whether the warning is due.
+        batches = itertools.islice(batches, limit + (eval_steps is None))
+    placed = []
+    for i, batch in enumerate(batches):
+        if i == limit:
+            if eval_steps is None:
+                warnings.warn(
+                    f"eval_data has no length and more than {DEFAULT_EVAL_STEPS} batches; evaluating on the first "
+                    f"{DEFAULT_EVAL_STEPS} (pass eval_steps= to choose how many)", stacklevel=3,
+                )
+            break
+        try:
+            placed.append(pipe.shard_batch(batch, per_process=per_process))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"eval_data batch {i}: {err}") from err
+    if not placed:
         raise ValueError("eval_data is empty; give at least one (inputs, targets) batch")
-    return batches
+    return placed
 
 
 def _global_example(example, count: int) -> tuple[Any, Any]:
@@ -377,16 +410,6 @@ def _global_example(example, count: int) -> tuple[Any, Any]:
                      if np.ndim(a) else a, part)
         for part in example
     )
-
-
-def _place_eval(pipe: Pipeline, batches: list, per_process: bool = False) -> list:
-    placed = []
-    for i, batch in enumerate(batches):
-        try:
-            placed.append(pipe.shard_batch(batch, per_process=per_process))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"eval_data batch {i}: {err}") from err
-    return placed
 
 
 def _evaluate(pipe: Pipeline, state: TrainState, evals: list) -> float:
@@ -410,8 +433,31 @@ def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteEr
     message = (
         f"step {step}: the loss is {loss} and the gradient's global norm is {grad_norm}; {where}. "
         f"The update was not applied and {kept}. Check this step's batch, the learning rate and the loss."
+        + ("" if bad_params else _integer_inputs_hint(pipe, state, batch))
     )
     return NonFiniteError(message, step, loss, grad_norm, tuple(sorted(set(bad_grads) | set(bad_params))))
+
+
+def _integer_inputs_hint(pipe: Pipeline, state: TrainState, batch: Any) -> str:
+    """Where a batch with integer inputs first turns non-finite: out-of-range ids give NaN, not an error."""
+    inputs = batch[0]
+    ints = [np.asarray(a) for a in jax.tree.leaves(inputs) if np.issubdtype(np.asarray(a).dtype, np.integer)]
+    if not ints or not all(a.size for a in ints):
+        return ""
+    span = f"[{min(int(a.min()) for a in ints)}, {max(int(a.max()) for a in ints)}]"
+    hint = (f" The batch's integer inputs range over {span}: an id outside an embedding's table (e.g. token ids "
+            "at or above the vocabulary size, or negative) gives NaN instead of an error; check the ids against "
+            "the embedding sizes.")
+    try:
+        h = inputs
+        for i, layer in enumerate(pipe.layers(state.params)):
+            h = layer(h)
+            if not all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(h)
+                       if jnp.issubdtype(leaf.dtype, jnp.inexact)):
+                return f" Layer {i} ({type(layer).__name__}) is the first whose output is not finite." + hint
+    except Exception:  # noqa: BLE001 - only a hint: a model that does not run whole here gets the general one
+        pass
+    return hint
 
 
 def _agree(sigterm: bool, callback: bool) -> str | None:

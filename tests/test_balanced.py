@@ -7,6 +7,8 @@ rtol 1e-4, atol 2e-6). Split-layer copies must stay bitwise identical.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -221,3 +223,51 @@ def test_every_test_model_trains_to_the_reference(case_name, schedule):
     case = CASES[case_name]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)
     assert pipe.plan.chosen.step <= pipe.plan.plain.step * (1 + 1e-9) or schedule == "balanced"
+
+
+class EmbedThen(nnx.Module):
+    """Token embedding ``[B, T] -> [B, T, 8]`` followed by ``f``."""
+
+    def __init__(self, f, *, rngs):
+        self.embed = nnx.Embed(11, 8, rngs=rngs)
+        self.f = f
+
+    def __call__(self, ids):
+        return self.f(self.embed(ids))
+
+
+class LinearThen(nnx.Module):
+    def __init__(self, f, *, rngs):
+        self.linear = nnx.Linear(8, 8, rngs=rngs)
+        self.f = f
+
+    def __call__(self, h):
+        return self.f(self.linear(h))
+
+
+def _token_model(first, second):
+    def model_fn(rngs):
+        return [EmbedThen(first, rngs=rngs), LinearThen(second, rngs=rngs), LinearThen(jnp.tanh, rngs=rngs),
+                nnx.Linear(8, 11, rngs=rngs)]
+
+    return model_fn
+
+
+def _gather_next_row(y):
+    rows = y.shape[0]
+    return jnp.take(y, (jnp.arange(rows) + 1) % rows, axis=0)
+
+
+@pytest.mark.parametrize("first,second,costs,mixing", [
+    (lambda h: h - h.mean(0), jnp.tanh, [4, 1, 1, 1], 0),  # an embedding, then the batch mean subtracted
+    (lambda h: h, lambda y: y - y[:1], [1, 4, 1, 1], 1),
+    (lambda h: h, lambda y: jnp.cumsum(y, 0), [1, 4, 1, 1], 1),
+    (lambda h: h, _gather_next_row, [1, 4, 1, 1], 1),
+], ids=["embedding minus batch mean", "minus first row", "cumulative sum over rows", "row gather"])
+def test_balanced_matches_the_reference_with_layers_that_mix_rows(first, second, costs, mixing):
+    """The costs put a cut inside the row-mixing layer; it must be found and kept whole."""
+    case = CASES["lm"]
+    pipe = _check(_token_model(first, second), case.loss_fn, case.make_batch, (1, 2), 2, 4, schedule="balanced",
+                  costs=costs, reference_microbatches=2)
+    assert pipe.unsplittable == (mixing,)
+    assert _split_layers(pipe) == []

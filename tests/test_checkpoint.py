@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import train_worker
 from reference import assert_trees_close, reference_run
 
 import jaxpipe
-from jaxpipe.checkpoint import Checkpoints
+from jaxpipe.checkpoint import CheckpointSaveError, Checkpoints
 
 HERE = pathlib.Path(__file__).parent
 MODEL, LOSS = train_worker.MODEL, train_worker.mse
@@ -209,3 +210,88 @@ def test_checkpoint_of_the_flat_layout_resumes(tmp_path):
     assert result.start_step == 2
     np.testing.assert_allclose(result.losses, ref_losses[2:], rtol=2e-5, err_msg="losses")
     assert_trees_close(result.pipeline.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")
+
+
+# Failing early and failing safely (issue 15)
+
+
+def _make_read_only(path: pathlib.Path):
+    """Makes ``path`` read-only (``chattr +i`` for root, who ignores permission bits); returns the undo."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode:
+            pytest.skip("root without chattr +i here: no way to make a read-only folder")
+        undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        undo = lambda: path.chmod(mode)  # noqa: E731
+    try:
+        (path / ".probe").touch()
+    except OSError:
+        return undo
+    undo()
+    pytest.skip("this file system ignores the read-only setting")
+
+
+def test_a_read_only_checkpoint_dir_fails_before_the_first_step(tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    undo = _make_read_only(directory)
+    steps = []
+    try:
+        with pytest.raises(ValueError, match=rf"checkpoint_dir='{directory}' is not writable \(.*\); give a folder"):
+            _train((1, 1), 3, checkpoint_dir=directory, metrics_path=tmp_path / "metrics.jsonl",
+                   callbacks=[steps.append])
+    finally:
+        undo()
+    assert steps == []
+
+
+def test_a_failed_save_keeps_the_last_good_checkpoint_and_says_where(tmp_path, reference):
+    directory = tmp_path / "ckpt"
+    undo = []
+
+    def lock_after_step_1(metrics):
+        if metrics.step == 2:  # after step 1's checkpoint, before step 2's
+            undo.append(_make_read_only(directory))
+
+    try:
+        with pytest.raises(CheckpointSaveError, match=re.escape(
+            f"saving the checkpoint of step 2 in {directory} failed"
+        ) + r" \(.*\); " + re.escape(f"the last good checkpoint is {directory / '1'} (step 1), untouched")) as info:
+            _train((1, 2), 3, data=train_worker.data(), checkpoint_dir=directory, checkpoint_every=1,
+                   metrics_path=tmp_path / "metrics.jsonl", callbacks=[lock_after_step_1])
+    finally:
+        for fn in undo:
+            fn()
+    assert info.value.step == 2 and info.value.last_good.step == 1
+    resumed = _train((1, 1), 3, data=train_worker.data(), checkpoint_dir=directory)
+    assert resumed.start_step == 1
+    np.testing.assert_allclose(resumed.losses, reference[1:3], rtol=2e-5)
+
+
+@pytest.mark.parametrize("content", ["", '{"format": 1, "step": 2, "data_po', "{}"], ids=["empty", "partial", "no keys"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, content):
+    directory = tmp_path / "ckpt"
+    _train((1, 1), 2, data=train_worker.data(), checkpoint_dir=directory, checkpoint_every=1)
+    meta = directory / "2" / "meta" / "metadata"
+    meta.write_text(content)
+    with pytest.warns(UserWarning, match=re.escape(f"checkpoint {directory / '2'} has ") + r"(unreadable|incomplete) "
+                      + re.escape(f"metadata {meta}")):
+        resumed = _train((1, 2), 3, data=train_worker.data(), checkpoint_dir=directory, checkpoint_every=1)
+    assert resumed.start_step == 1
+    np.testing.assert_allclose(resumed.losses, reference[1:3], rtol=2e-5)
+    assert Checkpoints(directory).steps() == [1, 2, 3]  # step 2 saved anew; the unreadable one moved aside
+    assert (directory / "unreadable-2" / "meta" / "metadata").read_text() == content
+
+
+def test_no_readable_checkpoint_is_an_error_naming_them(tmp_path):
+    directory = tmp_path / "ckpt"
+    _train((1, 1), 1, data=train_worker.data(), checkpoint_dir=directory)
+    (directory / "1" / "meta" / "metadata").write_text("")
+    with pytest.warns(UserWarning, match="unreadable metadata"), pytest.raises(
+        ValueError, match=re.escape(f"no checkpoint in {directory} can be read (steps [1]")
+    ):
+        _train((1, 1), 2, data=train_worker.data(), checkpoint_dir=directory)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {directory / '1'} has unreadable metadata")):
+        Checkpoints(directory).info(1)

@@ -193,3 +193,38 @@ def test_console_script_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("plan: gpipe") and "device 3:" in done.stdout and "timeline:" in done.stdout
     assert out_png.read_bytes().startswith(PNG_MAGIC)
+
+
+# One line and exit 2 for every user error (issue 15)
+
+
+def test_simulate_into_a_missing_folder_is_one_line(capsys, tmp_path):
+    out = tmp_path / "missing" / "x.png"
+    err = _error(capsys, ["simulate", TINY, "--input-shape", f"4,{SEQ}", "--input-dtype", "int32",
+                          "--out", str(out)])
+    assert err.startswith("jaxpipe simulate: error: ")
+    assert f"--out {out}: the folder {out.parent} does not exist; create it or give another path" in err
+
+
+def test_a_module_with_a_syntax_error_is_one_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "broken_model_i15.py").write_text("def model_fn(rngs:\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = _error(capsys, ["train", "broken_model_i15:model_fn"])
+    assert err.startswith("jaxpipe train: error: cannot import 'broken_model_i15' (from "
+                          "'broken_model_i15:model_fn'): SyntaxError: ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", TINY, "--clip-norm", "-1"], "argument --clip-norm: expected a finite number > 0, got '-1'"),
+    (["train", TINY, "--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["train", TINY, "--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    (["plan", TINY, "--input-shape", "4,6", "--max-memory-mib", "inf"],
+     "argument --max-memory-mib: expected a finite number > 0, got 'inf'"),
+])
+def test_numeric_flags_are_validated(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"jaxpipe {argv[0]}: error: ") and message in last

@@ -460,3 +460,154 @@ def test_simulate_rejects_wrong_types():
 def test_make_plan_per_layer_lengths_must_agree():
     with pytest.raises(ValueError, match=r"one entry per layer .*'forward': 1, 'backward': 2"):
         jaxpipe.make_plan([1.0], [1.0, 2.0], 2, 4, 4, layer_names=["a"], param_bytes=[4], message_bytes=4)
+
+
+# Batch shapes and dtypes (issue 15)
+
+
+class _MeanOverTokens(nnx.Module):
+    def __call__(self, x):
+        return x.mean(1)
+
+
+def _pool_model(rngs):
+    return [nnx.Linear(4, 8, rngs=rngs), _MeanOverTokens()]
+
+
+def _tokens_batch(rows, tokens, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(rows, tokens, 4)).astype(np.float32), rng.normal(size=(rows, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2)], ids=str)
+def test_a_batch_with_a_shorter_sequence_is_refused(mesh_shape):
+    data = [_tokens_batch(8, 3), _tokens_batch(8, 2)]
+    with pytest.raises(ValueError, match=re.escape(
+        "batch leaf inputs is float32[8, 2, 4], but this pipeline was built for float32[8, 3, 4] "
+        "(the example batch's shape and dtype)"
+    )):
+        jaxpipe.train(_pool_model, mesh_shape, data=data, loss_fn=mse, optimizer=OPTIMIZER, steps=2,
+                      progress=False)
+
+
+def test_batch_leaf_dtype_and_structure_are_checked():
+    pipe = _pipeline(num_microbatches=2, batch=_batch(8))
+    x, y = _batch(8)
+    with pytest.raises(ValueError, match=re.escape("batch leaf targets is int32[8, 5], but this pipeline was built "
+                                                   "for float32[8, 5]")):
+        pipe.shard_batch((x, y.astype(np.int32)))
+    with pytest.raises(ValueError, match=r"the batch's structure .* differs from the example batch's"):
+        pipe.shard_batch(({"x": x}, y))
+    # float64 and int64 are what JAX makes float32 and int32 of: not an error.
+    pipe.shard_batch((x.astype(np.float64), y))
+
+
+def test_a_dict_leaf_is_named_by_its_path():
+    inputs = {"x": np.ones((4, 6), np.float32), "ids": np.zeros((4, 3), np.int32)}
+    batch = (inputs, np.zeros((4, 5), np.float32))
+
+    def model(rngs):
+        return [_DictSum(rngs=rngs)]
+
+    pipe = _pipeline(model_fn=model, batch=batch)
+    bad = ({"x": inputs["x"], "ids": np.zeros((4, 2), np.int32)}, batch[1])
+    with pytest.raises(ValueError, match=re.escape("batch leaf inputs['ids'] is int32[4, 2], but this pipeline "
+                                                   "was built for int32[4, 3]")):
+        pipe.train_step(pipe.init(), bad)
+
+
+class _DictSum(nnx.Module):
+    def __init__(self, *, rngs):
+        self.linear = nnx.Linear(6, 5, rngs=rngs)
+
+    def __call__(self, batch):
+        return self.linear(batch["x"]) + batch["ids"].sum(1, keepdims=True)
+
+
+def test_eval_batches_are_checked_too():
+    data = [_tokens_batch(8, 3)] * 2
+    with pytest.raises(ValueError, match=re.escape("eval_data batch 1: batch leaf inputs is float32[8, 5, 4]")):
+        jaxpipe.train(_pool_model, (1, 2), data=data, loss_fn=mse, optimizer=OPTIMIZER, steps=2, progress=False,
+                      eval_data=[_tokens_batch(8, 3, 1), _tokens_batch(8, 5, 2)])
+
+
+def test_placed_batches_are_checked_and_data_sharded_rows_are_placed():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    batch = _tokens_batch(8, 3)
+    pipe = jaxpipe.Pipeline(_pool_model, (2, 1), mse, OPTIMIZER, 2, batch)
+    other = jaxpipe.Pipeline(_pool_model, (2, 1), mse, OPTIMIZER, 2, _tokens_batch(8, 2))
+    with pytest.raises(ValueError, match=re.escape("batch leaf inputs is float32[2, 2, 2, 2, 4], but this pipeline "
+                                                   "was built for float32[2, 2, 2, 3, 4]")):
+        pipe.loss_and_grad(pipe.init().params, other.shard_batch(_tokens_batch(8, 2)))
+    # Arrays of [R, ...] rows already sharded over data are placed like host arrays.
+    sharded = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(pipe.mesh, PartitionSpec("data"))), batch)
+    params = pipe.init().params
+    want, _ = pipe.loss_and_grad(params, batch)
+    got, _ = pipe.loss_and_grad(params, sharded)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+# States (issue 15)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2)], ids=str)
+def test_reusing_a_donated_state_is_an_error_before_any_computation(mesh_shape):
+    pipe = _pipeline(mesh_shape=mesh_shape, num_microbatches=2, batch=_batch(8))
+    state = pipe.init()
+    new, loss = pipe.train_step(state, _batch(8))
+    message = r"state was donated to an earlier train_step .* pass the state the last train_step returned"
+    with pytest.raises(ValueError, match=message):
+        pipe.train_step(state, _batch(8))
+    with pytest.raises(ValueError, match=r"params was donated to an earlier train_step"):
+        pipe.loss_and_grad(state.params, _batch(8))
+    again, loss_again = pipe.train_step(new, _batch(8))  # the returned state still works
+    assert np.isfinite(float(loss_again)) and int(again.step) == 2
+
+
+def test_a_state_of_another_pipeline_is_named():
+    pipe = _pipeline(mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8))
+    other = _pipeline(model_fn=models.mlp([6, 8, 9, 5]), mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8))
+    with pytest.raises(ValueError, match=r"state is not a state of this Pipeline: (its structure|state\.params\S* is "
+                                         r"float32\[.*, this Pipeline's is float32\[)"):
+        pipe.train_step(other.init(), _batch(8))
+    adam = _pipeline(mesh_shape=(1, 2), num_microbatches=2, batch=_batch(8), optimizer=optax.adam(0.1))
+    with pytest.raises(ValueError, match=r"state is not a state of this Pipeline: its structure"):
+        pipe.train_step(adam.init(), _batch(8))
+
+
+# Messages that name the wrong value and what is right (issue 15)
+
+
+def test_a_batch_of_zero_rows():
+    message = re.escape("the global batch has 0 rows; give at least data=2 x num_microbatches=2 = 4 rows")
+    with pytest.raises(ValueError, match=message):
+        _pipeline(mesh_shape=(2, 1), num_microbatches=2, batch=_batch(0))
+    with pytest.raises(ValueError, match=message):
+        _train(mesh_shape=(2, 1), data=[_batch(0)], num_microbatches=2)
+
+
+def test_the_same_device_twice():
+    d0 = jax.devices()[0]
+    with pytest.raises(ValueError, match=re.escape(f"devices lists {d0} more than once; every mesh position needs "
+                                                   "its own device")):
+        _pipeline(mesh_shape=(1, 2), devices=[d0, d0])
+
+
+@pytest.mark.parametrize("unsplittable", [1, "1"], ids=repr)
+def test_unsplittable_that_is_not_a_sequence(unsplittable):
+    with pytest.raises(TypeError, match=re.escape(f"unsplittable must be a sequence of layer indices, e.g. "
+                                                  f"({unsplittable!r},) or [1, 3], got {unsplittable!r}")):
+        _pipeline(unsplittable=unsplittable)
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_as_a_cause():
+    lm = models.transformer_lm(vocab=8, seq_len=6, dim=8, heads=2, blocks=2)
+    ids = np.random.default_rng(0).integers(0, 12, (4, 7)).astype(np.int32)
+    ids[0, 0] = 11
+    with pytest.raises(jaxpipe.NonFiniteError, match=re.escape(
+        "Layer 0 (Embed) is the first whose output is not finite. The batch's integer inputs range over [0, 11]: "
+        "an id outside an embedding's table (e.g. token ids at or above the vocabulary size"
+    )):
+        jaxpipe.train(lm, (1, 2), data=[(ids[:, :-1], ids[:, 1:])], loss_fn=models.lm_loss, optimizer=OPTIMIZER,
+                      steps=1, progress=False)

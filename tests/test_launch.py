@@ -13,7 +13,7 @@ import pytest
 from models_for_tests import CASES, batches
 from reference import reference_run
 
-from jaxpipe.launch import launch
+from jaxpipe.launch import launch, main
 
 HERE = pathlib.Path(__file__).parent
 
@@ -80,3 +80,57 @@ def test_command_line_errors():
     assert done.returncode != 0 and "--nproc must be >= 1, got 0" in done.stderr
     done = subprocess.run([sys.executable, "-m", "jaxpipe.launch", "--nproc", "2"], capture_output=True, text=True)
     assert done.returncode != 0 and "give the command to run after '--'" in done.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_timeout_stops_the_processes_a_wrapper_started(tmp_path):
+    """``bash -c "python ...; echo x"``: the Python ranks under the shell ignore SIGTERM and must go too."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import os, pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'pid' + os.environ['JAXPIPE_PROCESS_ID']).write_text(str(os.getpid()))\n"
+        "print('waiting', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    log = io.StringIO()
+    start = time.monotonic()
+    code = launch(["bash", "-c", f"{sys.executable} {script}; echo x"], nproc=2, timeout=3, out=log)
+    elapsed = time.monotonic() - start
+    assert code == 124 and "timeout after 3 s" in log.getvalue(), log.getvalue()
+    assert elapsed < 3 + 5, elapsed
+    pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in range(2)]
+    assert not any(_alive(pid) for pid in pids), [pid for pid in pids if _alive(pid)]
+
+
+def test_sys_exit_on_rank_1_names_rank_1_at_once():
+    """Rank 0 waits in a collective; rank 1 calls sys.exit(1) instead of joining it."""
+    script = ("import sys, jaxpipe\n"
+              "jaxpipe.distributed.initialize()\n"
+              "import jax\n"
+              "from jax.experimental import multihost_utils\n"
+              "if jax.process_index() == 1:\n"
+              "    print('giving up', flush=True)\n"
+              "    sys.exit(1)\n"
+              "multihost_utils.sync_global_devices('never reached by rank 1')\n")
+    log = io.StringIO()
+    start = time.monotonic()
+    code = launch([sys.executable, "-c", script], nproc=2, timeout=90, out=log)
+    assert code == 1, log.getvalue()
+    assert "[launch] rank 1 exited with code 1 (the first to fail)" in log.getvalue(), log.getvalue()
+    assert time.monotonic() - start < 25, log.getvalue()  # well before the 30 s collective timeout
+
+
+def test_a_missing_program_is_one_line(capsys):
+    assert main(["--nproc", "2", "--", "no_such_binary_xyz"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m jaxpipe.launch: error: cannot run 'no_such_binary_xyz': no such program (not a file, and not "
+        "found on PATH); check the command after '--'"
+    ]

@@ -134,6 +134,9 @@ def _file(tmp_path):
         (dict(log_every=None), TypeError, r"log_every must be an int, got None"),
         (dict(metrics_path=5), TypeError, r"metrics_path must be a path \(str or os.PathLike\) or None, got int"),
         (dict(eval_every=2), ValueError, r"eval_every=2 needs eval_data"),
+        (dict(eval_steps=2), ValueError, r"eval_steps=2 needs eval_data"),
+        (dict(eval_data=EVAL, eval_steps=0), ValueError, r"eval_steps must be >= 1, got 0"),
+        (dict(eval_data=EVAL, eval_steps=1.5), TypeError, r"eval_steps must be an int, got 1.5"),
         (dict(eval_data=EVAL, eval_every=0), ValueError, r"eval_every must be >= 1, got 0"),
         (dict(eval_data=[]), ValueError, r"eval_data is empty"),
         (dict(eval_data=5), TypeError, r"eval_data must be an iterable of \(inputs, targets\) batches, got int"),
@@ -151,3 +154,52 @@ def test_option_errors(tmp_path, options, error, message):
         options["checkpoint_dir"] = d(tmp_path) if callable(d) else tmp_path / d if isinstance(d, str) else d
     with pytest.raises(error, match=message):
         _train(**options)
+
+
+def _counted(seed, read):
+    for batch in train_worker.data(seed):
+        read.append(1)
+        yield batch
+
+
+def _plain_eval_losses(params, batches):
+    """Each batch's loss under the layers with ``params``, applied one after the other (jitted)."""
+    layers = MODEL(nnx.Rngs(0))
+    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+
+    @jax.jit
+    def loss(params, x, y):
+        h = x
+        for (graphdef, _, rest), p in zip(splits, params):
+            h = nnx.merge(graphdef, p, rest)(h)
+        return LOSS(h, y)
+
+    return [float(loss(params, x, y)) for x, y in batches]
+
+
+def test_an_endless_eval_generator_is_read_one_batch_at_a_time_up_to_eval_steps():
+    read = []
+    result = _train((1, 2), 2, eval_data=_counted(1, read), eval_steps=3)
+    assert len(read) == 3  # not one more: the generator is never drained
+    params = reference_run(MODEL, DATA[:2], LOSS, OPTIMIZER)[2]
+    want = np.mean(_plain_eval_losses(params, [b for b, _ in zip(train_worker.data(1), range(3))]))
+    assert [k for k, _ in result.eval_losses] == [2]
+    np.testing.assert_allclose(result.eval_losses[0][1], want, rtol=2e-5)
+
+
+def test_eval_steps_defaults_to_100_batches_of_an_endless_generator_with_a_warning():
+    read = []
+    with pytest.warns(UserWarning, match=r"eval_data has no length and more than 100 batches; evaluating on the "
+                                         r"first 100 \(pass eval_steps= to choose how many\)"):
+        result = _train((1, 1), 1, eval_data=_counted(1, read))
+    assert len(read) == 101
+    params = reference_run(MODEL, DATA[:1], LOSS, OPTIMIZER)[2]
+    want = np.mean(_plain_eval_losses(params, [b for b, _ in zip(train_worker.data(1), range(100))]))
+    np.testing.assert_allclose(result.eval_losses[0][1], want, rtol=2e-5)
+
+
+def test_a_list_is_evaluated_whole_whatever_its_length():
+    batches = [b for b, _ in zip(train_worker.data(1), range(3))]
+    result = _train((1, 1), 1, eval_data=batches)
+    params = reference_run(MODEL, DATA[:1], LOSS, OPTIMIZER)[2]
+    np.testing.assert_allclose(result.eval_losses[0][1], np.mean(_plain_eval_losses(params, batches)), rtol=2e-5)
