@@ -7,7 +7,6 @@ rtol 1e-4, atol 2e-6). Split-layer copies must stay bitwise identical.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
