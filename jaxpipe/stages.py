@@ -86,6 +86,7 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
         )
     if not layers:
         raise ValueError("model_fn returned no layers; it must return a non-empty list of nnx.Module layers")
+    check_untied(layers)
     specs, params, dtypes = [], [], {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, nnx.Module):
@@ -157,6 +158,29 @@ def check_state(index: int, layer: nnx.Module, rest: Any) -> None:
             "(nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm), or freeze the statistics: "
             "nnx.BatchNorm(..., use_running_average=True) or layer.eval(), which jaxpipe keeps constant"
         )
+
+
+def check_untied(layers: Sequence[nnx.Module]) -> None:
+    """Refuses layers that share a parameter (weight tying): each layer is split on its own.
+
+    Raises:
+      ValueError: naming the two layers and the shared parameter's paths.
+    """
+    owner: dict = {}
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nnx.Module):
+            continue
+        for path, node in nnx.graph.iter_graph(layer):
+            if not isinstance(node, nnx.Param):
+                continue
+            first = owner.setdefault(id(node), (i, path))
+            if first[0] != i:
+                raise ValueError(
+                    f"layers {first[0]} and {i} share one parameter (at {'/'.join(map(str, first[1]))} and "
+                    f"{'/'.join(map(str, path))}): tied weights are not supported, and training them as two "
+                    "separate copies would differ from single-device training; give each layer its own "
+                    "parameter (untie them)"
+                )
 
 
 def check_float_dtype(value: Any, name: str) -> Any:
