@@ -62,8 +62,13 @@ def _reference(case_name, opt_name, rows):
     return reference_run(case.model_fn, batches(case, rows), case.loss_fn, OPTIMIZERS[opt_name](case))
 
 
-@pytest.mark.parametrize("plan", list(PLANS))
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+# Every optimizer on the balanced plan; on (2, 4) those whose exactness depends on how layers
+# are grouped on devices (a shape-factored state, per-leaf norms, a global norm).
+CONFIGS = [(name, "balanced") for name in OPTIMIZERS] + [
+    (name, "2x4") for name in ("adamw_mask_tree", "adafactor", "clip_adam") if name in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("opt_name, plan", CONFIGS)
 def test_optimizer_matches_reference(opt_name, plan):
     case = CASES["mlp"]
     mesh, m, options = PLANS[plan]["mesh"], PLANS[plan]["m"], PLANS[plan]["options"]
