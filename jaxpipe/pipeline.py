@@ -556,9 +556,14 @@ class Pipeline:
         return self._evaluate(params, *self._placed(batch))
 
     def _state_struct(self) -> TrainState:
-        if not hasattr(self, "_init_struct"):
-            self._init_struct = jax.eval_shape(self.init)
-        return self._init_struct
+        """This pipeline's state as shape structs, from the layouts (``init`` is not traced)."""
+        layer_opt = self._layer_opt
+        shared = [layer_opt.structs[i] for i, s in enumerate(layer_opt.shared) if s >= 0]
+        return TrainState(
+            self.stage_plan.stacks.zeros(),
+            OptState(layer_opt.layout.zeros(), tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shared)),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        )
 
     def _placed(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
         leaves = jax.tree.leaves(batch)
