@@ -51,4 +51,4 @@ def test_load_layers_errors(tmp_path):
     with pytest.raises(ValueError, match=r"no complete checkpoint for step 5 in .*ckpt; it has steps \[1\]"):
         jaxpipe.load_layers(CASE.model_fn, tmp_path / "ckpt", step=5)
     with pytest.raises(ValueError, match=r"holds a model of \d+ layers, but model_fn builds 2"):
-        jaxpipe.load_layers(lambda rngs: [nnx.Linear(2, 2, rngs=rngs)] * 2, tmp_path / "ckpt")
+        jaxpipe.load_layers(lambda rngs: [nnx.Linear(2, 2, rngs=rngs) for _ in range(2)], tmp_path / "ckpt")
