@@ -59,23 +59,55 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> bool:
     return True
 
 
+def _group_running(proc: subprocess.Popen) -> bool:
+    """Whether a process of ``proc``'s group still runs (exited but unreaped ones do not count).
+
+    An orphan whose new parent never reaps it stays a zombie in the group, so
+    signal 0 alone would call the group alive; ``/proc`` tells the states
+    apart where there is one.
+    """
+    if not os.path.isdir("/proc/self"):
+        return _signal_group(proc, 0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == proc.pid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_for_groups(procs: Sequence[subprocess.Popen], seconds: float) -> list[subprocess.Popen]:
+    """Polls until no process of any group runs or ``seconds`` pass; returns the groups still running."""
+    running = [proc for proc in procs if _group_running(proc)]
+    deadline = time.monotonic() + seconds
+    while running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = [proc for proc in running if _group_running(proc)]
+    return running
+
+
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
     """Stops every process of every child's group: SIGTERM, then SIGKILL after ``GRACE_S``.
 
     Whole groups, so the processes a wrapper (``bash -c "python ..."``)
     started go too, and any that ignore SIGTERM (a training loop that saves a
-    checkpoint first) are killed.
+    checkpoint first) are killed. Returns once every process has exited (a
+    killed process can take a moment under load), at most a second after the
+    SIGKILL.
     """
-    alive = [proc for proc in procs if _signal_group(proc, signal.SIGTERM)]
-    deadline = time.monotonic() + GRACE_S
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [proc for proc in alive if _signal_group(proc, 0)]
-    for proc in alive:
+    for proc in procs:
+        _signal_group(proc, signal.SIGTERM)
+    for proc in _wait_for_groups(procs, GRACE_S):
         _signal_group(proc, signal.SIGKILL)
+    _wait_for_groups(procs, 1.0)
     for proc in procs:
         try:
-            proc.wait(timeout=1.0)
+            proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
             pass
 
