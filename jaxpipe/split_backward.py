@@ -163,9 +163,14 @@ def split_stage(fn: Callable, args: Sequence[Any], weight_outputs: int, carried:
         return atom if isinstance(atom, jcore.Literal) else renamed.get(atom, atom)
 
     w_eqns = [e.replace(invars=[rename(v) for v in e.invars]) for e in w_eqns]
-    b = jcore.ClosedJaxpr(jcore.Jaxpr(jaxpr.constvars, jaxpr.invars, b_outs + crossing, b_eqns), closed.consts)
-    w = jcore.ClosedJaxpr(
-        jcore.Jaxpr(jaxpr.constvars, list(jaxpr.invars) + fresh, [rename(v) for v in w_outs], w_eqns), closed.consts)
+
+    def part(name, invars, outs, part_eqns):
+        info = jcore.DebugInfo(name, None, tuple(f"in{i}" for i in range(len(invars))),
+                               tuple(f"out{i}" for i in range(len(outs))))
+        return jcore.ClosedJaxpr(jcore.Jaxpr(jaxpr.constvars, invars, outs, part_eqns, debug_info=info), closed.consts)
+
+    b = part("input_grad", list(jaxpr.invars), b_outs + crossing, b_eqns)
+    w = part("weight_grad", list(jaxpr.invars) + fresh, [rename(v) for v in w_outs], w_eqns)
     offsets, used = [], {}
     for v in crossing:
         dtype = jnp.dtype(v.aval.dtype)

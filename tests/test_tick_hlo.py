@@ -7,7 +7,9 @@ dynamic-slice, dynamic-update-slice, transpose; a fusion counts as its root)
 reachable from a ``while`` body must move at most 16 messages' worth of
 bytes. On the first, flat-row layout the loop held the stage's weight
 slices, the flattened gradient's concatenation and its padding (each 256 KiB
-or more), so this test failed there.
+or more), so this test failed there. ``zb_h1`` runs W in a third lane of
+per-stage conditionals that add into the accumulators; a W lane that updated
+the accumulators inside one multi-branch switch would copy them every tick.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def _compiled_text(mesh, m, **options):
     ((1, 2), 4, dict(schedule="balanced")),
     ((1, 2), 4, dict(schedule="interleaved", virtual_stages=2)),
     ((1, 4), 4, dict(schedule="gpipe", remat=True)),
+    ((1, 2), 4, dict(schedule="zb_h1")),
 ])
 def test_tick_loop_moves_no_weights(mesh, m, options):
     text = _compiled_text(mesh, m, **options)
