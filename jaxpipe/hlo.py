@@ -109,3 +109,13 @@ def movement_in(text: str, root: str) -> list[tuple[str, str, int]]:
             if kind in MOVEMENT:
                 out.append((name, kind, size))
     return out
+
+
+def opcodes_in_order(text: str, computation: str) -> list[str]:
+    """The opcodes of ``computation``'s instructions in the order of the text.
+
+    XLA prints a scheduled module (``is_scheduled=true``, as ``Compiled.as_text``
+    gives it) in its execution order, so on a backend that runs one
+    instruction after another (CPU) this is the order they run in.
+    """
+    return [opcode for _, _, opcode, _, _ in computations(text).get(computation, [])]

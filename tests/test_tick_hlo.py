@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import jaxpipe
-from jaxpipe.hlo import loop_bodies, movement_in
+from jaxpipe.hlo import loop_bodies, movement_in, opcodes_in_order
 
 WIDTH, ROWS = 256, 2
 
@@ -69,3 +69,11 @@ def test_tick_loop_moves_no_weights(mesh, m, options):
     assert moved, "the HLO reader found no data movement at all (messages must move): reader broken"
     too_big = [op for op in moved if op[2] > 16 * message]
     assert not too_big, f"weight-sized ({weight} B) data movement in the tick loop: {too_big}"
+
+    tick_loops = [body for body in bodies if "collective-permute" in opcodes_in_order(text, body)]
+    assert tick_loops, "no loop sends messages: the tick loop was not found"
+    for body in tick_loops:
+        order = opcodes_in_order(text, body)
+        last_lane = max(i for i, op in enumerate(order) if op == "conditional")
+        first_send = order.index("collective-permute")
+        assert first_send > last_lane, f"a message is sent between the lanes of a tick: {order}"
