@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-SCHEDULES = ("auto", "balanced", "gpipe", "1f1b", "interleaved")
+SCHEDULES = ("auto", "balanced", "gpipe", "1f1b", "interleaved", "zb_h1")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 # jaxpipe.train keywords set by the option of the same name, passed only when given.
 _TRAIN_OPTIONS = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every", "metrics_path")

@@ -19,13 +19,18 @@ Weights are read where they live (``stacks.py``): nothing weight-sized is
 copied, sliced or concatenated inside the tick loop; the only weight-sized
 operation per tick is the in-place add of a backward's gradient.
 
+Split ticks (zero-bubble tables) run B in the backward lane (a ``lax.switch``
+that adds nothing into the accumulators; what W needs goes into a weight
+slot) and W in a third, weight lane, which adds the weight gradient into the
+accumulator stacks (``split_backward.py``).
+
 Ticks run under ``lax.scan`` over the table rows, so compile time does not
 grow with the number of micro-batches. The last stage's forward is folded
 into its backward (computing the loss there), so its forward lane is empty.
 
 Legend: T ticks, P pipe devices, A activation slots, G gradient-inbox slots,
-B rows per micro-batch, F/I float/int message columns, R_d residual elements
-of dtype d per slot.
+W weight slots, B rows per micro-batch, F/I float/int message columns, R_d
+residual elements of dtype d per slot, Q_d W-input elements of dtype d.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .lanes import make_lanes, run_backward
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
 from .rng import microbatch_key, step_key, uses_rng
+from .split_backward import make_split_lanes, run_weight
 from .stages import cast_floats
 from .ticks import TickBuffers, Ticks
 
@@ -71,12 +77,18 @@ class TickColumns(NamedTuple):
     grad_slot: Any  # gradient-inbox slot it reads
     recv_act_slot: Any  # slot the arriving activation goes to, -1: none
     recv_grad_slot: Any  # slot the arriving gradient goes to, -1: none
+    weight_branch: Any  # 0: idle, 1 + s: W of stage s (split ticks)
+    weight_mb: Any  # its micro-batch
+    weight_act_slot: Any  # activation (and residual) slot it reads
+    weight_slot: Any  # weight slot it reads
+    weight_out_slot: Any  # weight slot the backward lane's W input goes to, -1: none
 
 
 def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
     """The packed ticks and their buffer plan as executor columns (NumPy)."""
     S = ticks.num_stages
     f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
+    w_stage = ticks.stage(ticks.weight_chunk)
     # The last stage's forward is folded into its backward: nothing to do.
     f_branch = np.where((f_stage >= 0) & (f_stage < S - 1), 1 + f_stage, 0)
     b_branch = np.where(b_stage >= 0, 1 + b_stage, 0)
@@ -85,6 +97,9 @@ def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
         residual_slot=np.where(f_branch > 0, buffers.forward_slot, -1),
         backward_branch=b_branch, backward_mb=ticks.backward, backward_slot=buffers.backward_slot,
         grad_slot=buffers.grad_slot, recv_act_slot=buffers.recv_act_slot, recv_grad_slot=buffers.recv_grad_slot,
+        weight_branch=np.where(w_stage >= 0, 1 + w_stage, 0), weight_mb=ticks.weight,
+        weight_act_slot=buffers.weight_act_slot, weight_slot=buffers.weight_slot,
+        weight_out_slot=buffers.weight_out_slot,
     )
     return TickColumns(*(np.asarray(c, np.int32) for c in columns))
 
@@ -103,6 +118,9 @@ class TickState(NamedTuple):
     arrived_g: jax.Array  # [B, F] gradient sent to this device last tick
     pending: tuple  # per dtype [R_d] residuals produced last tick
     pending_slot: jax.Array  # [] their slot, -1: none
+    w_inputs: tuple  # per dtype [W, Q_d] what B computed for W (split ticks; empty otherwise)
+    w_pending: tuple  # per dtype [Q_d] W input produced last tick
+    w_pending_slot: jax.Array  # [] its slot, -1: none
 
 
 def _write(stash: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
@@ -128,6 +146,7 @@ def _store_arrivals(state: TickState, cell: TickColumns) -> TickState:
         stash_i=_write(state.stash_i, cell.recv_act_slot, state.arrived_i),
         inbox=_write(state.inbox, cell.recv_grad_slot, state.arrived_g),
         saved=tuple(_write(buf, state.pending_slot, new) for buf, new in zip(state.saved, state.pending)),
+        w_inputs=tuple(_write(buf, state.w_pending_slot, new) for buf, new in zip(state.w_inputs, state.w_pending)),
     )
 
 
@@ -225,10 +244,12 @@ def scheduled_loss_and_grad(
         def key_of(m):
             return microbatch_key(base, lax.axis_index(DATA_AXIS) * num_mb + m) if random else None
 
-        lanes = make_lanes(
-            plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
-            (weights, zero_f, zero_i, index_microbatch(inputs, 0), index_microbatch(targets, 0), key_of(0)),
-        )
+        x0, y0 = index_microbatch(inputs, 0), index_microbatch(targets, 0)
+        lanes = make_lanes(plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
+                           (weights, zero_f, zero_i, x0, y0, key_of(0)))
+        no_saved = tuple(jnp.zeros((n,), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes))
+        split = make_split_lanes(lanes, (weights, zero_f, zero_i, zero_f, no_saved, x0, y0, key_of(0))) if ticks.split else None
+        w_dtypes, w_sizes = (split.w_dtypes, split.w_sizes) if split else ((), ())
 
         def tick(state: TickState, row: TickColumns):
             cell = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, p, keepdims=False), row)
@@ -239,12 +260,24 @@ def scheduled_loss_and_grad(
                 _read(state.stash_i, cell.forward_slot), index_microbatch(inputs, f_mb),
                 index_microbatch(targets, f_mb), key_of(f_mb),
             )
-            acc, send_g, loss = run_backward(
-                lanes, cell.backward_branch, weights, state.acc,
+            b_operands = (
                 _read(state.stash_f, cell.backward_slot), _read(state.stash_i, cell.backward_slot),
                 _read(state.inbox, cell.grad_slot), tuple(_read(buf, cell.backward_slot) for buf in state.saved),
                 index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb), key_of(b_mb),
             )
+            w_made, w_slot = (), jnp.asarray(-1, jnp.int32)
+            if split is None:
+                acc, send_g, loss = run_backward(lanes, cell.backward_branch, weights, state.acc, *b_operands)
+            else:
+                send_g, loss, w_made = lax.switch(cell.backward_branch, split.backwards, weights, *b_operands)
+                w_slot, w_mb = cell.weight_out_slot, jnp.maximum(cell.weight_mb, 0)
+                acc = run_weight(
+                    split, cell.weight_branch, weights, state.acc,
+                    _read(state.stash_f, cell.weight_act_slot), _read(state.stash_i, cell.weight_act_slot),
+                    tuple(_read(buf, cell.weight_act_slot) for buf in state.saved),
+                    index_microbatch(inputs, w_mb), index_microbatch(targets, w_mb), key_of(w_mb),
+                    tuple(_read(buf, cell.weight_slot) for buf in state.w_inputs),
+                )
             if num_devices > 1:
                 send_f, send_i, send_g = _after_both_lanes((send_f, send_i, send_g), early_loss + loss)
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
@@ -253,7 +286,7 @@ def scheduled_loss_and_grad(
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
             state = state._replace(
                 acc=acc, loss_sum=state.loss_sum + early_loss + loss, arrived_f=send_f, arrived_i=send_i, arrived_g=send_g,
-                pending=produced, pending_slot=cell.residual_slot,
+                pending=produced, pending_slot=cell.residual_slot, w_pending=w_made, w_pending_slot=w_slot,
             )
             return state, None
 
@@ -268,6 +301,9 @@ def scheduled_loss_and_grad(
             arrived_f=zero_f, arrived_i=zero_i, arrived_g=zero_f,
             pending=tuple(jnp.zeros((n,), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes)),
             pending_slot=jnp.asarray(-1, jnp.int32),
+            w_inputs=tuple(jnp.zeros((buffers.num_weight_slots, n), d) for d, n in zip(w_dtypes, w_sizes)),
+            w_pending=tuple(jnp.zeros((n,), d) for d, n in zip(w_dtypes, w_sizes)),
+            w_pending_slot=jnp.asarray(-1, jnp.int32),
         )
         final, _ = lax.scan(tick, init, columns)
         loss = lax.psum(lax.psum(final.loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)

@@ -200,6 +200,11 @@ class Lanes(NamedTuple):
       touched: ``[S]`` the accumulator stacks each stage's backward adds into.
       res_dtypes: dtypes of the residual vectors.
       res_sizes: ``R_d`` per dtype.
+      grads: ``[S]`` each stage's whole backward without the accumulation,
+        ``(weights, in_f, in_i, cot_f, saved, x, y, key) -> (g_trees, g_in,
+        loss)`` (what ``split_backward`` splits into B and W).
+      accumulate: ``(s, acc_s, g_trees) -> acc_s``, stage ``s``'s weight
+        gradients added into its accumulator stacks.
     """
 
     forwards: list[Callable]
@@ -207,6 +212,8 @@ class Lanes(NamedTuple):
     touched: tuple[tuple[int, ...], ...]
     res_dtypes: tuple[Any, ...]
     res_sizes: tuple[int, ...]
+    grads: list[Callable]
+    accumulate: Callable
 
 
 def run_backward(lanes: Lanes, branch: jax.Array, weights, acc, *operands):
@@ -313,45 +320,56 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
         for s in range(plan.num_stages)
     )
 
-    def backward(s):
+    def grads(s):
         early = takes_loss_early(plan, s)
 
+        def stage_grads(weights, in_f, in_i, cot_f, saved, x, y, key):
+            trees = stage_trees(plan, s, weights)
+            loss = jnp.zeros((), jnp.float32)
+            scale = jnp.asarray(loss_scale, jnp.float32)
+            cotangent = (cot_f, scale) if early else cot_f
+            if s == last:
+                def f(trees_, in_f_):
+                    _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
+                    return partial_loss(plan, s, out, y, loss_of)
+
+                loss, vjp = jax.vjp(f, trees, in_f)
+                g_trees, g_in = vjp(scale)
+            elif remat:
+                _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
+                                       y if early else None, loss_of)
+                g_trees, g_in = vjp(cotangent)
+            else:
+                spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, key, y if early else None))
+                vectors = dict(zip(res_dtypes, saved))
+                leaves = [
+                    inputs[where] if where >= 0
+                    else jnp.zeros(shape, dtype) if not math.prod(shape)
+                    else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
+                    for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
+                ]
+                g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cotangent)
+            return g_trees, g_in, loss
+
+        return stage_grads
+
+    def accumulate(s, sub, g_trees):
+        acc = dict(zip(touched[s], sub))
+        for copy, g_tree in zip(plan.stage_copies[s], g_trees):
+            for k, g in zip(plan.stacks.places[copy], jax.tree.leaves(g_tree)):
+                if k >= 0:
+                    acc[k] = acc[k] + g.reshape(acc[k].shape).astype(acc[k].dtype)
+        return tuple(acc[k] for k in touched[s])
+
+    def backward(s):
         def branch(weights, sub, in_f, in_i, cot_f, saved, x, y, key):
             with jax.named_scope(f"stage{s}_backward"):
-                trees = stage_trees(plan, s, weights)
-                loss = jnp.zeros((), jnp.float32)
-                scale = jnp.asarray(loss_scale, jnp.float32)
-                cotangent = (cot_f, scale) if early else cot_f
-                if s == last:
-                    def f(trees_, in_f_):
-                        _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
-                        return partial_loss(plan, s, out, y, loss_of)
-
-                    loss, vjp = jax.vjp(f, trees, in_f)
-                    g_trees, g_in = vjp(scale)
-                elif remat:
-                    _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
-                                           y if early else None, loss_of)
-                    g_trees, g_in = vjp(cotangent)
-                else:
-                    spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, key, y if early else None))
-                    vectors = dict(zip(res_dtypes, saved))
-                    leaves = [
-                        inputs[where] if where >= 0
-                        else jnp.zeros(shape, dtype) if not math.prod(shape)
-                        else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
-                        for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
-                    ]
-                    g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cotangent)
-                acc = dict(zip(touched[s], sub))
-                for copy, g_tree in zip(plan.stage_copies[s], g_trees):
-                    for k, g in zip(plan.stacks.places[copy], jax.tree.leaves(g_tree)):
-                        if k >= 0:
-                            acc[k] = acc[k] + g.reshape(acc[k].shape).astype(acc[k].dtype)
-            return tuple(acc[k] for k in touched[s]), g_in, loss
+                g_trees, g_in, loss = grads(s)(weights, in_f, in_i, cot_f, saved, x, y, key)
+                return accumulate(s, sub, g_trees), g_in, loss
 
         return branch
 
     forwards = [idle_forward] + [forward(s) for s in range(last)]
     backwards = [backward(s) for s in range(plan.num_stages)]
-    return Lanes(forwards, backwards, touched, res_dtypes, res_sizes)
+    return Lanes(forwards, backwards, touched, res_dtypes, res_sizes,
+                 [grads(s) for s in range(plan.num_stages)], accumulate)

@@ -131,7 +131,10 @@ class Pipeline:
       schedule: the order of work, a table from ``schedule.py``:
         ``"gpipe"`` (Huang et al. 2019), ``"1f1b"`` (PipeDream-Flush,
         Narayanan et al. 2021), ``"interleaved"`` (Megatron-LM interleaved
-        1F1B, needs M a multiple of P), ``"balanced"`` (``"1f1b"`` with
+        1F1B, needs M a multiple of P), ``"zb_h1"`` (zero-bubble 1F1B, Qi et
+        al. 2024: each stage's backward runs as B, the input gradient, and
+        W, the weight gradient, split from one trace; Ws fill the cool-down,
+        ``split_backward.py``), ``"balanced"`` (``"1f1b"`` with
         ``cut="fractional"``), or ``"auto"`` (the planner predicts every cut,
         order and V and picks the fastest; see ``self.plan``).
       virtual_stages: V, chunks per device for ``"interleaved"``.

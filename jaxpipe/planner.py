@@ -2,7 +2,7 @@
 
 Pure NumPy over per-layer costs (``docs/design.md``, "Pure planning"). A
 candidate is a partition (integer min-max cuts, or fractional cuts that split layers by
-rows) with an order (GPipe, 1F1B, interleaved 1F1B with V chunks). Each is
+rows) with an order (GPipe, 1F1B, interleaved 1F1B with V chunks, ZB-H1). Each is
 turned into per-stage forward and backward costs as the table executor pays
 them and timed on the packed ticks the executor runs (``ticks.py``: up to one
 forward and one backward per device per tick, each tick as long as its
@@ -30,12 +30,17 @@ from .simulate import Costs
 from .ticks import pack, tick_buffers, tick_time
 
 
+# The orders ``make_plan`` may choose; it predicts ZB-H1 too (shown among the candidates) but
+# does not pick it until experiment 08 measures that the B/W split pays on real processes.
+AUTO_ORDERS = ("1f1b", "gpipe", "interleaved")
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """One predicted configuration.
 
     Attributes:
-      schedule: the order: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+      schedule: the order: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"zb_h1"``.
       virtual_stages: V.
       cut: ``"integer"`` or ``"fractional"`` (layers split by rows).
       stages: ``[S]`` tuples of pieces.
@@ -47,8 +52,10 @@ class Candidate:
       fits: whether every device's memory is within the limit.
       costs: ``[P, V]`` per-stage forward and backward costs as the table
         executor pays them (the last stage's forward is folded into its
-        backward; with ``remat`` every backward includes its recompute),
-        from which ``step`` is predicted; ``simulate`` them for a timeline.
+        backward; with ``remat`` every backward includes its recompute;
+        for ``"zb_h1"`` the backward split into B and W, see
+        ``_split_costs``), from which ``step`` is predicted; ``simulate``
+        them for a timeline.
       remat: whether backwards recompute their stage's forward instead of
         reading saved residuals.
     """
@@ -163,6 +170,28 @@ def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, r
     return fwd.reshape(shape).T, bwd.reshape(shape).T
 
 
+def _split_costs(stages, forward, backward, num_devices, rows, remat=False):
+    """``[P, 1]`` forward, B and W costs for a split (zero-bubble) table.
+
+    Per-layer costs give no split of the backward, so half of each stage's
+    backward is taken as W: a matmul's backward is one matmul for the input
+    gradient and one for the weight gradient. Stage 0's input gradient is
+    never needed, so all its backward (and, with ``remat``, its recompute)
+    is W and its B is empty; the last stage's B holds its folded forward.
+    """
+    fwd = stage_loads(forward, stages, rows)
+    bwd = stage_loads(backward, stages, rows)
+    weight = bwd / 2
+    own = bwd / 2 + (fwd if remat else 0.0)
+    own[-1] = bwd[-1] / 2 + fwd[-1]
+    if len(stages) > 1:
+        weight[0], own[0] = weight[0] + own[0], 0.0
+    else:
+        weight[0], own[0] = bwd[0], fwd[0]
+    fwd[-1] = 0.0
+    return tuple(a.reshape(1, num_devices).T for a in (fwd, own, weight))
+
+
 def predict(
     stages, schedule: str, virtual_stages: int, cut: str, forward, backward, num_devices: int,
     num_microbatches: int, rows: int, param_bytes, message_bytes: float, max_memory: float | None,
@@ -176,7 +205,7 @@ def predict(
 
     Args:
       stages: ``[S]`` tuples of pieces.
-      schedule: the order: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"``.
+      schedule: the order: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"zb_h1"``.
       virtual_stages: V.
       cut: ``"integer"`` or ``"fractional"``, for the label.
       forward: ``[L]`` per-layer forward cost of one micro-batch.
@@ -195,19 +224,27 @@ def predict(
       The ``Candidate``.
     """
     table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages, fused=True)
-    fwd, bwd = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat)
-    costs = Costs(forward=fwd, backward=bwd)
+    if table.split:
+        fwd, bwd, weight = _split_costs(stages, forward, backward, num_devices, rows, remat)
+    else:
+        (fwd, bwd), weight = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat), 0.0
+    costs = Costs(forward=fwd, backward=bwd, weight=weight)
     ticks = pack(table)
-    step = tick_time(ticks, fwd, bwd)
+    step = tick_time(ticks, fwd, bwd, weight=weight)
     buffers = tick_buffers(ticks)
     memory = np.zeros(num_devices)
     for s, stage in enumerate(stages):
         memory[s % num_devices] += 4 * sum(param_bytes[p.layer] for p in stage)
     memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
-    if residual_bytes is not None and not remat:
+    saved = np.zeros(len(stages))
+    if residual_bytes is not None:
         saved = stage_loads(np.asarray(residual_bytes, float), stages, rows)
-        saved[-1] = 0.0
-        memory += buffers.num_act_slots * saved.reshape(virtual_stages, num_devices).max(axis=0)
+    if not remat:
+        kept = saved.copy()
+        kept[-1] = 0.0
+        memory += buffers.num_act_slots * kept.reshape(virtual_stages, num_devices).max(axis=0)
+    # A W input (what B computed for W) is estimated as one message plus the stage's residual bytes.
+    memory += buffers.num_weight_slots * (message_bytes + saved.reshape(virtual_stages, num_devices).max(axis=0))
     loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
@@ -263,11 +300,14 @@ def make_plan(
 ) -> Plan:
     """Predicts every candidate and picks the fastest that fits in memory.
 
-    Candidates: integer and fractional cuts, each with the 1F1B and GPipe
-    orders and, when M is a multiple of P, interleaved 1F1B for each V with
-    ``V * P <= L``; with ``remat=None`` and a memory limit, each also with
-    recomputation (``remat``). Ties go to the earlier candidate in that order
-    (integer before fractional, 1F1B first, saved residuals before remat).
+    Candidates: integer and fractional cuts, each with the 1F1B, GPipe and
+    ZB-H1 orders and, when M is a multiple of P, interleaved 1F1B for each V
+    with ``V * P <= L``; with ``remat=None`` and a memory limit, each also
+    with recomputation (``remat``). Ties go to the earlier candidate in that
+    order (integer before fractional, 1F1B first, saved residuals before
+    remat). Fractional cuts with ZB-H1 are "balanced + zero bubble". ZB-H1
+    candidates are predicted and listed but chosen only when nothing else
+    fits (``AUTO_ORDERS``): their speed on real processes is not measured yet.
     With fewer layers than pipe devices (``L < P``) only fractional cuts
     exist: each device gets rows of some layer, and ``Plan.plain`` is
     ``None``.
@@ -314,7 +354,7 @@ def make_plan(
                   residual_bytes=residual_bytes)
     remats = [bool(remat)] if remat is not None else [False] + ([True] if max_memory_per_device else [])
     splittable = [i not in set(unsplittable) for i in range(num_layers)]
-    orders = [("1f1b", 1), ("gpipe", 1)]
+    orders = [("1f1b", 1), ("gpipe", 1), ("zb_h1", 1)]
     if num_microbatches % num_devices == 0:
         orders += [("interleaved", v) for v in range(2, num_layers // num_devices + 1)]
     integer = num_layers >= num_devices
@@ -346,7 +386,8 @@ def make_plan(
             f"smallest needs {min(float(np.max(c.memory)) for c in candidates):.4g}: raise the "
             "limit, use more pipe devices, or smaller micro-batches"
         )
-    chosen = min(fitting, key=lambda c: c.step)
+    eligible = [c for c in fitting if c.schedule in AUTO_ORDERS] or fitting
+    chosen = min(eligible, key=lambda c: c.step)
     if plain is None:
         reason = (
             f"no integer cut exists ({num_layers} layers < {num_devices} pipe devices); "
@@ -360,6 +401,9 @@ def make_plan(
             + (f" (max/mean load {float(np.max(plain.loads) / np.mean(plain.loads)):.2f} -> "
                f"{float(np.max(chosen.loads) / np.mean(chosen.loads)):.2f})" if chosen.cut == "fractional" else "")
         )
+    if any(c.schedule not in AUTO_ORDERS and c.step < chosen.step for c in fitting):
+        reason += ("; zb_h1 is predicted faster but not chosen automatically: its split of the backward is "
+                   "not yet measured to pay on real processes (experiment 08); ask for it with schedule='zb_h1'")
     if len(fitting) < len(candidates):
         reason += f"; {len(candidates) - len(fitting)} candidate(s) exceed the memory limit"
     return Plan(chosen, plain, tuple(candidates), tuple(layer_names), tuple(unsplittable),

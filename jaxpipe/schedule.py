@@ -2,6 +2,10 @@
 
 A schedule says, for every tick and every pipe device, what that device does:
 the FORWARD or BACKWARD of one micro-batch on one of its chunks, or nothing.
+A *split* table (zero-bubble schedules) also has a WEIGHT action for every
+(micro-batch, stage): its BACKWARD then computes only the input gradient (B,
+which the previous stage waits for) and WEIGHT the weight gradient (W, which
+nothing waits for), after that BACKWARD on the same device.
 Stage ``s = c * P + p`` lives on device ``p``, chunk ``c`` (Megatron's
 interleaved mapping), so there are ``S = V * P`` stages and a boundary always
 moves to the next device on the ring: forward outputs to ``(p + 1) % P``,
@@ -17,9 +21,9 @@ import heapq
 
 import numpy as np
 
-IDLE, FORWARD, BACKWARD = 0, 1, 2
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
-_OP_NAMES = {FORWARD: "FORWARD", BACKWARD: "BACKWARD"}
+IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb_h1")
+_OP_NAMES = {FORWARD: "FORWARD", BACKWARD: "BACKWARD", WEIGHT: "WEIGHT"}
 
 
 class ScheduleError(ValueError):
@@ -44,7 +48,8 @@ class Schedule:
       num_devices: P, pipe devices.
       num_microbatches: M.
       num_chunks: V, chunks (virtual stages) per device; 1 for GPipe and 1F1B.
-      op: ``[T, P]`` int8, IDLE / FORWARD / BACKWARD.
+      op: ``[T, P]`` int8, IDLE / FORWARD / BACKWARD / WEIGHT (WEIGHT only
+        in split tables, see the module docstring).
       microbatch: ``[T, P]`` int32, the micro-batch of each action, -1 if idle.
       chunk: ``[T, P]`` int32, the chunk of each action, -1 if idle.
     """
@@ -87,6 +92,11 @@ class Schedule:
         return self.num_chunks * self.num_devices
 
     @property
+    def split(self) -> bool:
+        """Whether backwards are split into B (BACKWARD) and W (WEIGHT) actions."""
+        return bool((self.op == WEIGHT).any())
+
+    @property
     def stage(self) -> np.ndarray:
         """``[T, P]`` int32 stage index ``chunk * P + device``, -1 where idle."""
         stage = self.chunk * self.num_devices + np.arange(self.num_devices, dtype=np.int32)
@@ -109,7 +119,7 @@ def _cell(schedule: Schedule, t: int, p: int) -> str:
     op = int(schedule.op[t, p])
     if op == IDLE:
         return "."
-    text = ("F" if op == FORWARD else "B" if op == BACKWARD else "?") + str(schedule.microbatch[t, p])
+    text = {FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}.get(op, "?") + str(schedule.microbatch[t, p])
     return text + (f".{schedule.chunk[t, p]}" if schedule.num_chunks > 1 else "")
 
 
@@ -149,6 +159,8 @@ def _orders_to_table(P: int, M: int, V: int, orders, name: str) -> Schedule:
             needs = [(FORWARD, m, s - 1)] if op == FORWARD and s > 0 else []
             if op == BACKWARD:
                 needs = [(FORWARD, m, s)] + ([(BACKWARD, m, s + 1)] if s < S - 1 else [])
+            if op == WEIGHT:
+                needs = [(BACKWARD, m, s)]
             if all(done.get(need, t) < t for need in needs):
                 row[p], cursor[p] = (op, m, c), cursor[p] + 1
                 done[(op, m, s)] = t
@@ -275,16 +287,71 @@ def interleaved_1f1b(P: int, M: int, V: int) -> Schedule:
     return _orders_to_table(P, M, V, orders, "interleaved")
 
 
+def _zb_h1_orders(P: int, M: int, fused: bool = False) -> list[list[tuple[int, int, int]]]:
+    orders = []
+    for p in range(P):
+        warmup = min(max(2 * (P - 1 - p) - 1, 0) if fused else P - 1 - p, M)
+        lag = p + 1 if fused else p  # the W of micro-batch i - lag follows B(i)
+        order, weights = [(FORWARD, m, 0) for m in range(warmup)], 0
+        for i in range(M):
+            order += ([(FORWARD, warmup + i, 0)] if warmup + i < M else []) + [(BACKWARD, i, 0)]
+            if i - lag >= weights:
+                order.append((WEIGHT, weights, 0))
+                weights += 1
+        orders.append(order + [(WEIGHT, m, 0) for m in range(weights, M)])
+    return orders
+
+
+def zb_h1(P: int, M: int, fused: bool = False) -> Schedule:
+    """ZB-H1: 1F1B with each backward split into B and W (Qi et al., ICLR 2024).
+
+    "Zero Bubble Pipeline Parallelism": B (the input gradient) stays on the
+    critical path where 1F1B's backward was; W (the weight gradient) is
+    deferred into the cool-down bubble. Device ``p`` runs 1F1B's
+    ``P - 1 - p`` warm-up forwards, then for each micro-batch ``i`` the
+    next forward, ``B(i)`` and ``W(i - p)``; the ``p`` deferred Ws run last.
+    With equal F, B and W every device is busy from its first B to the end:
+    the makespan is ``3M + P - 1`` time units for ``M >= P`` (1F1B with
+    ``B + W`` as one backward: ``3 (M + P - 1)``), so the bubble is
+    ``(P - 1) / (3M + P - 1)``; for ``M < P`` it is ``2M + 2P - 1``. A device
+    holds at most ``min(P, M)`` micro-batches between forward and W, 1F1B's
+    peak (reached by its device 0).
+
+    ``fused=True`` gives the order for packed ticks (``ticks.pack``, one F,
+    one B and one W lane): 1F1B's fused warm-up and ``W(i - 1 - p)`` after
+    ``B(i)``, so that the deferred Ws keep the warm-up ticks at ``F + B``.
+    Packed with equal F, B and W it takes ``3M + 2P - 2`` units for large
+    enough M (fused 1F1B: ``3M + 3P - 3``; property-tested in
+    ``tests/test_zero_bubble.py``); device ``p`` then holds up to
+    ``2P - 1 - p`` micro-batches between forward and W (fused 1F1B:
+    ``2 (P - 1 - p)``).
+
+    Args:
+      P: pipe devices.
+      M: micro-batches.
+      fused: the order for packed ticks (see above).
+
+    Returns:
+      The validated, split Schedule (V = 1).
+
+    Raises:
+      ValueError: if P or M is not an int >= 1.
+    """
+    _check_sizes(P, M, 1)
+    return _orders_to_table(P, M, 1, _zb_h1_orders(P, M, fused), "zb_h1")
+
+
 def make_schedule(name: str, P: int, M: int, V: int = 1, fused: bool = False) -> Schedule:
     """Builds a schedule by name.
 
     Args:
-      name: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved"``.
+      name: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb_h1"``.
       P: pipe devices.
       M: micro-batches.
       V: chunks per device; must be 1 for ``"gpipe"`` and ``"1f1b"``.
-      fused: for ``"1f1b"``, the warm-up for packed ticks (see
-        :func:`one_f_one_b`); the table executor runs that one.
+      fused: for ``"1f1b"`` and ``"zb_h1"``, the order for packed ticks
+        (see :func:`one_f_one_b`, :func:`zb_h1`); the table executor runs
+        that one.
 
     Returns:
       The validated Schedule.
@@ -300,23 +367,26 @@ def make_schedule(name: str, P: int, M: int, V: int = 1, fused: bool = False) ->
         return interleaved_1f1b(P, M, V)
     if V != 1:
         raise ValueError(f"schedule {name!r} has one chunk per device, got V={V}; use 'interleaved'")
+    if name == "zb_h1":
+        return zb_h1(P, M, fused)
     return gpipe(P, M) if name == "gpipe" else one_f_one_b(P, M, fused)
 
 
-def _action_ticks(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """``[M, S]`` tick of the first FORWARD / BACKWARD of each (m, s); -1 if none."""
-    ticks = np.full((3, schedule.num_microbatches, schedule.num_stages), -1, np.int64)
+def _action_ticks(schedule: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[M, S]`` tick of the first FORWARD / BACKWARD / WEIGHT of each (m, s); -1 if none."""
+    ticks = np.full((4, schedule.num_microbatches, schedule.num_stages), -1, np.int64)
     stage = schedule.stage
     for t, p in reversed(list(zip(*np.nonzero(schedule.op != IDLE)))):
         op, m, s = schedule.op[t, p], schedule.microbatch[t, p], stage[t, p]
         if op in _OP_NAMES and 0 <= m < schedule.num_microbatches and 0 <= s < schedule.num_stages:
             ticks[op, m, s] = t
-    return ticks[FORWARD], ticks[BACKWARD]
+    return ticks[FORWARD], ticks[BACKWARD], ticks[WEIGHT]
 
 
 def _check_legal(schedule: Schedule) -> None:
     P, M, V, S = schedule.num_devices, schedule.num_microbatches, schedule.num_chunks, schedule.num_stages
-    fwd, bwd = _action_ticks(schedule)
+    fwd, bwd, wgt = _action_ticks(schedule)
+    first_of = {FORWARD: fwd, BACKWARD: bwd, WEIGHT: wgt}
 
     def when(ticks, what, m, s):
         t = ticks[m, s]
@@ -332,14 +402,15 @@ def _check_legal(schedule: Schedule) -> None:
                         where + f"IDLE cell must have micro-batch and chunk -1, got {m} and {c}")
                 continue
             if op not in _OP_NAMES:
-                raise ScheduleError(where + f"unknown op {op} (expected IDLE=0, FORWARD=1, BACKWARD=2)")
+                raise ScheduleError(
+                    where + f"unknown op {op} (expected IDLE=0, FORWARD=1, BACKWARD=2, WEIGHT=3)")
             if not 0 <= c < V:
                 raise ScheduleError(where + f"chunk {c} out of range [0, {V})")
             if not 0 <= m < M:
                 raise ScheduleError(where + f"micro-batch {m} out of range [0, {M})")
             s = c * P + p
             what = f"{_OP_NAMES[op]} of micro-batch {m} stage {s}"
-            first = (fwd if op == FORWARD else bwd)[m, s]
+            first = first_of[op][m, s]
             if first != t:
                 raise ScheduleError(where + f"second {what} (first at tick {first})")
             if op == FORWARD and s > 0 and not 0 <= fwd[m, s - 1] < t:
@@ -353,13 +424,18 @@ def _check_legal(schedule: Schedule) -> None:
                 raise ScheduleError(
                     where + f"{what} before its gradient arrives from stage {s + 1} "
                     + when(bwd, f"BACKWARD of stage {s + 1}", m, s + 1))
-    for ticks, op in ((fwd, FORWARD), (bwd, BACKWARD)):
+            if op == WEIGHT and not 0 <= bwd[m, s] < t:
+                own = "never runs" if bwd[m, s] < 0 else f"at tick {bwd[m, s]}"
+                raise ScheduleError(where + f"{what} before its own BACKWARD ({own})")
+    ops = ((fwd, FORWARD), (bwd, BACKWARD)) + (((wgt, WEIGHT),) if (wgt >= 0).any() else ())
+    for ticks, op in ops:
         missing = np.argwhere(ticks < 0)
         if len(missing):
             m, s = (int(i) for i in missing[0])
+            split = " (a split table needs a WEIGHT for every micro-batch and stage)" if op == WEIGHT else ""
             raise ScheduleError(
                 f"{_OP_NAMES[op]} of micro-batch {m} stage {s} never runs "
-                f"(belongs on device {s % P}, chunk {s // P})")
+                f"(belongs on device {s % P}, chunk {s // P}){split}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +461,8 @@ class Buffers:
         stage s < S - 1, -1 otherwise.
       peak_stash: ``[P]`` int32 most activations stashed at once per device.
       peak_in_flight: ``[P]`` int32 most (micro-batch, stage) pairs per device
-        whose forward has run and whose backward has not finished.
+        whose forward has run and whose backward (in a split table: its
+        WEIGHT) has not finished.
     """
 
     num_act_slots: int
@@ -434,11 +511,12 @@ def _greedy_slots(intervals, T: int, P: int, readers: int = 1):
 
 def _buffer_plan(schedule: Schedule):
     P, S, T = schedule.num_devices, schedule.num_stages, schedule.num_ticks
-    fwd, bwd = _action_ticks(schedule)
+    fwd, bwd, wgt = _action_ticks(schedule)
+    done = wgt if schedule.split else bwd  # a split (m, s) holds its activations until its W
     acts, grads, flight = [], [], []
     for m in range(schedule.num_microbatches):
         for s in range(S):
-            flight.append((s % P, fwd[m, s], bwd[m, s], False, []))
+            flight.append((s % P, fwd[m, s], done[m, s], False, []))
             if s > 0:
                 acts.append((s % P, fwd[m, s - 1] + 1, bwd[m, s], True, [(0, fwd[m, s]), (0, bwd[m, s])]))
             if s < S - 1:
@@ -470,28 +548,34 @@ def assign_buffers(schedule: Schedule) -> Buffers:
         peak_stash=live_a.max(axis=0, initial=0), peak_in_flight=in_flight.max(axis=0, initial=0))
 
 
-def validate(schedule: Schedule, max_act_slots: int | None = None, max_grad_slots: int | None = None) -> None:
+def validate(schedule: Schedule, max_act_slots: int | None = None, max_grad_slots: int | None = None,
+             max_in_flight: int | None = None) -> None:
     """Proves a schedule table legal.
 
     Checks that every cell is well formed (op, micro-batch in ``[0, M)``, chunk
     in ``[0, V)``), that every (m, s) runs exactly one FORWARD and one
-    BACKWARD, that each action's inputs have arrived (a boundary sent at tick
-    t arrives at t + 1), and that the buffers fit the given slot counts.
+    BACKWARD (and, in a split table, exactly one WEIGHT, on the same device
+    at a later tick than its BACKWARD), that each action's inputs have
+    arrived (a boundary sent at tick t arrives at t + 1), and that the
+    buffers fit the given slot counts and memory bound.
 
     Args:
       schedule: the table.
       max_act_slots: if given, the most activation slots a device may use.
       max_grad_slots: if given, the most gradient slots a device may use.
+      max_in_flight: if given, the most (micro-batch, stage) pairs a device
+        may hold between their FORWARD and their last backward action (the
+        activation memory bound, e.g. 1F1B's peak for ZB-H1).
 
     Raises:
       ScheduleError: naming the first bad tick and device and what is wrong.
     """
     _check_legal(schedule)
-    (_, _, live_a), (_, _, live_g), _ = _buffer_plan(schedule)
-    for live, limit, what in ((live_a, max_act_slots, "activations stashed"),
-                              (live_g, max_grad_slots, "gradients waiting")):
+    (_, _, live_a), (_, _, live_g), flight = _buffer_plan(schedule)
+    for live, limit, what, field in ((live_a, max_act_slots, "activations stashed", "max_act_slots"),
+                                     (live_g, max_grad_slots, "gradients waiting", "max_grad_slots"),
+                                     (flight, max_in_flight, "micro-batches in flight", "max_in_flight")):
         if limit is not None and (live > limit).any():
             t, p = (int(i) for i in np.argwhere(live > limit)[0])
-            field = "max_act_slots" if live is live_a else "max_grad_slots"
             raise ScheduleError(
                 f"tick {t}, device {p}: {live[t, p]} {what} at once, more than {field}={limit}")

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from .schedule import BACKWARD, FORWARD, IDLE, Schedule, assign_buffers
+from .schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, assign_buffers
 
 
 def _cost_array(value, field: str) -> np.ndarray:
@@ -30,19 +30,28 @@ def _cost_array(value, field: str) -> np.ndarray:
 class Costs:
     """Durations of one micro-batch's work, in any time unit.
 
+    A backward is B (the input gradient, ``backward``) plus W (the weight
+    gradient, ``weight``). A split table (``Schedule.split``) runs them as
+    separate BACKWARD and WEIGHT actions; any other table's BACKWARD costs
+    ``backward + weight``, so with ``weight = 0`` (the default) ``backward``
+    is the whole backward.
+
     Attributes:
       forward: ``[P, V]`` forward time of (device, chunk), or a scalar for all.
-      backward: ``[P, V]`` backward time of (device, chunk), or a scalar.
+      backward: ``[P, V]`` backward time of (device, chunk), or a scalar: the
+        input-gradient part when ``weight`` is given.
       comm: time added to every boundary that crosses devices.
+      weight: ``[P, V]`` weight-gradient time of (device, chunk), or a scalar.
     """
 
     forward: np.ndarray
     backward: np.ndarray
     comm: float = 0.0
+    weight: np.ndarray = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "forward", _cost_array(self.forward, "forward"))
-        object.__setattr__(self, "backward", _cost_array(self.backward, "backward"))
+        for field in ("forward", "backward", "weight"):
+            object.__setattr__(self, field, _cost_array(getattr(self, field), field))
         comm = float(self.comm)
         if not np.isfinite(comm) or comm < 0:
             raise ValueError(f"Costs.comm must be finite and >= 0, got {self.comm!r}")
@@ -50,7 +59,7 @@ class Costs:
 
     @classmethod
     def uniform(cls, P: int, V: int = 1, forward: float = 1.0, backward: float = 2.0,
-                comm: float = 0.0) -> Costs:
+                comm: float = 0.0, weight: float = 0.0) -> Costs:
         """Equal stages: the model is split evenly over P devices and V chunks.
 
         Args:
@@ -59,8 +68,10 @@ class Costs:
           forward: forward time of one micro-batch through ONE DEVICE's share
             of the model (all its V chunks); each chunk costs ``forward / V``,
             so schedules with different V do the same total work.
-          backward: likewise for the backward.
+          backward: likewise for the backward (its input-gradient part
+            when ``weight`` is given).
           comm: time per cross-device hop.
+          weight: likewise for the weight-gradient part.
 
         Returns:
           Costs with ``[P, V]`` arrays.
@@ -70,21 +81,28 @@ class Costs:
         """
         if P < 1 or V < 1:
             raise ValueError(f"Costs.uniform needs P >= 1 and V >= 1, got P={P}, V={V}")
-        return cls(np.full((P, V), forward / V), np.full((P, V), backward / V), comm)
+        return cls(np.full((P, V), forward / V), np.full((P, V), backward / V), comm,
+                   np.full((P, V), weight / V))
 
-    def per_stage(self, P: int, V: int) -> tuple[np.ndarray, np.ndarray]:
+    def per_stage(self, P: int, V: int, split: bool = False) -> tuple[np.ndarray, ...]:
         """Forward and backward costs broadcast to ``[P, V]``.
+
+        Args:
+          P, V: the schedule's sizes.
+          split: return ``(forward, backward, weight)`` for a split table;
+            otherwise ``(forward, backward + weight)``.
 
         Raises:
           ValueError: if the arrays do not have shape ``[P, V]`` (or are scalars).
         """
         out = []
-        for field, array in (("forward", self.forward), ("backward", self.backward)):
+        for field in ("forward", "backward", "weight"):
+            array = getattr(self, field)
             if array.ndim == 2 and array.shape != (P, V):
                 raise ValueError(
                     f"Costs.{field} has shape {array.shape}, the schedule needs [P, V] = {(P, V)}")
             out.append(np.broadcast_to(array, (P, V)))
-        return out[0], out[1]
+        return tuple(out) if split else (out[0], out[1] + out[2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +135,13 @@ class SimResult:
 
 def _action_costs(schedule: Schedule, costs: Costs) -> np.ndarray:
     """``[T, P]`` duration of each table cell (0 where idle)."""
-    fwd, bwd = costs.per_stage(schedule.num_devices, schedule.num_chunks)
+    fwd, bwd, wgt = costs.per_stage(schedule.num_devices, schedule.num_chunks, split=True)
+    if not schedule.split:
+        bwd = bwd + wgt
     devices = np.broadcast_to(np.arange(schedule.num_devices), schedule.op.shape)
     chunk = np.maximum(schedule.chunk, 0)
-    return np.where(schedule.op == FORWARD, fwd[devices, chunk],
-                    np.where(schedule.op == BACKWARD, bwd[devices, chunk], 0.0))
+    by_op = {FORWARD: fwd, BACKWARD: bwd, WEIGHT: wgt}
+    return sum(np.where(schedule.op == op, cost[devices, chunk], 0.0) for op, cost in by_op.items())
 
 
 def _check_types(schedule, costs) -> None:
@@ -157,8 +177,8 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     Each device runs its actions in tick order. An action starts at the latest
     of: its device becoming free, and the end of each dependency (FORWARD of
     the previous stage; for a BACKWARD, its own FORWARD and the BACKWARD of
-    the next stage), plus ``costs.comm`` when the dependency ran on another
-    device.
+    the next stage; for a WEIGHT, its own BACKWARD), plus ``costs.comm`` when
+    the dependency ran on another device.
 
     Args:
       schedule: a legal table.
@@ -190,6 +210,8 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
             needs = [(FORWARD, s - 1)] if op == FORWARD and s > 0 else []
             if op == BACKWARD:
                 needs = [(FORWARD, s)] + ([(BACKWARD, s + 1)] if s < S - 1 else [])
+            if op == WEIGHT:
+                needs = [(BACKWARD, s)]
             ready = free[p]
             for need_op, need_s in needs:
                 hop = costs.comm if need_s % P != p else 0.0

@@ -145,8 +145,11 @@ def train(
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: total optimizer steps, counting those of a resumed checkpoint.
       num_microbatches: M, micro-batches per data replica.
-      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"balanced"``
-        (fractional cuts, 1F1B order) or ``"auto"`` (the planner picks).
+      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb_h1"``
+        (zero-bubble 1F1B: each backward split into B and W),
+        ``"balanced"`` (fractional cuts, 1F1B order) or ``"auto"`` (the
+        planner picks). ``cut="fractional"`` with ``"zb_h1"`` is balanced +
+        zero bubble.
       virtual_stages: V, chunks per pipe device for ``"interleaved"``.
       cut: ``"integer"`` (whole layers per stage) or ``"fractional"`` (equal
         loads, layers split by rows); ``"balanced"`` implies fractional.
