@@ -23,7 +23,13 @@ import optax
 import pytest
 from flax import nnx
 from models_for_tests import _lm_batch, tied_lm
-from reference import LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, assert_trees_close, shared_reference_run
+from reference import (
+    LOSS_RTOL,
+    PARAM_ATOL,
+    PARAM_RTOL,
+    assert_trees_close,
+    shared_reference_run,
+)
 
 import jaxpipe
 from jaxpipe import models
