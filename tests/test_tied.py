@@ -8,11 +8,12 @@ losses (rtol 2e-5) and parameters after 3 SGD-momentum steps (rtol 1e-4,
 atol 2e-6, as ``test_pipeline.py``), with every linked leaf (tied leaves and
 split-layer copies) bitwise equal to its owner after every step.
 
-Placements: (1, 1) (both uses on one device; also saved and resumed through
-a checkpoint), (1, 4) 1F1B (embedding on device 0, head on device 3),
-(2, 4) with ``executor="autodiff"`` and global-norm clipping (the whole-tree
-optimizer; the head holds the ``nnx.Param`` itself), and balanced (1, 4)
-with costs that split both the embedding and the head over two devices.
+Placements: (1, 1) with ``executor="autodiff"`` (both uses on one device,
+gradients merged after ``jax.grad``; also saved and resumed through a
+checkpoint), (1, 4) 1F1B (embedding on device 0, head on device 3), (2, 4)
+GPipe with global-norm clipping (the whole-tree optimizer; the head holds
+the ``nnx.Param`` itself), and balanced (1, 4) with costs that split both
+the embedding and the head over two devices.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def _assert_linked_equal(pipe, stacks, step):
 
 
 CONFIGS = {
-    "(1, 1), resumed from a checkpoint": ((1, 1), {}, "sgd", False, True),
+    "(1, 1) autodiff, resumed from a checkpoint": ((1, 1), {"executor": "autodiff"}, "sgd", False, True),
     "(1, 4) 1f1b": ((1, 4), {"schedule": "1f1b"}, "sgd", False, False),
-    "(2, 4) autodiff, whole-tree clipping, tied nnx.Param": ((2, 4), {"executor": "autodiff"}, "clipped", True, False),
+    "(2, 4) gpipe, whole-tree clipping, tied nnx.Param": ((2, 4), {}, "clipped", True, False),
     "balanced (1, 4), both tied layers split": (
         (1, 4), {"schedule": "balanced", "costs": [2.0, 1.0, 1.0, 2.0]}, "sgd", False, False),
 }
