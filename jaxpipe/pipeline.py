@@ -537,8 +537,9 @@ class Pipeline:
 
         Returns:
           ``(loss [], grads)``, ``grads`` in stacks like ``params`` (a split
-          layer's gradient summed into its owner copy); ``unpack(grads)``
-          gives per-layer trees.
+          layer's gradient summed into its owner copy, a tied parameter's
+          into its owner layer's leaf); ``unpack(grads)`` gives per-layer
+          trees.
         """
         check_state_like(self._state_struct().params, params, "params")
         return self._loss_and_grad(params, *self._placed(batch), step)
