@@ -266,7 +266,7 @@ def make_plan(
     Candidates: integer and fractional cuts, each with the 1F1B and GPipe
     orders and, when M is a multiple of P, interleaved 1F1B for each V with
     ``V * P <= L``; with ``remat=None`` and a memory limit, each also with
-    recomputation (``remat``). Ties go to the earlier candidate in that order
+    recomputation (``remat``). Equal predictions go to the earlier candidate in that order
     (integer before fractional, 1F1B first, saved residuals before remat).
     With fewer layers than pipe devices (``L < P``) only fractional cuts
     exist: each device gets rows of some layer, and ``Plan.plain`` is
