@@ -1,7 +1,9 @@
 """Checkpoints with orbax: per layer, so any mesh or schedule can resume them.
 
 A checkpoint holds the parameters and the optimizer state in per-layer form
-(``Pipeline.to_layers``: the optimizer state of the per-layer tree; its
+(``Pipeline.to_layers``: each layer's own tree, a parameter layers share
+stored once, in the first layer that reaches it; the optimizer state of the
+per-layer tree; its
 leaves are grouped as the optimizer builds them for a single array, each
 group that mirrors the parameters stored per layer, other leaves such as
 counts as they are), the step and the data position, never the device
@@ -409,12 +411,12 @@ def _groups(pipe: Pipeline) -> tuple[Any, list[dict]]:
 
 def _layer_shapes(pipe: Pipeline) -> list[list[np.ndarray]]:
     specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
-    return [[np.zeros(shape, pipe.stage_plan.dtype) for shape in spec.shapes] for spec in specs]
+    return [[np.zeros(shape, pipe.stage_plan.dtype) for shape in spec.own_shapes] for spec in specs]
 
 
 def _layers_list(tree: dict, pipe: Pipeline) -> list[list[np.ndarray]]:
     specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
-    return [[tree[str(i)][str(j)] for j in range(len(spec.shapes))] for i, spec in enumerate(specs)]
+    return [[tree[str(i)][str(j)] for j in range(len(spec.own_shapes))] for i, spec in enumerate(specs)]
 
 
 def _layers_trees(tree: dict, structs: Sequence[Any]) -> list[Any]:
@@ -427,8 +429,12 @@ def _layers_trees(tree: dict, structs: Sequence[Any]) -> list[Any]:
 
 
 def _layers_meta(pipe: Pipeline) -> list[dict]:
-    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
-    return [{"name": spec.name, "shapes": [list(s) for s in spec.shapes]} for spec in specs]
+    return layers_meta(pipe.stage_plan.specs[: pipe.stage_plan.num_layers])
+
+
+def layers_meta(specs: Sequence[Any]) -> list[dict]:
+    """Per layer its name and own parameter shapes (``LayerSpec.own_shapes``: tied leaves are their owner's)."""
+    return [{"name": spec.name, "shapes": [list(s) for s in spec.own_shapes]} for spec in specs]
 
 
 def _check_layers(saved: list[dict], here: list[dict], where: str) -> None:

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .checkpoint import Checkpoints, _check_layers
-from .stages import split_layers
+from .checkpoint import Checkpoints, _check_layers, layers_meta
+from .stages import merge_layers, model_graph, split_layers
 
 
 def load_layers(
@@ -39,7 +39,8 @@ def load_layers(
     Returns:
       The layers, as ``model_fn`` returns them, with the checkpoint's
       parameters (in the dtype they were trained in) on JAX's default device;
-      equal to ``TrainResult.layers`` of the run that saved it.
+      equal to ``TrainResult.layers`` of the run that saved it (objects the
+      layers shared, such as tied weights, shared again).
 
     Raises:
       ValueError: if ``checkpoint_dir`` is not a folder, holds no such
@@ -54,15 +55,16 @@ def load_layers(
         raise ValueError(f"checkpoint_dir={directory!r} is not a folder; give the folder training saved to")
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    specs, _, _ = split_layers(model_fn(nnx.Rngs(seed)))
+    layers = model_fn(nnx.Rngs(seed))
+    specs, _, _ = split_layers(layers)
     store = Checkpoints(directory, keep=None)
     try:
         saved, params = store.read_params(step)
         where = store.info(step).path
     finally:
         store.close()
-    _check_layers(saved, [{"name": s.name, "shapes": [list(shape) for shape in s.shapes]} for s in specs], where)
-    return [
-        nnx.merge(spec.graphdef, jax.tree.unflatten(spec.treedef, [jnp.asarray(leaf) for leaf in leaves]), spec.rest)
+    _check_layers(saved, layers_meta(specs), where)
+    return merge_layers(model_graph(layers), [
+        jax.tree.unflatten(spec.own_structure, [jnp.asarray(leaf) for leaf in leaves])
         for spec, leaves in zip(specs, params)
-    ]
+    ])

@@ -1,7 +1,9 @@
 """The user's optax transformation, applied as if to the per-layer parameter tree.
 
 The tree optax sees is the one ``model_fn``'s layers give (a list of one
-``nnx.State`` of parameters per layer), with every leaf in its natural shape,
+``nnx.State`` of parameters per layer, each layer's own tree: a parameter
+several layers share appears once, in the first, as ``nnx.split`` of the
+whole layer list gives it), with every leaf in its natural shape,
 so transformations that look at shapes, paths or whole leaves (masks,
 adafactor's factoring, LAMB's trust ratios, Muon's orthogonalisation) are
 exact. Its state is held like the parameters: every state leaf that belongs
@@ -169,11 +171,13 @@ class LayerOptimizer:
         shared = [np.asarray(leaves[i], self.structs[i].dtype) for i, s in enumerate(self.shared) if s >= 0]
         return stacks, shared
 
-    def _device_tree(self, entries: Sequence[jax.Array], layout_items, q: int, ones_like: Sequence[Any]) -> list:
-        """Per-layer leaves for device ``q``: its layers from ``entries``, others one-element placeholders."""
+    def _device_tree(self, entries: Sequence[jax.Array], q: int, ones_like: Sequence[Any]) -> list:
+        """Per-layer own leaves for device ``q``: its layers from the parameter (or gradient) ``entries``,
+        others one-element placeholders."""
+        plan = self.plan
         return [
-            layout_items.read(entries, layer) if layout_items.items[layer].device == q else list(ones_like[layer])
-            for layer in range(self.plan.num_layers)
+            plan.own_read(entries, layer) if plan.stacks.items[layer].device == q else list(ones_like[layer])
+            for layer in range(plan.num_layers)
         ]
 
     def local_step(self, q: int):
@@ -183,8 +187,8 @@ class LayerOptimizer:
         state_leaves_q = jax.tree.leaves(jax.eval_shape(self.optimizer.init, device_structs(plan, q)))
 
         def step(grads, entries, shared, weights):
-            g = _trees(plan, self._device_tree(grads, plan.stacks, q, placeholders))
-            w = _trees(plan, self._device_tree(weights, plan.stacks, q, placeholders))
+            g = _trees(plan, self._device_tree(grads, q, placeholders))
+            w = _trees(plan, self._device_tree(weights, q, placeholders))
             leaves = []
             for i, owner in enumerate(self.owners):
                 if owner == SHARED:
@@ -202,7 +206,7 @@ class LayerOptimizer:
             new_leaves = jax.tree.leaves(new_state)
             for layer in range(plan.num_layers):
                 if layout.items[layer].device == q:
-                    weights = plan.stacks.write(weights, layer, jax.tree.leaves(new_w[layer]))
+                    weights = plan.own_write(weights, layer, jax.tree.leaves(new_w[layer]))
                     entries = layout.write(entries, layer, [new_leaves[i] for i in self.leaf_positions(layer)])
             shared = tuple(new_leaves[i] for i, s in enumerate(self.shared) if s >= 0)
             mine = [leaf for layer in range(plan.num_layers) if layout.items[layer].device == q
@@ -218,7 +222,7 @@ class LayerOptimizer:
         placeholders = _placeholders(plan)
 
         def init(entries, weights):
-            w = _trees(plan, self._device_tree(weights, plan.stacks, q, placeholders))
+            w = _trees(plan, self._device_tree(weights, q, placeholders))
             new_leaves = jax.tree.leaves(self.optimizer.init(w))
             for layer in range(plan.num_layers):
                 if layout.items[layer].device == q:
@@ -229,15 +233,16 @@ class LayerOptimizer:
 
 
 def layer_structs(plan: StagePlan) -> list[Any]:
-    """The per-layer parameter tree, as shape structs."""
-    return _trees(plan, [[_struct(s, plan.dtype) for s in plan.specs[layer].shapes] for layer in range(plan.num_layers)])
+    """The per-layer (own) parameter tree, as shape structs."""
+    return _trees(plan, [[_struct(s, plan.dtype) for s in plan.specs[layer].own_shapes]
+                         for layer in range(plan.num_layers)])
 
 
 def device_structs(plan: StagePlan, q: int) -> list[Any]:
     """The per-layer tree device ``q``'s optimizer program sees: other devices' layers as placeholders."""
     return _trees(plan, [
         [_struct(s if plan.stacks.items[layer].device == q else (1,) * len(s), plan.dtype)
-         for s in plan.specs[layer].shapes]
+         for s in plan.specs[layer].own_shapes]
         for layer in range(plan.num_layers)
     ])
 
@@ -248,11 +253,13 @@ def _placeholders(plan: StagePlan) -> list[list[jax.Array]]:
     One element, not zero: transformations compute from shapes (Muon divides
     by a dimension).
     """
-    return [[jnp.zeros((1,) * len(s), plan.dtype) for s in plan.specs[layer].shapes] for layer in range(plan.num_layers)]
+    return [[jnp.zeros((1,) * len(s), plan.dtype) for s in plan.specs[layer].own_shapes]
+            for layer in range(plan.num_layers)]
 
 
 def _trees(plan: StagePlan, leaves: Sequence[Sequence[Any]]) -> list[Any]:
-    return [jax.tree.unflatten(plan.specs[layer].treedef, list(ls)) for layer, ls in enumerate(leaves)]
+    """Per-layer own trees from per-layer own leaves."""
+    return [jax.tree.unflatten(plan.specs[layer].own_structure, list(ls)) for layer, ls in enumerate(leaves)]
 
 
 def _coupling(optimizer, plan: StagePlan, params: Any, state: Any, owners: Sequence[int]) -> str:
@@ -297,9 +304,13 @@ def whole_tree_update(layer_opt: LayerOptimizer):
             for shape, dtype, k in zip(item.shapes, item.dtypes, items.places[layer])
         ]
 
+    def read_own(stacks, layer):
+        leaves = read(stacks, plan.stacks, layer)
+        return [leaves[a] for a in plan.specs[layer].own_leaves]
+
     def update(grads, state: OptState, weights):
-        g = _trees(plan, [read(grads, plan.stacks, layer) for layer in range(plan.num_layers)])
-        w = _trees(plan, [read(weights, plan.stacks, layer) for layer in range(plan.num_layers)])
+        g = _trees(plan, [read_own(grads, layer) for layer in range(plan.num_layers)])
+        w = _trees(plan, [read_own(weights, layer) for layer in range(plan.num_layers)])
         leaves = [None] * len(layer_opt.owners)
         for layer in range(plan.num_layers):
             for i, leaf in zip(layer_opt.leaf_positions(layer), read(state.stacks, layout, layer)):
@@ -313,7 +324,8 @@ def whole_tree_update(layer_opt: LayerOptimizer):
         weights, stacks = list(weights), list(state.stacks)
         for layer in range(plan.num_layers):
             p = plan.stacks.items[layer].device
-            for k, leaf in zip(plan.stacks.places[layer], jax.tree.leaves(new_w[layer])):
+            places = plan.stacks.places[layer]
+            for k, leaf in zip([places[a] for a in plan.specs[layer].own_leaves], jax.tree.leaves(new_w[layer])):
                 if k >= 0:
                     weights[k] = weights[k].at[p].set(leaf.reshape(weights[k].shape[1:]).astype(weights[k].dtype))
             for k, i in zip(layout.places[layer], layer_opt.leaf_positions(layer)):
@@ -331,7 +343,8 @@ def local_updates(layer_opt: LayerOptimizer, mesh: Mesh):
     """``(grads, state, weights) -> (weights, state, grad_norm)``: each device updates its own layers.
 
     One ``shard_map``; a ``lax.switch`` on the pipe index picks the device's
-    program; split layers' extra copies are refreshed from their owners after.
+    program; split layers' extra copies and tied leaves are refreshed from
+    their owners after (``placement.sync_copies_local``).
     """
     plan = layer_opt.plan
     steps = [layer_opt.local_step(q) for q in range(plan.num_devices)]

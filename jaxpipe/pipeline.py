@@ -34,7 +34,7 @@ from .partition import (
     pieces_from_counts,
 )
 from .optimizer import LayerOptimizer, OptState, local_init, local_updates, whole_tree_update
-from .placement import place_stages, sync_copies
+from .placement import merge_copies, place_stages, sync_copies
 from .rng import draws
 from .planner import describe_plan, make_plan
 from .row_mixing import mixing_layers
@@ -44,6 +44,8 @@ from .stages import (
     check_float_dtype,
     largest_activation_bytes,
     loss_precision,
+    merge_layers,
+    model_graph,
     residual_bytes,
     split_layers,
     trace_boundaries,
@@ -120,7 +122,9 @@ class Pipeline:
         micro-batch's rows.
       optimizer: an optax transformation, applied exactly as to the
         per-layer parameter tree ``model_fn`` builds (a list of one
-        ``nnx.State`` per layer, natural shapes): masks, adafactor, LAMB, Muon,
+        ``nnx.State`` per layer, natural shapes; a parameter layers share,
+        weight tying, appears once, in the first layer that reaches it, and
+        its gradient is the sum over its uses): masks, adafactor, LAMB, Muon,
         ``MultiSteps`` and ``clip_by_global_norm`` give single-device results.
         Each device updates its own layers, unless the transformation couples
         layers of different devices (``clip_by_global_norm``): then one
@@ -259,7 +263,9 @@ class Pipeline:
         self.optimizer = optimizer
         self.seed = seed
 
-        specs, layer_params, layer_dtype = split_layers(model_fn(nnx.Rngs(seed)))
+        layers = model_fn(nnx.Rngs(seed))
+        specs, layer_params, layer_dtype = split_layers(layers)
+        self._graph = model_graph(layers)
         self.param_dtype = dtype = layer_dtype if param_dtype is None else param_dtype
         # Master parameters in param_dtype; the boundaries are traced with
         # the executors' compute_dtype casts, so the carrier gets that dtype.
@@ -384,7 +390,13 @@ class Pipeline:
                 self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle,
                 compute_dtype=self.compute_dtype, seed=seed,
             )
-            self._value_and_grad = jax.value_and_grad(loss)
+            merge = merge_copies(self.stage_plan, self.mesh)
+
+            def value_and_grad(*args):
+                value, grads = jax.value_and_grad(loss)(*args)
+                return value, merge(grads)
+
+            self._value_and_grad = value_and_grad
         else:
             self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks, fused=True)
             self.ticks = pack(self.table)
@@ -464,11 +476,12 @@ class Pipeline:
         Returns:
           A ``TrainState`` with step 0.
         """
-        params = self.pack(self._host_params)
+        own = [spec.own(tree) for spec, tree in zip(self.stage_plan.specs, self._host_params)]
+        params = self.pack(own)
         if self._layer_opt.per_device:
             opt_state = jax.jit(local_init(self._layer_opt, self.mesh))(params)
         else:
-            opt_state = self._place_opt_state(*self._layer_opt.from_tree(self.optimizer.init(self._host_params)))
+            opt_state = self._place_opt_state(*self._layer_opt.from_tree(self.optimizer.init(own)))
         step = jax.device_put(jnp.zeros((), jnp.int32), self._replicated)
         return TrainState(params, opt_state, step)
 
@@ -527,8 +540,9 @@ class Pipeline:
 
         Returns:
           ``(loss [], grads)``, ``grads`` in stacks like ``params`` (a split
-          layer's gradient summed into its owner copy); ``unpack(grads)``
-          gives per-layer trees.
+          layer's gradient summed into its owner copy, a tied parameter's
+          into its owner layer's leaf); ``unpack(grads)`` gives per-layer
+          trees.
         """
         check_state_like(self._state_struct().params, params, "params")
         return self._loss_and_grad(params, *self._placed(batch), step)
@@ -583,16 +597,21 @@ class Pipeline:
     def unpack(self, stacks: tuple) -> list[nnx.State]:
         """Per-layer ``nnx.State`` trees from parameter or gradient stacks.
 
-        A layer split between devices is read from its owner copy.
+        A layer split between devices is read from its owner copy. A
+        parameter several layers share (weight tying, ``stages.find_ties``)
+        is given once, in the first layer that reaches it, and left out of
+        the later ones, as ``nnx.split`` of the whole layer list gives it:
+        the tree the optimizer sees; its gradient is the sum over its uses.
         """
         return self.stage_plan.unpack([_host(a) for a in stacks])
 
     def layers(self, params: tuple) -> list[nnx.Module]:
-        """The layers with the given parameters, as ``model_fn`` returns them."""
-        return [
-            nnx.merge(spec.graphdef, tree, spec.rest)
-            for spec, tree in zip(self.stage_plan.specs, self.unpack(params))
-        ]
+        """The layers with the given parameters, as ``model_fn`` returns them.
+
+        Objects the layers shared (a tied parameter, sub-module or layer) are
+        shared again (``stages.merge_layers``).
+        """
+        return merge_layers(self._graph, self.unpack(params))
 
     def train_step_stats(
         self, state: TrainState, batch: tuple[Any, Any]
@@ -620,11 +639,13 @@ class Pipeline:
         """Parameter stacks, placed on the mesh, from per-layer trees.
 
         The inverse of ``unpack``: every copy of a layer split between
-        devices is filled from the layer's tree.
+        devices is filled from the layer's tree, every tied leaf from its
+        owner layer's.
 
         Args:
           trees: ``[L]`` per-layer trees (``nnx.State`` or anything whose
-            leaves come in the layer's parameter order), as ``unpack`` gives.
+            leaves come in the layer's parameter order), as ``unpack`` gives
+            (a shared parameter only in the first layer that reaches it).
           dtype: the stacks' dtype; default the parameters' dtype.
 
         Returns:

@@ -1,13 +1,20 @@
-"""Placing stages on pipe devices: parameter copies, split-layer copies, stacks.
+"""Placing stages on pipe devices: parameter copies, split-layer copies, tied leaves, stacks.
 
 A stage (a run of pieces, ``partition.Piece``) lives on device ``s % P``. A
 layer cut by rows between stages has a *parameter copy* on each device that
 runs part of it: copy ``i < L`` is layer ``i`` itself (its owner copy), and
 copies ``L, L + 1, ...`` are the extra copies of split layers. Every copy's
-leaves live in natural-shape stacks (``stacks.py``). The partial gradients
-of a split layer's copies are summed into the owner copy before the
-optimizer and the copies are refreshed from the owner after it, so every
-copy stays identical and the optimizer sees each parameter once.
+leaves live in natural-shape stacks (``stacks.py``), tied leaves
+(``stages.find_ties``) included: a layer that shares an earlier layer's
+parameter holds its own entry of it on its device.
+
+Both are *linked* to an owner leaf (``copy_links``): each leaf of an extra
+copy to the same leaf of its layer's owner copy, each tied leaf (in every
+copy of its layer) to its owner layer's leaf. The partial gradients of
+linked leaves are summed into the owner before the optimizer and the linked
+leaves are refreshed from the owner after it, so they stay identical and the
+optimizer sees each parameter once, in its owner's own tree
+(``LayerSpec.own``).
 """
 
 from __future__ import annotations
@@ -115,32 +122,58 @@ class StagePlan:
         return first.layer, first.start
 
     def copy_tree(self, entries: Sequence[jax.Array], copy: int) -> Any:
-        """Inside ``shard_map``: copy ``copy``'s parameter tree from this device's stack entries."""
+        """Inside ``shard_map``: copy ``copy``'s full parameter tree from this device's stack entries."""
         return jax.tree.unflatten(self.specs[copy].treedef, self.stacks.read(entries, copy))
 
+    def own_read(self, entries: Sequence[Any], layer: int) -> list[Any]:
+        """Inside ``shard_map``: layer ``layer``'s own leaves (``LayerSpec.own_leaves``) from its owner copy."""
+        leaves = self.stacks.read(entries, layer)
+        return [leaves[a] for a in self.specs[layer].own_leaves]
+
+    def own_write(self, entries: Sequence[Any], layer: int, leaves: Sequence[Any]) -> tuple[Any, ...]:
+        """Inside ``shard_map``: ``entries`` with layer ``layer``'s own leaves (owner copy) replaced."""
+        out, places = list(entries), self.stacks.places[layer]
+        for a, leaf in zip(self.specs[layer].own_leaves, leaves):
+            k = places[a]
+            if k >= 0:
+                out[k] = leaf.reshape(self.stacks.shapes[k]).astype(out[k].dtype)
+        return tuple(out)
+
     def pack(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
-        """Host stacks ``[P, *shape]`` from per-layer trees; every copy of a split layer filled.
+        """Host stacks ``[P, *shape]`` from per-layer own trees; every extra copy and tied leaf filled.
+
+        Args:
+          layer_trees: ``[L]`` own trees (``LayerSpec.own``: a tied leaf is
+            given once, in its owner layer), as ``unpack`` gives.
+          dtype: cast every stack to it; default each stack's own dtype.
 
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
         if len(layer_trees) != self.num_layers:
             raise ValueError(f"pack needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
+        full = []
         for layer, tree in enumerate(layer_trees):
-            shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree)]
-            if shapes != list(self.specs[layer].shapes):
+            spec, leaves = self.specs[layer], jax.tree.leaves(tree)
+            shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
+            if shapes != list(spec.own_shapes):
+                tied = (f" (its tied leaves are given in their owner layers {sorted({o for _, o, _ in spec.tied})}, "
+                        "not here)" if spec.tied else "")
                 raise ValueError(
-                    f"layer {layer} ({self.specs[layer].name}) has parameter shapes "
-                    f"{list(self.specs[layer].shapes)}, got {shapes}"
+                    f"layer {layer} ({spec.name}) has parameter shapes {list(spec.own_shapes)}{tied}, got {shapes}"
                 )
-        return self.stacks.pack([layer_trees[layer] for layer in self.copy_layer], dtype)
+            leaves_full = [None] * len(spec.shapes)
+            for a, leaf in zip(spec.own_leaves, leaves):
+                leaves_full[a] = leaf
+            full.append(leaves_full)
+        for layer in range(self.num_layers):
+            for leaf, owner, owner_leaf in self.specs[layer].tied:
+                full[layer][leaf] = full[owner][owner_leaf]
+        return self.stacks.pack([full[layer] for layer in self.copy_layer], dtype)
 
     def unpack(self, stacks: Sequence[Any]) -> list[Any]:
-        """Per-layer parameter trees (each layer's owner copy) from host stacks ``[P, *shape]``."""
-        return [
-            jax.tree.unflatten(self.specs[layer].treedef, self.stacks.unpack(stacks, layer))
-            for layer in range(self.num_layers)
-        ]
+        """Per-layer own trees (each layer's owner copy, tied leaves left out) from host stacks ``[P, *shape]``."""
+        return [self.specs[layer].own(self.stacks.unpack(stacks, layer)) for layer in range(self.num_layers)]
 
 
 def place_stages(
@@ -221,25 +254,35 @@ def place_stages(
     )
 
 
-def split_copies(plan: StagePlan) -> list[tuple[int, int, int, int]]:
-    """``(owner device, owner stack, copy device, copy stack)`` per leaf of every extra copy."""
+def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
+    """``(owner device, owner stack, device, stack)`` per linked leaf.
+
+    Linked leaves are every leaf of a split layer's extra copies (owner: the
+    same leaf of the layer's owner copy) and every tied leaf, in each copy of
+    its layer (owner: the leaf of the earlier layer that owns the
+    parameter). Every owner is an own leaf of an owner copy, never itself
+    linked, so merges and syncs may run in any order.
+    """
     stacks = plan.stacks
     out = []
     for copy, layer in enumerate(plan.copy_layer):
-        if copy < plan.num_layers:
-            continue
-        for owner_stack, copy_stack in zip(stacks.places[layer], stacks.places[copy]):
-            if owner_stack >= 0:
-                out.append((stacks.items[layer].device, owner_stack, stacks.items[copy].device, copy_stack))
+        spec = plan.specs[copy]
+        owners = {a: (layer, a) for a in range(len(spec.shapes))} if copy >= plan.num_layers else {}
+        owners.update({leaf: (owner, owner_leaf) for leaf, owner, owner_leaf in spec.tied})
+        for a, (owner, b) in sorted(owners.items()):
+            if stacks.places[owner][b] >= 0:
+                out.append((stacks.items[owner].device, stacks.places[owner][b],
+                            stacks.items[copy].device, stacks.places[copy][a]))
     return out
 
 
 def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
-    """Inside ``shard_map``: adds each split layer's copy gradient into its owner copy.
+    """Inside ``shard_map``: adds each linked leaf's gradient into its owner leaf's.
 
-    One ``ppermute`` of one leaf per copy leaf, once per step. Global-norm
-    clipping and the optimizer then see every parameter once (they read
-    owner copies only).
+    One ``ppermute`` of one leaf per linked leaf on another device (a local
+    add on the same device), once per step. Global-norm clipping and the
+    optimizer then see every parameter once (they read own leaves of owner
+    copies only).
 
     Args:
       plan: the stage plan.
@@ -250,32 +293,43 @@ def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) 
       The merged entries.
     """
     acc = list(acc)
-    for po, ko, pc, kc in split_copies(plan):
-        sent = lax.ppermute(acc[kc], PIPE_AXIS, [(pc, po)])
+    for po, ko, pc, kc in copy_links(plan):
+        sent = acc[kc] if po == pc else lax.ppermute(acc[kc], PIPE_AXIS, [(pc, po)])
         merged = acc[ko] + sent.reshape(acc[ko].shape)
         acc[ko] = jnp.where(p == po, merged, acc[ko])
     return tuple(acc)
 
 
 def sync_copies_local(plan: StagePlan, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
-    """Inside ``shard_map``: each extra copy of a split layer overwritten by its owner copy."""
+    """Inside ``shard_map``: each linked leaf overwritten by its owner leaf."""
     entries = list(entries)
-    for po, ko, pc, kc in split_copies(plan):
-        sent = lax.ppermute(entries[ko], PIPE_AXIS, [(po, pc)])
+    for po, ko, pc, kc in copy_links(plan):
+        sent = entries[ko] if po == pc else lax.ppermute(entries[ko], PIPE_AXIS, [(po, pc)])
         entries[kc] = jnp.where(p == pc, sent.reshape(entries[kc].shape), entries[kc])
     return tuple(entries)
 
 
-def sync_copies(plan: StagePlan, mesh):
-    """``weights -> weights`` on the mesh: every extra copy of a split layer set to its owner copy.
+def _on_mesh(plan: StagePlan, mesh, local):
+    """``stacks -> stacks`` on the mesh: ``local(plan, entries, p)`` per device; the identity without links."""
+    if not copy_links(plan):
+        return lambda stacks: stacks
 
-    The identity when nothing is split.
-    """
-    if not split_copies(plan):
-        return lambda weights: weights
-    def body(weights):
-        entries = sync_copies_local(plan, tuple(a[0] for a in weights), lax.axis_index(PIPE_AXIS))
+    def body(stacks):
+        entries = local(plan, tuple(a[0] for a in stacks), lax.axis_index(PIPE_AXIS))
         return tuple(a[None] for a in entries)
 
     spec = PartitionSpec(PIPE_AXIS)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
+
+
+def sync_copies(plan: StagePlan, mesh):
+    """``weights -> weights`` on the mesh: every linked leaf set to its owner leaf."""
+    return _on_mesh(plan, mesh, sync_copies_local)
+
+
+def merge_copies(plan: StagePlan, mesh):
+    """``grads -> grads`` on the mesh: every linked leaf's gradient added into its owner leaf's.
+
+    For gradients taken outside ``shard_map`` (``executor="autodiff"``).
+    """
+    return _on_mesh(plan, mesh, merge_copies_local)

@@ -303,7 +303,7 @@ def make_plan(
     Candidates: integer and fractional cuts, each with the 1F1B, GPipe and
     ZB-H1 orders and, when M is a multiple of P, interleaved 1F1B for each V
     with ``V * P <= L``; with ``remat=None`` and a memory limit, each also
-    with recomputation (``remat``). Ties go to the earlier candidate in that
+    with recomputation (``remat``). Equal predictions go to the earlier candidate in that
     order (integer before fractional, 1F1B first, saved residuals before
     remat). Fractional cuts with ZB-H1 are "balanced + zero bubble". ZB-H1
     candidates are predicted and listed but chosen only when nothing else

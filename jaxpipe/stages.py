@@ -8,6 +8,13 @@ here:
 * Each layer becomes a pure function ``apply_layer(spec, params, x)`` over its
   ``nnx.Param`` tree; anything else the layer holds is a constant, except
   RNG streams, which get a key per step and micro-batch (``rng.py``).
+* A *tie* is one ``nnx.Param`` that several layers reach (weight tying: an
+  output head reading the embedding's matrix). The first layer that reaches
+  it owns it; in every later layer it is a *tied leaf*: still in the
+  layer's full tree (``apply_layer`` needs it), left out of the layer's own
+  tree (``LayerSpec.own``), which is what the optimizer, ``unpack`` and
+  checkpoints see, as ``nnx.split`` of the whole layer list gives
+  (``merge_layers`` rebuilds the shared objects).
 * A boundary activation (any pytree whose leaves all have ``B`` leading rows)
   travels as two row-major buffers: floats ``[B, F]`` in one float dtype and
   integers ``[B, I]`` as int32, both padded to the widest boundary, so
@@ -47,6 +54,11 @@ class LayerSpec:
         empty for a layer that draws no random numbers.
       eval_graphdef: the graph definition after ``layer.eval()`` (dropout
         off, frozen statistics), used by ``apply_layer(..., deterministic=True)``.
+      tied: per tied leaf ``(leaf, owner layer, owner leaf)``: leaf ``leaf``
+        of this layer is leaf ``owner leaf`` of the earlier layer ``owner
+        layer`` (leaf indices in ``treedef`` order); empty without ties.
+      own_treedef: tree structure of the layer's own tree (its leaves less
+        the tied ones); ``None``: ``treedef``.
     """
 
     index: int
@@ -57,11 +69,34 @@ class LayerSpec:
     shapes: tuple[tuple[int, ...], ...]
     streams: tuple[tuple[Any, ...], ...] = ()
     eval_graphdef: Any = None
+    tied: tuple[tuple[int, int, int], ...] = ()
+    own_treedef: Any = None
 
     @property
     def size(self) -> int:
-        """Number of parameter scalars."""
+        """Number of parameter scalars (tied leaves included: the layer's device holds them)."""
         return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def own_leaves(self) -> tuple[int, ...]:
+        """Indices (``treedef`` order) of the leaves this layer owns: all but the tied ones."""
+        tied = {leaf for leaf, _, _ in self.tied}
+        return tuple(a for a in range(len(self.shapes)) if a not in tied)
+
+    @property
+    def own_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the own leaves, in order."""
+        return tuple(self.shapes[a] for a in self.own_leaves)
+
+    @property
+    def own_structure(self) -> Any:
+        """Tree structure of the own tree."""
+        return self.treedef if self.own_treedef is None else self.own_treedef
+
+    def own(self, tree: Any) -> Any:
+        """The own tree of a full parameter tree (or full leaf list) of this layer."""
+        leaves = jax.tree.leaves(tree)
+        return jax.tree.unflatten(self.own_structure, [leaves[a] for a in self.own_leaves])
 
 
 def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[Any], Any]:
@@ -72,7 +107,8 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
 
     Returns:
       ``(specs, params, dtype)``: one spec and one ``nnx.State`` of parameters
-      per layer, and the common parameter dtype.
+      per layer (its full tree: tied leaves included, see ``find_ties``), and
+      the common parameter dtype.
 
     Raises:
       TypeError: if a layer is not an ``nnx.Module``, holds state that
@@ -86,16 +122,25 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
         )
     if not layers:
         raise ValueError("model_fn returned no layers; it must return a non-empty list of nnx.Module layers")
-    check_untied(layers)
-    specs, params, dtypes = [], [], {}
     for i, layer in enumerate(layers):
         if not isinstance(layer, nnx.Module):
             raise TypeError(
                 f"layer {i} is a {type(layer).__name__}, expected an nnx.Module"
             )
+    ties = find_ties(layers)
+    specs, params, dtypes, paths = [], [], {}, []
+    for i, layer in enumerate(layers):
         graphdef, param_state, rest = nnx.split(layer, nnx.Param, ...)
         check_state(i, layer, rest)
         leaves, treedef = jax.tree.flatten(param_state)
+        paths.append(param_paths(param_state))
+        tied = tuple(
+            (paths[i].index(path), owner, paths[owner].index(owner_path))
+            for path, (owner, owner_path) in sorted(ties[i].items(), key=lambda e: paths[i].index(e[0]))
+        )
+        own_treedef = jax.tree.structure(
+            nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(param_state) if p not in ties[i]])
+        ) if tied else None
         for leaf in leaves:
             dtypes.setdefault(jnp.dtype(leaf.dtype), f"layer {i} ({type(layer).__name__})")
         specs.append(
@@ -108,6 +153,8 @@ def split_layers(layers: Sequence[nnx.Module]) -> tuple[list[LayerSpec], list[An
                 shapes=tuple(tuple(leaf.shape) for leaf in leaves),
                 streams=stream_paths(rest),
                 eval_graphdef=eval_graphdef(graphdef, param_state, rest),
+                tied=tied,
+                own_treedef=own_treedef,
             )
         )
         params.append(param_state)
@@ -160,27 +207,77 @@ def check_state(index: int, layer: nnx.Module, rest: Any) -> None:
         )
 
 
-def check_untied(layers: Sequence[nnx.Module]) -> None:
-    """Refuses layers that share a parameter (weight tying): each layer is split on its own.
+def find_ties(layers: Sequence[nnx.Module]) -> list[dict]:
+    """Which parameters layers share: per layer, ``{path: (owner layer, owner path)}``.
 
-    Raises:
-      ValueError: naming the two layers and the shared parameter's paths.
+    A parameter is one ``nnx.Param`` object; the layer that reaches it first
+    (lowest index) owns it, and each later layer that reaches it (through the
+    same ``nnx.Param``, the same sub-module, or the same layer instance
+    listed twice) holds a tied leaf at the path where ``nnx.split`` of that
+    layer alone puts it. Exact: found by object identity, as ``nnx`` itself
+    shares variables.
+
+    Args:
+      layers: the model's layers, in order.
+
+    Returns:
+      ``[L]`` dicts, empty for a layer with no tied leaf.
     """
     owner: dict = {}
+    out = []
     for i, layer in enumerate(layers):
-        if not isinstance(layer, nnx.Module):
-            continue
+        ties = {}
         for path, node in nnx.graph.iter_graph(layer):
             if not isinstance(node, nnx.Param):
                 continue
             first = owner.setdefault(id(node), (i, path))
             if first[0] != i:
-                raise ValueError(
-                    f"layers {first[0]} and {i} share one parameter (at {'/'.join(map(str, first[1]))} and "
-                    f"{'/'.join(map(str, path))}): tied weights are not supported, and training them as two "
-                    "separate copies would differ from single-device training; give each layer its own "
-                    "parameter (untie them)"
-                )
+                ties[path] = first
+        out.append(ties)
+    return out
+
+
+def param_paths(state: Any) -> list[tuple[Any, ...]]:
+    """The ``nnx`` path of each leaf of a parameter ``nnx.State``, in ``jax.tree.flatten`` order."""
+    return [
+        tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        for key_path, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGraph:
+    """The whole layer list as one ``nnx`` graph, to rebuild layers with their ties.
+
+    Attributes:
+      graphdef: ``nnx.split(list(layers), nnx.Param, ...)``'s graph definition.
+      rest: its non-parameter state.
+    """
+
+    graphdef: Any
+    rest: Any
+
+
+def model_graph(layers: Sequence[nnx.Module]) -> ModelGraph:
+    """The layers' joint graph (``ModelGraph``)."""
+    graphdef, _, rest = nnx.split(list(layers), nnx.Param, ...)
+    return ModelGraph(graphdef, rest)
+
+
+def merge_layers(graph: ModelGraph, own_trees: Sequence[Any]) -> list[nnx.Module]:
+    """The layers, as ``model_fn`` returned them, with the parameters of ``own_trees``.
+
+    Objects the layers shared are shared again: a tied leaf is its owner's
+    ``nnx.Param`` (or sub-module, or layer), so the layers can be trained
+    further with ``nnx`` as one model.
+
+    Args:
+      graph: the layers' joint graph.
+      own_trees: ``[L]`` own trees (``LayerSpec.own``; a tied leaf only in
+        its owner layer), as ``Pipeline.unpack`` gives.
+    """
+    flat = [((i,) + path, var) for i, tree in enumerate(own_trees) for path, var in nnx.to_flat_state(tree)]
+    return list(nnx.merge(graph.graphdef, nnx.from_flat_state(flat), graph.rest))
 
 
 def check_float_dtype(value: Any, name: str) -> Any:
@@ -504,7 +601,7 @@ def trace_at_rows(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any, row
 
     try:
         return jax.eval_shape(run, list(params), x)
-    except Exception:  # noqa: BLE001 - a layer tied to one row count: nothing to compare
+    except Exception:  # noqa: BLE001 - a layer bound to one row count: nothing to compare
         return None
 
 

@@ -178,3 +178,36 @@ CASES = {
 def batches(case: Case, rows: int, steps: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
     return [case.make_batch(rng, rows) for _ in range(steps)]
+
+
+class TiedHead(nnx.Module):
+    """Final norm and logits from the embedding's own matrix (GPT-2's weight tying): ``[B, T, d] -> [B, T, V]``.
+
+    Holds the embedding layer's ``nnx.Embed`` (``tokens``) and computes
+    ``tokens.attend(h)``, or, with ``param=True``, holds only its
+    ``nnx.Param`` and computes ``h @ embedding.T``.
+    """
+
+    def __init__(self, tokens: nnx.Embed, dim: int, *, param: bool = False, rngs):
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        if param:
+            self.embedding = tokens.embedding
+        else:
+            self.tokens = tokens
+
+    def __call__(self, x):
+        h = self.norm(x)
+        if hasattr(self, "tokens"):
+            return self.tokens.attend(h)
+        return h @ self.embedding[...].T
+
+
+def tied_lm(vocab=11, seq_len=6, dim=8, heads=2, blocks=2, param=False):
+    """A GPT-style LM whose head reuses the embedding matrix: ``models.Embed``, blocks, ``TiedHead``."""
+
+    def model_fn(rngs):
+        embed = models.Embed(vocab, seq_len, dim, rngs=rngs)
+        blocks_ = [models.Block(dim, heads, rngs=rngs) for _ in range(blocks)]
+        return [embed, *blocks_, TiedHead(embed.tokens, dim, param=param, rngs=rngs)]
+
+    return model_fn

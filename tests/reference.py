@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 
@@ -146,3 +147,36 @@ def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=N
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
     assert_trees_close(pipe.unpack(state.params), ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
     return state
+
+
+def shared_reference_run(model_fn, batches, loss_fn, optimizer, seed=0):
+    """Plain nnx + optax training of the layer list as one model; returns (losses, params).
+
+    The layers are split together (``nnx.split(layers, ...)``), so a
+    parameter several layers share (weight tying) is one variable: it
+    appears once, in the first layer that reaches it, its gradient is the
+    sum over its uses and the optimizer updates it once. ``params`` is a
+    list of per-layer ``nnx.State`` (a layer whose parameters are all
+    another's gets an empty one), the form ``Pipeline.unpack`` gives.
+    """
+    layers = model_fn(nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
+
+    def loss(params, x, y):
+        h = x
+        for layer in nnx.merge(graphdef, params, rest):
+            h = layer(h)
+        return loss_fn(h, y)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = optimizer.init(params)
+    losses = []
+    for x, y in batches:
+        params, opt_state, value = step(params, opt_state, x, y)
+        losses.append(float(value))
+    return losses, [params[i] if i in params else nnx.State({}) for i in range(len(layers))]

@@ -611,22 +611,3 @@ def test_token_ids_beyond_the_vocabulary_are_named_as_a_cause():
     )):
         jaxpipe.train(lm, (1, 2), data=[(ids[:, :-1], ids[:, 1:])], loss_fn=models.lm_loss, optimizer=OPTIMIZER,
                       steps=1, progress=False)
-
-
-def test_tied_weights_are_refused_not_silently_untied():
-    """An output layer reading the embedding's matrix (GPT-2's tying) must not train as two copies."""
-
-    class TiedHead(nnx.Module):
-        def __init__(self, embed):
-            self.embed = embed
-
-        def __call__(self, h):
-            return h @ self.embed.embedding.value.T
-
-    def model_fn(rngs):
-        embed = nnx.Embed(7, 4, rngs=rngs)
-        return [embed, nnx.Linear(4, 4, rngs=rngs), TiedHead(embed)]
-
-    ids = np.zeros((4, 3), np.int32)
-    with pytest.raises(ValueError, match=r"layers 0 and 2 share one parameter \(at embedding and embed/embedding\)"):
-        jaxpipe.Pipeline(model_fn, (1, 1), lambda o, t: jnp.mean(o), optax.sgd(0.1), 1, (ids, ids))

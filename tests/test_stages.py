@@ -13,6 +13,8 @@ from jaxpipe.stages import (
     Carrier,
     apply_layer,
     check_rows_follow,
+    merge_layers,
+    model_graph,
     split_layers,
     trace_at_rows,
     trace_boundaries,
@@ -98,6 +100,41 @@ def test_split_layers_errors():
         split_layers([])
     with pytest.raises(TypeError, match=r"got float32 \(first in layer 0 \(Linear\)\), bfloat16 \(first in layer 1"):
         split_layers([nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 2, param_dtype=jnp.bfloat16, rngs=rngs)])
+
+
+class Holder(nnx.Module):
+    """Reaches other layers' objects: ``module`` (a sub-module) and ``param`` (an ``nnx.Param``), twice each way."""
+
+    def __init__(self, module, param, *, rngs):
+        self.module, self.param, self.again = module, param, param
+        self.norm = nnx.LayerNorm(3, rngs=rngs)
+
+    def __call__(self, x):
+        return x
+
+
+def test_ties_are_found_by_identity_and_rebuilt_by_merge_layers():
+    """Tied leaves: a shared sub-module, a shared nnx.Param, a layer listed twice; never a copy of equal value."""
+    rngs = nnx.Rngs(0)
+    embed, linear = nnx.Embed(5, 3, rngs=rngs), nnx.Linear(3, 3, rngs=rngs)
+    twin = nnx.Linear(3, 3, rngs=rngs)
+    twin.kernel = nnx.Param(linear.kernel[...])  # equal values, another variable: not tied
+    layers = [embed, linear, twin, linear, Holder(embed, linear.bias, rngs=rngs)]
+    specs, params, _ = split_layers(layers)
+    # Full trees keep every leaf a layer computes with; leaf order is nnx's sorted paths.
+    assert [len(s.shapes) for s in specs] == [1, 2, 2, 2, 4]  # Holder: again (bias), module/embedding, norm x2
+    assert [s.tied for s in specs] == [(), (), (), ((0, 1, 0), (1, 1, 1)), ((0, 1, 0), (1, 0, 0))]
+    assert [s.own_leaves for s in specs] == [(0,), (0, 1), (0, 1), (), (2, 3)]
+    own = [s.own(p) for s, p in zip(specs, params)]
+    # The own trees are what nnx gives for the whole list split at once (a shared variable at its first path).
+    _, joint, _ = nnx.split(layers, nnx.Param, ...)
+    assert [jax.tree.structure(t) for t in own] == [
+        jax.tree.structure(joint[i] if i in joint else nnx.State({})) for i in range(5)
+    ]
+    rebuilt = merge_layers(model_graph(layers), own)
+    assert rebuilt[3] is rebuilt[1] and rebuilt[4].module is rebuilt[0]
+    assert rebuilt[4].param is rebuilt[4].again is rebuilt[1].bias and rebuilt[2].kernel is not rebuilt[1].kernel
+    np.testing.assert_array_equal(rebuilt[0].embedding[...], embed.embedding[...])
 
 
 # StackLayout (natural-shape stacks)
