@@ -59,7 +59,7 @@ def _split_layers(pipe):
     return sorted({p.layer for stage in pipe.stages for p in stage if p.stop - p.start < pipe.microbatch_rows})
 
 
-@pytest.mark.parametrize("mesh,m", [((1, 4), 4), ((2, 4), 5), ((4, 2), 2)], ids=str)
+@pytest.mark.parametrize("mesh,m", [((1, 4), 4), ((4, 2), 2)], ids=str)
 def test_six_equal_blocks_on_four_devices(mesh, m):
     pipe = _check(SIX, mse, _mlp_batch, mesh, m, 4, schedule="balanced", costs=[1.0] * 6)
     if mesh[1] == 4:
@@ -220,8 +220,8 @@ def test_fractional_partition_reports_a_stage_without_work():
         fractional_partition([1.0, 10.0, 1.0], 4, 8, [True, False, True])
 
 
-@pytest.mark.parametrize("schedule", ["balanced", "auto"])
-@pytest.mark.parametrize("case_name", ["mlp", "lm", "conv", "dict"])
+# The LM trains balanced and auto in the tests above; the other models here.
+@pytest.mark.parametrize("case_name,schedule", [("mlp", "auto"), ("conv", "balanced"), ("dict", "balanced")])
 def test_every_test_model_trains_to_the_reference(case_name, schedule):
     case = CASES[case_name]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)

@@ -100,7 +100,6 @@ def _float32_loss(case, batch):
 
 
 CONFIGS = [
-    ("mlp", (1, 4), 4, dict(schedule="gpipe")),
     ("lm", (2, 4), 2, dict(schedule="1f1b")),
     ("conv", (1, 4), 4, dict(schedule="balanced")),
     ("dict", (2, 2), 2, dict(executor="autodiff")),
