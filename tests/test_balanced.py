@@ -75,7 +75,7 @@ def test_layer_heavier_than_a_device_spans_three_devices():
     assert holders == [0, 1, 2]
 
 
-@pytest.mark.parametrize("mesh, remat", [((1, 4), False), ((2, 4), True)])
+@pytest.mark.parametrize("mesh, remat", [((1, 4), False)])
 def test_transformer_with_heavy_output_layer(mesh, remat):
     """The head is split: each of its devices takes the loss of its rows, so logits never cross devices.
 
@@ -220,8 +220,8 @@ def test_fractional_partition_reports_a_stage_without_work():
         fractional_partition([1.0, 10.0, 1.0], 4, 8, [True, False, True])
 
 
-# The LM trains balanced and auto in the tests above; the other models here.
-@pytest.mark.parametrize("case_name,schedule", [("mlp", "auto"), ("conv", "balanced"), ("dict", "balanced")])
+# The LM trains balanced and auto in the tests above, dict inputs in test_pipeline.py; the others here.
+@pytest.mark.parametrize("case_name,schedule", [("mlp", "auto"), ("conv", "balanced")])
 def test_every_test_model_trains_to_the_reference(case_name, schedule):
     case = CASES[case_name]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)

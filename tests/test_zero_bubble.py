@@ -200,7 +200,7 @@ MATCHES = [
     ((1, 2), 2, "mlp", "integer", False, True),
     ((1, 4), 9, "lm", "integer", False, False),
     ((1, 4), 4, "conv", "fractional", True, True),
-    ((2, 4), 4, "lm", "fractional", False, True),
+    ((2, 4), 4, "mlp", "fractional", False, True),
 ]
 
 
