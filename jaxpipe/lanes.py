@@ -136,6 +136,35 @@ def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, key, compute_dtype
     return jax.vjp(f, trees, in_f, has_aux=True)
 
 
+def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:
+    """Each stored leaf's offset in its dtype's slot vector (leaves packed in order), -1 where not stored."""
+    offsets, used = [], {}
+    for shape, dtype, keep in zip(shapes, dtypes, stored):
+        offsets.append(used.get(dtype, 0) if keep else -1)
+        if keep:
+            used[dtype] = offsets[-1] + math.prod(shape)
+    return tuple(offsets)
+
+
+def pack_slot(leaves, dtypes, sizes) -> tuple:
+    """``leaves`` flattened and concatenated per dtype, in order, each padded to its ``[n_d]`` slot size."""
+    parts = {d: [] for d in dtypes}
+    for leaf in leaves:
+        if leaf.size:
+            parts[jnp.dtype(leaf.dtype)].append(leaf.reshape(-1))
+    return tuple(
+        jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d),
+                (0, n - sum(p.shape[0] for p in parts[d])))
+        for d, n in zip(dtypes, sizes)
+    )
+
+
+def read_slot(vectors: dict, shape, dtype, offset: int) -> jax.Array:
+    """The leaf of ``shape`` and ``dtype`` at ``offset`` of its dtype's slot vector (``vectors``: dtype -> vector)."""
+    size = math.prod(shape)
+    return vectors[dtype][offset: offset + size].reshape(shape) if size else jnp.zeros(shape, dtype)
+
+
 class Residuals(NamedTuple):
     """How one stage's saved residuals are stored between its two lanes.
 
@@ -175,13 +204,9 @@ def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None, y=None, l
     """
     treedef, residuals = vjp_residuals(
         lambda *a: _stage_vjp(plan, s, *a[:5], compute_dtype, a[5], loss_of)[1], *args, y)
-    offsets, used = [], {}
-    for shape, dtype, where in residuals:
-        offsets.append(used.get(dtype, 0) if where < 0 else -1)
-        if where < 0:
-            used[dtype] = offsets[-1] + math.prod(shape)
     shapes, dtypes, inputs = zip(*residuals) if residuals else ((), (), ())
-    return Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), tuple(offsets))
+    offsets = slot_offsets(shapes, dtypes, [where < 0 for where in inputs])
+    return Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), offsets)
 
 
 class Lanes(NamedTuple):
@@ -302,15 +327,8 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
                                                  y if early else None, loss_of)
                 if early:
                     send_i, loss = send_i
-                parts = {d: [] for d in res_dtypes}
-                for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs):
-                    if where < 0 and leaf.size:
-                        parts[leaf.dtype].append(leaf.reshape(-1))
-                saved = tuple(
-                    jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d),
-                            (0, n - sum(p.shape[0] for p in parts[d])))
-                    for d, n in zip(res_dtypes, res_sizes)
-                )
+                stored = [leaf for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs) if where < 0]
+                saved = pack_slot(stored, res_dtypes, res_sizes)
             return send_f, send_i, saved, loss
 
         return branch
@@ -343,9 +361,7 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
                 spec, inputs = specs[s], jax.tree.leaves((trees, in_f, in_i, x, key, y if early else None))
                 vectors = dict(zip(res_dtypes, saved))
                 leaves = [
-                    inputs[where] if where >= 0
-                    else jnp.zeros(shape, dtype) if not math.prod(shape)
-                    else vectors[dtype][offset: offset + math.prod(shape)].reshape(shape)
+                    inputs[where] if where >= 0 else read_slot(vectors, shape, dtype, offset)
                     for shape, dtype, where, offset in zip(spec.shapes, spec.dtypes, spec.inputs, spec.offsets)
                 ]
                 g_trees, g_in = jax.tree.unflatten(spec.treedef, leaves)(cotangent)

@@ -38,6 +38,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from .lanes import pack_slot, read_slot, slot_offsets
+
 _CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr"}
 
 
@@ -171,38 +173,22 @@ def split_stage(fn: Callable, args: Sequence[Any], weight_outputs: int, carried:
 
     b = part("input_grad", list(jaxpr.invars), b_outs + crossing, b_eqns)
     w = part("weight_grad", list(jaxpr.invars) + fresh, [rename(v) for v in w_outs], w_eqns)
-    offsets, used = [], {}
-    for v in crossing:
-        dtype = jnp.dtype(v.aval.dtype)
-        offsets.append(used.get(dtype, 0))
-        used[dtype] = offsets[-1] + math.prod(v.aval.shape)
     shapes = tuple((tuple(v.aval.shape), jnp.dtype(v.aval.dtype)) for v in crossing)
-    return SplitStage(b, w, len(b_outs), shapes, from_input, tuple(offsets), closed)
+    offsets = slot_offsets([shape for shape, _ in shapes], [dtype for _, dtype in shapes], [True] * len(shapes))
+    return SplitStage(b, w, len(b_outs), shapes, from_input, offsets, closed)
 
 
 def run_b(split: SplitStage, flat_args: Sequence[Any], dtypes: Sequence[Any], sizes: Sequence[int]):
     """Runs B: ``(b_outputs, w_input)``, the W input as one ``[Q_d]`` vector per dtype."""
     outs = jcore.jaxpr_as_fun(split.b)(*flat_args)
     b_outs, cross = outs[: split.num_b_outputs], outs[split.num_b_outputs:]
-    parts = {d: [] for d in dtypes}
-    for value in cross:
-        if value.size:
-            parts[jnp.dtype(value.dtype)].append(value.reshape(-1))
-    vectors = tuple(
-        jnp.pad(jnp.concatenate(parts[d]) if parts[d] else jnp.zeros((0,), d), (0, n - sum(p.shape[0] for p in parts[d])))
-        for d, n in zip(dtypes, sizes)
-    )
-    return list(b_outs), vectors
+    return list(b_outs), pack_slot(cross, dtypes, sizes)
 
 
 def run_w(split: SplitStage, flat_args: Sequence[Any], dtypes: Sequence[Any], vectors: Sequence[Any]) -> list:
     """Runs W from the stage's inputs and its W input: the weight-gradient leaves."""
     by_dtype = dict(zip(dtypes, vectors))
-    cross = [
-        jnp.zeros(shape, dtype) if not math.prod(shape)
-        else by_dtype[dtype][offset: offset + math.prod(shape)].reshape(shape)
-        for (shape, dtype), offset in zip(split.crossing, split.offsets)
-    ]
+    cross = [read_slot(by_dtype, shape, dtype, offset) for (shape, dtype), offset in zip(split.crossing, split.offsets)]
     return list(jcore.jaxpr_as_fun(split.w)(*flat_args, *cross))
 
 
