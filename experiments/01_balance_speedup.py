@@ -40,8 +40,8 @@ CONFIGS = {
 }
 
 
-def _model(config: str):
-    """``(model_fn, loss_fn, batch)`` of a configuration."""
+def _model(config: str, m: int = M):
+    """``(model_fn, loss_fn, batch)`` of a configuration with ``m`` micro-batches (also read by experiment 08)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -49,10 +49,10 @@ def _model(config: str):
 
     rng = np.random.default_rng(0)
     if config in ("a", "c"):
-        width, rows = 2048, M * ROWS
+        width, rows = 2048, m * ROWS
         batch = tuple(rng.normal(size=(rows, width)).astype(np.float32) for _ in range(2))
         return models.mlp([width] * (4 if config == "a" else 5)), lambda o, t: jnp.mean((o - t) ** 2), batch
-    vocab, seq, dim, rows = 16384, 32, 256, M * 16
+    vocab, seq, dim, rows = 16384, 32, 256, m * 16
     tokens = rng.integers(0, vocab, size=(rows, seq + 1)).astype(np.int32)
     return models.transformer_lm(vocab, seq, dim, 4, 2), models.lm_loss, (tokens[:, :-1], tokens[:, 1:])
 

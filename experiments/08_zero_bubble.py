@@ -42,20 +42,14 @@ PLANS = {"1f1b": {"schedule": "1f1b"}, "balanced": {"schedule": "balanced"}, "zb
 
 
 def _model(config: str, m: int):
-    """``(model_fn, loss_fn, batch)`` of a configuration with ``m`` micro-batches (experiment 01's models)."""
-    import jax.numpy as jnp
-    import numpy as np
+    """``(model_fn, loss_fn, batch)``: experiment 01's configuration with ``m`` micro-batches."""
+    import importlib.util
 
-    from jaxpipe import models
-
-    rng = np.random.default_rng(0)
-    if config in ("a", "c"):
-        width, rows = 2048, m * ROWS
-        batch = tuple(rng.normal(size=(rows, width)).astype(np.float32) for _ in range(2))
-        return models.mlp([width] * (4 if config == "a" else 5)), lambda o, t: jnp.mean((o - t) ** 2), batch
-    vocab, seq, dim, rows = 16384, 32, 256, m * 16
-    tokens = rng.integers(0, vocab, size=(rows, seq + 1)).astype(np.int32)
-    return models.transformer_lm(vocab, seq, dim, 4, 2), models.lm_loss, (tokens[:, :-1], tokens[:, 1:])
+    spec = importlib.util.spec_from_file_location("balance_speedup", pathlib.Path(__file__).with_name(
+        "01_balance_speedup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._model(config, m)
 
 
 def worker(config: str, m: int) -> None:

@@ -13,7 +13,6 @@ Bubble formulas (derived in ``schedule.zb_h1``'s docstring and BUILD_NOTES,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 
 import jax
@@ -24,7 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models_for_tests import CASES, batches
-from reference import assert_trains_like_reference, reference_run
+from reference import assert_trains_like_reference
+from test_pipeline import OPTIMIZER, ROWS_PER_MICROBATCH, _reference
 
 import jaxpipe
 from jaxpipe.lanes import make_lanes
@@ -178,16 +178,6 @@ def test_b_then_w_computes_the_whole_backward():
         np.testing.assert_allclose(b_loss, loss, rtol=1e-6)
         for got, want in zip(w_leaves, jax.tree.leaves(g_trees), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-
-
-ROWS_PER_MICROBATCH = 2
-OPTIMIZER = optax.sgd(0.05, momentum=0.9)
-
-
-@functools.cache
-def _reference(case_name, rows):
-    case = CASES[case_name]
-    return reference_run(case.model_fn, batches(case, rows), case.loss_fn, OPTIMIZER)
 
 
 # A covering design within the test budget (each case compiles a pipeline):
