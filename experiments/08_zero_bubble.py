@@ -19,24 +19,29 @@ temporary memory of the compiled loss-and-gradient on each process
 target: at most 1.1x). Configurations: experiment 01's (a), (b), (c), each
 with M in {4, 8, 16}. Writes ``experiments/results/zero_bubble.{json,csv}``.
 
-Run on a quiet machine: ``python experiments/08_zero_bubble.py``.
+Run on a quiet machine: ``python experiments/08_zero_bubble.py`` (about an hour on 2 cores;
+``EXP08_CONFIGS=a EXP08_M=4 EXP08_REPEATS=1`` and ``EXP08_STEPS``/``EXP08_WARMUP`` select a part).
 """
 
 import csv
 import io
 import json
+import os
 import pathlib
 import statistics
 import sys
 
-ROWS, STEPS, WARMUP, REPEATS = 256, 10, 3, 3
-MICROBATCHES = (4, 8, 16)
+ROWS = 256
+STEPS = int(os.environ.get("EXP08_STEPS", 10))
+WARMUP = int(os.environ.get("EXP08_WARMUP", 3))
+REPEATS = int(os.environ.get("EXP08_REPEATS", 3))
+MICROBATCHES = tuple(int(m) for m in os.environ.get("EXP08_M", "4,8,16").split(","))
 RESULTS = pathlib.Path(__file__).parent / "results"
-CONFIGS = {
+CONFIGS = {key: title for key, title in {
     "a": "(a) 3 equal blocks, 2 devices",
     "b": "(b) LM with a heavy output layer",
     "c": "(c) 4 equal blocks (balanced already)",
-}
+}.items() if key in os.environ.get("EXP08_CONFIGS", "abc")}
 PLANS = {"1f1b": {"schedule": "1f1b"}, "balanced": {"schedule": "balanced"}, "zb_h1": {"schedule": "zb_h1"},
          "zb_h1 balanced": {"schedule": "zb_h1", "cut": "fractional"}}
 

@@ -31,6 +31,9 @@ from .partition import layer_flops
 from .stages import LayerSpec, apply_layer, split_layers, trace_boundaries
 
 
+PROFILE_FORMAT = 2  # 2: the first layer's backward is its parameter gradient only
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
     """Costs of one layer on one micro-batch.
@@ -40,7 +43,8 @@ class LayerCost:
       name: the layer's class name.
       forward_s: median wall seconds of the jitted forward.
       backward_s: median wall seconds of the jitted backward: the vjp with
-        respect to the parameters and the float inputs, given the forward's
+        respect to the parameters and the float inputs (the first layer: the
+        parameters only, as every executor runs it), given the forward's
         residuals (no recomputation of the forward).
       flops: XLA's estimate of forward + backward flops, or ``None``.
       param_bytes: bytes of the layer's parameters.
@@ -86,22 +90,31 @@ class Profile:
         """Writes the profile to ``path`` as JSON."""
         layers = [dataclasses.asdict(c) for c in self.layers]
         with open(path, "w") as f:
-            json.dump({"microbatch_rows": self.microbatch_rows, "device": self.device, "layers": layers}, f, indent=1)
+            json.dump({"format": PROFILE_FORMAT, "microbatch_rows": self.microbatch_rows, "device": self.device,
+                       "layers": layers}, f, indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
         """Reads a profile written by ``save``.
 
         Raises:
-          ValueError: if the file is not a saved profile.
+          ValueError: if the file is not a saved profile, or one of an older
+            format (measured differently: profile again).
         """
         with open(path) as f:
             try:
                 data = json.load(f)
                 layers = tuple(LayerCost(**c) for c in data["layers"])
-                return cls(layers, int(data["microbatch_rows"]), str(data["device"]))
+                profile = cls(layers, int(data["microbatch_rows"]), str(data["device"]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{os.fspath(path)} is not a saved jaxpipe Profile: {err}") from err
+        if data.get("format", 1) != PROFILE_FORMAT:
+            raise ValueError(
+                f"{os.fspath(path)} holds a profile of format {data.get('format', 1)}, this jaxpipe reads "
+                f"format {PROFILE_FORMAT} (since format 2 the first layer's backward is timed without the "
+                "input gradient); profile the model again"
+            )
+        return profile
 
     def __str__(self) -> str:
         head = f"{'layer':>5}  {'name':<16}{'fwd ms':>10}{'bwd ms':>10}{'GFLOP':>10}{'param MB':>10}{'act MB':>10}"
@@ -152,10 +165,11 @@ def _layer_key(spec: LayerSpec, params: Any, x: Any) -> tuple:
     return (spec.name, spec.shapes, dtypes, x, repr(spec.graphdef), str(rest))
 
 
-def _compile(spec: LayerSpec, x: Any) -> tuple[Callable, Callable, Callable]:
+def _compile(spec: LayerSpec, x: Any, input_grad: bool) -> tuple[Callable, Callable, Callable]:
     """Jitted ``forward(params, x) -> out``, ``residuals(params, floats, ints) ->
     (float outputs, vjp)`` (``floats``, ``ints``: the float and other leaves of
-    ``x``) and ``backward(vjp, cotangents) -> (d params, d floats)``."""
+    ``x``) and ``backward(vjp, cotangents) -> (d params, d floats)``, or ``d
+    params`` alone without ``input_grad``."""
     leaves, treedef = jax.tree.flatten(x)
     is_float = [_is_float(leaf) for leaf in leaves]
 
@@ -167,7 +181,9 @@ def _compile(spec: LayerSpec, x: Any) -> tuple[Callable, Callable, Callable]:
         def float_out(p, f):
             return [o for o in jax.tree.leaves(apply_layer(spec, p, merged(f, ints))) if _is_float(o)]
 
-        return jax.vjp(float_out, params, floats)
+        if input_grad:
+            return jax.vjp(float_out, params, floats)
+        return jax.vjp(lambda p: float_out(p, floats), params)
 
     forward = jax.jit(lambda p, x_: apply_layer(spec, p, x_))
     backward = jax.jit(lambda vjp, cotangents: vjp(cotangents))
@@ -210,7 +226,8 @@ def profile(
     realistic and integer inputs stay integers. Its forward ``(params, x) ->
     out`` and its backward (the vjp of its float outputs with respect to its
     parameters and float inputs, cotangent ones, given the forward's
-    residuals) are jitted and timed on the default device: ``warmup`` untimed
+    residuals; the first layer's with respect to its parameters only, since
+    no executor computes the model input's gradient) are jitted and timed on the default device: ``warmup`` untimed
     calls, then the median of ``repeats`` timed ones. Layers with the same
     class, code, parameter shapes, constant state and input shapes are
     measured once and share their costs.
@@ -271,10 +288,11 @@ def profile(
 
     measured: dict[tuple, tuple[Callable, float, float, float | None]] = {}
     costs = []
-    for spec, p, struct, pb, ab in zip(specs, params, structs, param_bytes, act_bytes):
-        key = _layer_key(spec, p, struct)
+    for index, (spec, p, struct, pb, ab) in enumerate(zip(specs, params, structs, param_bytes, act_bytes)):
+        input_grad = index > 0
+        key = (*_layer_key(spec, p, struct), input_grad)
         if key not in measured:
-            forward, residuals, backward = _compile(spec, struct)
+            forward, residuals, backward = _compile(spec, struct, input_grad)
             leaves = jax.tree.leaves(x)
             floats = [leaf for leaf in leaves if _is_float(leaf)]
             ints = [leaf for leaf in leaves if not _is_float(leaf)]
@@ -284,7 +302,7 @@ def profile(
                 forward,
                 _time(forward, (p, x), warmup, repeats),
                 _time(backward, (vjp, cotangents), warmup, repeats),
-                layer_flops(spec, p, struct),
+                layer_flops(spec, p, struct, input_grad),
             )
         # An identical layer's compiled forward serves: same code and constants.
         forward, fwd_s, bwd_s, flops = measured[key]

@@ -14,9 +14,11 @@ from models_for_tests import CASES
 from jaxpipe.partition import (
     check_partition,
     estimate_costs,
+    estimate_layer_costs,
     layer_flops,
     partition_layers,
 )
+from jaxpipe import models
 from jaxpipe.stages import split_layers, trace_boundaries
 
 
@@ -156,7 +158,7 @@ def test_wider_linear_costs_more():
     )
     assert costs.shape == (4,) and costs.dtype == np.float64
     assert costs[1] > 4 * costs[0] and costs[2] > 4 * costs[3]
-    assert costs[0] == costs[3]
+    assert costs[0] < costs[3]  # the same layer, but first: no input gradient
 
 
 @pytest.mark.parametrize("case_name", ["mlp", "lm", "conv", "dict"])
@@ -182,7 +184,7 @@ def test_estimate_costs_falls_back_to_parameter_counts(monkeypatch):
     import jaxpipe.partition as partition
 
     real = partition.layer_flops
-    monkeypatch.setattr(partition, "layer_flops", lambda s, p, x: None if s.size == 0 else real(s, p, x))
+    monkeypatch.setattr(partition, "layer_flops", lambda s, p, x, **kw: None if s.size == 0 else real(s, p, x, **kw))
     costs = _costs([nnx.Linear(4, 4, rngs=nnx.Rngs(0)), Identity()], jax.ShapeDtypeStruct((2, 4), jnp.float32))
     np.testing.assert_array_equal(costs, [4 * 4 + 4 + 1, 1])
 
@@ -194,3 +196,16 @@ def test_estimate_counts_the_forward_of_a_linear_layer():
     x = jax.ShapeDtypeStruct((32, 64), jnp.float32)
     flops = layer_flops(spec_params[0][0], spec_params[1][0], x)
     assert flops >= 3 * 2 * 32 * 64 * 64  # forward, input-gradient and weight-gradient matmuls
+
+
+def test_first_layer_backward_leaves_out_the_input_gradient():
+    """No executor computes the model input's gradient, so the first of identical dense layers is
+    estimated at its forward plus the weight gradient: about half the backward of a middle one
+    (dW = x^T g and dx = g W^T cost the same matmul flops)."""
+    layers = models.mlp([64] * 5)(nnx.Rngs(0))  # 4 layers; the last has no activation
+    specs, params, _ = split_layers(layers)
+    structs = trace_boundaries(specs, params, jax.ShapeDtypeStruct((32, 64), jnp.float32))
+    forward, backward = estimate_layer_costs(specs, params, structs[:-1])
+    np.testing.assert_allclose(forward[0], forward[1], rtol=1e-6)
+    np.testing.assert_allclose(backward[1], backward[2], rtol=1e-6)
+    assert 0.4 < backward[0] / backward[1] < 0.75, backward

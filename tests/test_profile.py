@@ -1,6 +1,7 @@
 """Per-layer cost profiling: measured times, bytes, flops, reuse and caching."""
 
 import dataclasses
+import json
 import importlib
 
 import jax
@@ -120,17 +121,24 @@ def test_save_load_round_trip(lm_run, tmp_path):
     edited = dataclasses.replace(result, layers=(dataclasses.replace(result.layers[0], flops=None),) + result.layers[1:])
     edited.save(path)
     assert Profile.load(path) == edited
+    older = json.loads(path.read_text())
+    del older["format"]  # a profile saved before format 2 timed the first layer's input gradient too
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="format 1, this jaxpipe reads format 2"):
+        Profile.load(tmp_path / "older.json")
     (tmp_path / "bad.json").write_text('{"layers": 3}')
     with pytest.raises(ValueError, match="not a saved jaxpipe Profile"):
         Profile.load(tmp_path / "bad.json")
 
 
 def test_cache_is_reused_and_refreshed(tmp_path, timed):
-    layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1))]
+    # Layers 1 and 2 are identical and measured once (a forward and a backward timing); layer 0
+    # has their shapes but is measured apart, its backward without the input gradient.
+    layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(3)]
     sample = np.ones((3, 4), np.float32)
     path = tmp_path / "costs.json"
     first = profile(layers, sample, 2, repeats=1, warmup=0, cache=path)
-    assert len(timed) == 2 and Profile.load(path) == first
+    assert len(timed) == 4 and Profile.load(path) == first
 
     timed.clear()
     assert profile(layers, sample, 2, repeats=1, warmup=0, cache=path) == first
@@ -138,7 +146,7 @@ def test_cache_is_reused_and_refreshed(tmp_path, timed):
 
     # Another micro-batch size does not match the cache: measured and saved anew.
     other = profile(layers, sample, 3, repeats=1, warmup=0, cache=path)
-    assert len(timed) == 2 and other.microbatch_rows == 3
+    assert len(timed) == 4 and other.microbatch_rows == 3
     assert Profile.load(path) == other
 
     # Other layers (a different width) do not match either.
