@@ -160,7 +160,8 @@ class PipelineConfig:
             return cls(**options)
         if not isinstance(config, PipelineConfig):
             raise TypeError(f"config must be a jaxpipe.PipelineConfig or None, got {type(config).__name__}")
-        if options and dataclasses.replace(config, **options) != config:
+        given = dataclasses.replace(config, **options)
+        if any(not _same(getattr(given, name), getattr(config, name)) for name in options):
             raise ValueError(
                 f"options {options} contradict config={config}; give each option once, in config or as a keyword"
             )
@@ -168,6 +169,14 @@ class PipelineConfig:
 
 
 FIELDS = tuple(field.name for field in dataclasses.fields(PipelineConfig))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two checked option values are equal (``False`` where ``==`` gives no truth value)."""
+    try:
+        return a is b or bool(a == b)
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_int(value: Any, name: str, minimum: int | None) -> None:

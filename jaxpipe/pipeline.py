@@ -21,9 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from . import distributed
 from .batches import place_batch
 from .build import (
-    batch_rows,
     build_step,
-    check_batch,
     check_optimizer,
     choose_stages,
     cost_model,
@@ -33,7 +31,7 @@ from .build import (
 )
 from .config import PipelineConfig
 from .evaluate import check_deterministic, forward_loss
-from .guards import check_batch_like, check_state_like
+from .guards import batch_rows, check_batch, check_batch_like, check_state_like
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .optimizer import OptState, local_init
 from .stages import cast_floats, merge_layers
@@ -82,7 +80,8 @@ class Pipeline:
         leaves): fixes the shapes the pipeline is compiled for.
       config: a ``PipelineConfig`` holding every build option (schedule,
         cut, virtual stages, costs, executor, remat, dtypes, seed...); then
-        ``num_microbatches`` may be ``None`` and no options are given.
+        ``num_microbatches`` may be ``None``, and options given beside it
+        must agree with it.
       devices: devices for the mesh; default ``jax.devices()``.
       **options: ``PipelineConfig`` fields as keywords (``schedule="1f1b"``,
         ``cut=``, ``partition=``, ``remat=``, ...), documented there.

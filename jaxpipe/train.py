@@ -23,8 +23,8 @@ from . import distributed
 from .batches import data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
 from .metrics import MetricsFile, Progress, StepMetrics
-from .build import check_rows
 from .config import PipelineConfig
+from .guards import check_rows
 from .pipeline import Pipeline, TrainState
 from .planner import Plan
 
