@@ -4,6 +4,7 @@ from . import distributed, ticks
 from .batches import DataShard, data_shard
 from .bridge import LinenLayer, linen
 from .checkpoint import CheckpointInfo, Checkpoints, CheckpointSaveError
+from .config import PipelineConfig
 from .load import load_layers
 from .mesh import make_mesh
 from .metrics import StepMetrics
@@ -42,6 +43,7 @@ __all__ = [
     "Plan",
     "Profile",
     "Pipeline",
+    "PipelineConfig",
     "Schedule",
     "ScheduleError",
     "SimResult",

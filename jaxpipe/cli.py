@@ -123,7 +123,7 @@ def _subparser(commands, name: str, summary: str, description: str) -> argparse.
                      help="MODULE:FUNCTION, a model_fn taking nnx.Rngs and returning the list of layers")
     sub.add_argument("--mesh", type=_mesh, metavar="D,P", default=(1, 1),
                      help="DATA,PIPE: data replicas x pipe devices (default 1,1)")
-    sub.add_argument("--microbatches", type=_positive, metavar="M", default=1,
+    sub.add_argument("--microbatches", dest="num_microbatches", type=_positive, metavar="M", default=1,
                      help="M, micro-batches per data replica (default 1)")
     sub.add_argument("--virtual-stages", type=_positive, metavar="V", default=1,
                      help="V, chunks per device for interleaved (default 1)")
@@ -260,6 +260,16 @@ def _check_devices(args) -> None:
         )
 
 
+def _config(args) -> Any:
+    """The ``PipelineConfig`` of the options: those named like its fields, and ``--max-memory-mib``."""
+    from .config import FIELDS, PipelineConfig
+
+    options = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    if getattr(args, "max_memory_mib", None) is not None:
+        options["max_memory_per_device"] = args.max_memory_mib * 2**20
+    return PipelineConfig(**options)
+
+
 def _plan(args) -> Any:
     import numpy as np
 
@@ -267,11 +277,7 @@ def _plan(args) -> Any:
 
     _check_devices(args)
     inputs = np.zeros(args.input_shape, args.input_dtype)
-    return plan(
-        _load(args.model), args.mesh, inputs, num_microbatches=args.microbatches,
-        schedule=args.schedule, virtual_stages=args.virtual_stages, cut=args.cut,
-        max_memory_per_device=None if args.max_memory_mib is None else args.max_memory_mib * 2**20,
-    )
+    return plan(_load(args.model), args.mesh, inputs, config=_config(args))
 
 
 def _run_plan(args) -> int:
@@ -355,14 +361,13 @@ def _run_train(args) -> int:
 
     model_fn, loss_fn = _load(args.model), _load(args.loss)
     _check_devices(args)
-    rows = args.batch_size or 8 * args.mesh[0] * args.microbatches
+    rows = args.batch_size or 8 * args.mesh[0] * args.num_microbatches
     source = _data_source(args, model_fn, rows)
     kwargs = _train_kwargs(args, source)
     start = time.perf_counter()
     result = train(
         model_fn, args.mesh, data=source(args.seed), loss_fn=loss_fn, optimizer=_optimizer(args),
-        steps=args.steps, num_microbatches=args.microbatches, schedule=args.schedule,
-        virtual_stages=args.virtual_stages, cut=args.cut, seed=args.seed, **kwargs,
+        steps=args.steps, config=_config(args), **kwargs,
     )
     elapsed = time.perf_counter() - start
     if not args.quiet:

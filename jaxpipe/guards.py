@@ -1,6 +1,8 @@
-"""Guards on what callers pass to a built ``Pipeline``: batches and states.
+"""Guards on what callers pass to a ``Pipeline``: batches, states, the loss.
 
-A batch must have the example batch's structure and, leaf by leaf, its
+A batch must be a pair ``(inputs, targets)`` whose leaves share their rows,
+a multiple of ``D * M`` (``check_batch``, ``batch_rows``); after the build it
+must have the example batch's structure and, leaf by leaf, its
 per-row shape and dtype (a shorter sequence would otherwise be zero-padded
 on the wire); a state must be this pipeline's and not donated to an earlier
 step (reusing a donated buffer crashes the process). Each check names the
@@ -9,9 +11,11 @@ leaf, what it is and what it should be.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -100,3 +104,68 @@ def _deleted(leaf: Any) -> bool:
 
 def _dtype(leaf: Any) -> np.dtype:
     return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
+def check_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch, or a TypeError."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            "each batch must be a pair (inputs, targets) of arrays or pytrees of "
+            f"arrays, got {type(batch).__name__}"
+        )
+    return batch[0], batch[1]
+
+
+def check_rows(tree: Any, what: str) -> int:
+    """The common leading dimension (rows) of a batch pytree, or a ValueError."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"{what} is empty; give an array or a pytree of arrays")
+    rows = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(rows) != 1 or None in rows:
+        shapes = jax.tree.map(np.shape, tree)
+        raise ValueError(
+            f"every array in {what} must have the same leading dimension (rows), "
+            f"got shapes {shapes}"
+        )
+    return rows.pop()
+
+
+def batch_rows(inputs: Any, targets: Any, num_replicas: int, num_microbatches: int) -> int:
+    """R, the rows of a batch, checked to agree between inputs and targets and to divide into ``D * M``."""
+    rows = check_rows(inputs, "inputs")
+    if check_rows(targets, "targets") != rows:
+        raise ValueError(
+            f"inputs have {rows} rows but targets have {check_rows(targets, 'targets')}; "
+            "they must match"
+        )
+    per_step = num_replicas * num_microbatches
+    if rows == 0:
+        raise ValueError(
+            f"the global batch has 0 rows; give at least data={num_replicas} x num_microbatches="
+            f"{num_microbatches} = {per_step} rows (one per micro-batch), a multiple of {per_step}"
+        )
+    if rows % per_step:
+        raise ValueError(
+            f"the global batch has {rows} rows, which does not divide into "
+            f"data={num_replicas} replicas x num_microbatches="
+            f"{num_microbatches}; use a batch of a multiple of {per_step} rows"
+        )
+    return rows
+
+
+def check_loss(loss_fn: Callable, outputs: Any, targets: Any) -> None:
+    """Raises a ValueError unless ``loss_fn`` maps one micro-batch's outputs and targets to a float scalar."""
+    try:
+        out = jax.eval_shape(loss_fn, outputs, targets)
+    except Exception as err:  # the loss's own error, re-raised with context
+        shapes = [jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", t) for t in (outputs, targets)]
+        raise ValueError(
+            f"loss_fn fails on one micro-batch's model outputs {shapes[0]} and "
+            f"targets {shapes[1]}: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            "loss_fn must return a float scalar (the mean loss over one "
+            f"micro-batch), got {jax.tree.map(lambda a: f'{a.dtype}{list(a.shape)}', out)}"
+        )

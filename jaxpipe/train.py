@@ -23,7 +23,9 @@ from . import distributed
 from .batches import data_shard
 from .checkpoint import CheckpointInfo, Checkpoints
 from .metrics import MetricsFile, Progress, StepMetrics
-from .pipeline import Pipeline, TrainState, check_rows
+from .config import PipelineConfig
+from .guards import check_rows
+from .pipeline import Pipeline, TrainState
 from .planner import Plan
 
 
@@ -90,19 +92,7 @@ def train(
     loss_fn: Callable[[Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
     steps: int,
-    num_microbatches: int = 1,
-    schedule: str = "gpipe",
-    virtual_stages: int = 1,
-    cut: str = "integer",
-    seed: int = 0,
-    partition: Sequence[int] | None = None,
-    costs: Sequence[float] | None = None,
-    unsplittable: Sequence[int] = (),
-    max_memory_per_device: float | None = None,
-    executor: str = "table",
-    remat: bool | None = None,
-    param_dtype: Any = None,
-    compute_dtype: Any = None,
+    config: PipelineConfig | None = None,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -114,6 +104,7 @@ def train(
     eval_every: int | None = None,
     eval_steps: int | None = None,
     callbacks: Sequence[Callable[[StepMetrics], Any]] = (),
+    **options: Any,
 ) -> TrainResult:
     """Trains ``model_fn``'s layers with pipeline and data parallelism.
 
@@ -144,31 +135,8 @@ def train(
       loss_fn: ``(outputs, targets) -> []``, mean loss over one micro-batch.
       optimizer: an optax transformation (see ``Pipeline`` for which are exact).
       steps: total optimizer steps, counting those of a resumed checkpoint.
-      num_microbatches: M, micro-batches per data replica.
-      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb_h1"``
-        (zero-bubble 1F1B: each backward split into B and W),
-        ``"balanced"`` (fractional cuts, 1F1B order) or ``"auto"`` (the
-        planner picks). ``cut="fractional"`` with ``"zb_h1"`` is balanced +
-        zero bubble.
-      virtual_stages: V, chunks per pipe device for ``"interleaved"``.
-      cut: ``"integer"`` (whole layers per stage) or ``"fractional"`` (equal
-        loads, layers split by rows); ``"balanced"`` implies fractional.
-      seed: seed for ``model_fn``'s ``nnx.Rngs`` (unused when resuming).
-      partition: ``[V * P]`` layers per stage (default: balanced by XLA's
-        flop estimate).
-      costs: ``[L]`` per-layer costs for the partitioner (default: XLA's
-        forward+backward flop estimate), e.g. ``profile(...).total()``.
-      unsplittable: layer indices ``schedule="balanced"`` must not split by
-        rows (layers found to mix rows are added automatically).
-      max_memory_per_device: bytes; ``schedule="auto"`` only picks plans
-        predicted to fit.
-      executor: ``"table"`` or ``"autodiff"`` (GPipe only; see ``Pipeline``).
-      remat: rematerialise each stage in the backward (see ``Pipeline``).
-      param_dtype: dtype of the master parameters and optimizer state;
-        default the layers' own.
-      compute_dtype: dtype the layers compute in, e.g. ``jnp.bfloat16``
-        (mixed precision; the loss is computed in float32); default ``None``,
-        no casts. See ``Pipeline``.
+      config: the ``PipelineConfig`` (micro-batches, schedule, cut, costs,
+        executor, remat, dtypes, seed...; the seed is unused when resuming).
       progress: show a progress bar with step, loss, step time and
         examples/s; ``False`` prints nothing.
       devices: devices for the mesh; default ``jax.devices()``.
@@ -196,6 +164,8 @@ def train(
       callbacks: functions called after every step with its ``StepMetrics``;
         one returning ``True`` stops training after that step (a checkpoint
         is saved first when ``checkpoint_dir`` is set).
+      **options: ``PipelineConfig`` fields as keywords instead of ``config``
+        (``num_microbatches=4, schedule="1f1b"``, ...).
 
     Returns:
       A ``TrainResult``.
@@ -215,6 +185,7 @@ def train(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not isinstance(data_per_process, bool):
         raise TypeError(f"data_per_process must be True or False, got {data_per_process!r}")
+    config = PipelineConfig.from_options(config, **options)
     distributed.auto_initialize()
     _check_options(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=log_every,
@@ -226,75 +197,134 @@ def train(
     store = Checkpoints(checkpoint_dir, keep_checkpoints) if checkpoint_dir is not None else None
     if store is not None:
         store.check_writable()
+    pipe, state, batches, resumed = _resume(
+        model_fn, mesh_shape, loss_fn, optimizer, config, devices, data, data_per_process, steps, store
+    )
+    start = resumed.step if resumed is not None else 0
+    if start >= steps:
+        return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
+    evals = _read_eval(pipe, eval_batches, eval_steps, isinstance(eval_data, Sized), data_per_process)
+    if metrics_path is None and checkpoint_dir is not None:
+        metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
+    report = _Report(
+        pipe, store, evals, callbacks, steps, start, resumed, metrics_path=metrics_path, progress=progress,
+        log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
+    )
+    try:
+        state, losses, stopped = _step_loop(pipe, state, batches, start, steps, data_per_process, report)
+    finally:
+        report.close()
+    return TrainResult(
+        losses, pipe.layers(state.params), state, pipe, start, stopped, tuple(report.eval_losses), report.saved
+    )
+
+
+class _Resumed(NamedTuple):
+    """Where training starts: the pipeline, its state, the batches from there on, the checkpoint resumed."""
+
+    pipe: Pipeline
+    state: TrainState
+    batches: Iterator  # the batches from the resumed step on
+    resumed: CheckpointInfo | None
+
+
+def _resume(model_fn, mesh_shape, loss_fn, optimizer, config, devices, data, per_process, steps, store) -> _Resumed:
+    """Builds the pipeline and restores the newest readable checkpoint in ``store``, or inits a fresh state.
+
+    The data is opened at the checkpoint's data position; its first batch
+    (or, resuming at the end, data position 0's) fixes the pipeline's shapes.
+    """
     latest = store.latest_readable() if store is not None else None
     resumed = store.info(latest) if latest is not None else None
     position = resumed.data_position if resumed is not None else 0
     batches, example = _open_data(data, position, steps)
-    if data_per_process:
+    if per_process:
         example = _global_example(example, data_shard(mesh_shape, devices).count)
     pipe = Pipeline(
-        model_fn, mesh_shape, loss_fn, optimizer, num_microbatches, example,
-        schedule=schedule, virtual_stages=virtual_stages, cut=cut, partition=partition, costs=costs,
-        unsplittable=unsplittable, max_memory_per_device=max_memory_per_device, executor=executor,
-        remat=remat, param_dtype=param_dtype, compute_dtype=compute_dtype, seed=seed, devices=devices,
+        model_fn, mesh_shape, loss_fn, optimizer, config.num_microbatches, example, config=config, devices=devices
     )
     if resumed is not None:
         state, resumed = store.restore(pipe, latest)
     else:
         state = pipe.init()
-    start = resumed.step if resumed is not None else 0
-    if start >= steps:
-        return TrainResult([], pipe.layers(state.params), state, pipe, start, None, (), resumed)
-    evals = _read_eval(pipe, eval_batches, eval_steps, isinstance(eval_data, Sized), data_per_process)
-    main = jax.process_index() == 0
-    if metrics_path is None and checkpoint_dir is not None:
-        metrics_path = os.path.join(checkpoint_dir, "metrics.jsonl")
-    log = MetricsFile(metrics_path, start) if metrics_path is not None and main else None
-    bar = Progress(steps, start, progress and main)
-    rows = jax.tree.leaves(example)[0].shape[0]
-    losses, eval_losses, saved, stopped = [], [], resumed, None
-    try:
-        with _SigtermFlag() as sigterm:
-            for step in range(start + 1, steps + 1):
-                batch = _next_batch(batches, step - 1, steps)
-                if data_per_process:
-                    batch = pipe.shard_batch(batch, per_process=True)
-                began = time.perf_counter()
-                state, loss, grad_norm = pipe.train_step_stats(state, batch)
-                loss, grad_norm = float(loss), float(grad_norm)
-                elapsed = time.perf_counter() - began
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise _non_finite(pipe, state, batch, step, loss, grad_norm, saved)
-                losses.append(loss)
-                eval_loss = None
-                if evals and (step == steps or (eval_every and step % eval_every == 0)):
-                    eval_loss = _evaluate(pipe, state, evals)
-                    eval_losses.append((step, eval_loss))
-                metrics = StepMetrics(step, loss, elapsed, rows / elapsed, grad_norm, eval_loss)
-                stop = [callback(metrics) is True for callback in callbacks]
-                stopped = _agree(sigterm.raised, any(stop))
-                if log is not None and (step % log_every == 0 or step == steps or eval_loss is not None or stopped):
-                    log.write(metrics)
-                bar.update(metrics, show=step % log_every == 0 or step == steps or step == start + 1)
-                if store is not None and (
-                    step == steps or stopped or (checkpoint_every and step % checkpoint_every == 0)
-                ):
-                    saved = store.save(pipe, state, data_position=step)
-                if stopped:
-                    bar.write(f"stopped after step {step} ({stopped})" + (
-                        f"; checkpoint in {saved.path}" if store is not None else ""))
-                    break
-            if sigterm.raised and stopped is None:
-                stopped = "sigterm"  # arrived during the last step's save: training is complete
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        if store is not None:
-            store.close()
-    return TrainResult(
-        losses, pipe.layers(state.params), state, pipe, start, stopped, tuple(eval_losses), saved
-    )
+    return _Resumed(pipe, state, batches, resumed)
+
+
+def _step_loop(pipe: Pipeline, state: TrainState, batches: Iterator, start: int, steps: int, per_process: bool,
+               report: _Report) -> tuple[TrainState, list[float], str | None]:
+    """Steps ``start + 1 .. steps``: ``(final state, losses, why it stopped early or None)``.
+
+    Raises:
+      NonFiniteError: at the first step whose loss or gradient is not finite.
+    """
+    losses, stopped = [], None
+    with _SigtermFlag() as sigterm:
+        for step in range(start + 1, steps + 1):
+            batch = _next_batch(batches, step - 1, steps)
+            if per_process:
+                batch = pipe.shard_batch(batch, per_process=True)
+            began = time.perf_counter()
+            state, loss, grad_norm = pipe.train_step_stats(state, batch)
+            loss, grad_norm = float(loss), float(grad_norm)
+            elapsed = time.perf_counter() - began
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise _non_finite(pipe, state, batch, step, loss, grad_norm, report.saved)
+            losses.append(loss)
+            stopped = report.after_step(state, step, loss, grad_norm, elapsed, sigterm.raised)
+            if stopped:
+                break
+        if sigterm.raised and stopped is None:
+            stopped = "sigterm"  # arrived during the last step's save: training is complete
+    return state, losses, stopped
+
+
+class _Report:
+    """After each step: evaluation, metrics (file, bar, callbacks), the stop decision and checkpoint saves.
+
+    Attributes:
+      saved: the newest checkpoint saved (or resumed), or ``None``.
+      eval_losses: ``(step, eval loss)`` pairs so far.
+    """
+
+    def __init__(self, pipe: Pipeline, store: Checkpoints | None, evals: list, callbacks: Sequence[Callable],
+                 steps: int, start: int, saved: CheckpointInfo | None, *, metrics_path, progress: bool,
+                 log_every: int, eval_every: int | None, checkpoint_every: int | None):
+        main = jax.process_index() == 0
+        self.pipe, self.store, self.evals, self.callbacks = pipe, store, evals, callbacks
+        self.steps, self.start, self.saved, self.eval_losses = steps, start, saved, []
+        self.log_every, self.eval_every, self.checkpoint_every = log_every, eval_every, checkpoint_every
+        self.log = MetricsFile(metrics_path, start) if metrics_path is not None and main else None
+        self.bar = Progress(steps, start, progress and main)
+        self.rows = pipe.num_replicas * pipe.num_microbatches * pipe.microbatch_rows  # R, the global batch's rows
+
+    def after_step(self, state: TrainState, step: int, loss: float, grad_norm: float, elapsed: float,
+                   sigterm: bool) -> str | None:
+        """Reports ``step``; returns why to stop after it (``"sigterm"``, ``"callback"``) or ``None``."""
+        last = step == self.steps
+        eval_loss = None
+        if self.evals and (last or (self.eval_every and step % self.eval_every == 0)):
+            eval_loss = _evaluate(self.pipe, state, self.evals)
+            self.eval_losses.append((step, eval_loss))
+        metrics = StepMetrics(step, loss, elapsed, self.rows / elapsed, grad_norm, eval_loss)
+        stop = [callback(metrics) is True for callback in self.callbacks]
+        stopped = _agree(sigterm, any(stop))
+        if self.log is not None and (step % self.log_every == 0 or last or eval_loss is not None or stopped):
+            self.log.write(metrics)
+        self.bar.update(metrics, show=step % self.log_every == 0 or last or step == self.start + 1)
+        due = last or stopped or (self.checkpoint_every and step % self.checkpoint_every == 0)
+        if self.store is not None and due:
+            self.saved = self.store.save(self.pipe, state, data_position=step)
+        if stopped:
+            self.bar.write(f"stopped after step {step} ({stopped})" + (
+                f"; checkpoint in {self.saved.path}" if self.store is not None else ""))
+        return stopped
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def _check_options(*, checkpoint_dir, checkpoint_every, log_every, metrics_path, eval_data, eval_every,
@@ -432,7 +462,8 @@ def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteEr
         f"non-finite {what} in layers " + ", ".join(f"{i} ({names[i]})" for i in layers)
         for what, layers in (("parameters", bad_params), ("gradients", bad_grads)) if layers
     ) or "no single layer's gradient is non-finite (the norm overflowed)"
-    kept = f"the last checkpoint (step {saved.step}, {saved.path}) is untouched" if saved else "no checkpoint was written"
+    kept = (f"the last checkpoint (step {saved.step}, {saved.path}) is untouched" if saved
+            else "no checkpoint was written")
     message = (
         f"step {step}: the loss is {loss} and the gradient's global norm is {grad_norm}; {where}. "
         f"The update was not applied and {kept}. Check this step's batch, the learning rate and the loss."
@@ -505,8 +536,8 @@ def plan(
     mesh_shape: Sequence[int],
     example_inputs: Any,
     *,
-    num_microbatches: int,
-    schedule: str = "auto",
+    config: PipelineConfig | None = None,
+    devices: Sequence[jax.Device] | None = None,
     **options: Any,
 ) -> Plan:
     """The plan jaxpipe would run for a model, without compiling or training.
@@ -515,10 +546,11 @@ def plan(
       model_fn: ``(nnx.Rngs) -> list[nnx.Module]``.
       mesh_shape: ``(D, P)``.
       example_inputs: one global batch of model inputs, ``[R, ...]`` leaves.
-      num_microbatches: M.
-      schedule: as for ``Pipeline`` (default ``"auto"``: the planner picks).
-      **options: other ``Pipeline`` keyword options (``costs``,
-        ``virtual_stages``, ``max_memory_per_device``, ``unsplittable``...).
+      config: the ``PipelineConfig`` to plan.
+      devices: devices for the mesh; default ``jax.devices()``.
+      **options: ``PipelineConfig`` fields as keywords instead of ``config``
+        (``num_microbatches``, ``costs``, ``max_memory_per_device``...);
+        ``schedule`` defaults to ``"auto"`` here: the planner picks.
 
     Returns:
       The ``Plan``; ``print`` it for per-device layers, loads, memory,
@@ -526,9 +558,12 @@ def plan(
     """
     rows = check_rows(example_inputs, "example_inputs")
     targets = np.zeros((rows,), np.float32)
+    if config is None:
+        options.setdefault("schedule", "auto")
+    config = PipelineConfig.from_options(config, **options)
     pipe = Pipeline(
-        model_fn, mesh_shape, _plan_only_loss, optax.identity(), num_microbatches,
-        (example_inputs, targets), schedule=schedule, **options,
+        model_fn, mesh_shape, _plan_only_loss, optax.identity(), config.num_microbatches,
+        (example_inputs, targets), config=config, devices=devices,
     )
     return pipe.plan
 
