@@ -92,7 +92,8 @@ from jaxpipe.partition import fractional_partition  # noqa: E402
 from jaxpipe.planner import make_plan, predict  # noqa: E402
 from jaxpipe.schedule import make_schedule  # noqa: E402
 from jaxpipe.simulate import Costs, simulate  # noqa: E402
-from jaxpipe.stages import residual_bytes, split_layers, trace_boundaries  # noqa: E402
+from jaxpipe.layers import split_layers  # noqa: E402
+from jaxpipe.tracing import residual_bytes, trace_boundaries  # noqa: E402
 from jaxpipe.ticks import pack, tick_time  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -23,7 +23,7 @@ from .executor import index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan
 from .rng import microbatch_key, step_key, uses_rng
-from .stages import apply_layer, cast_floats, loss_precision
+from .layers import apply_layer, cast_floats, loss_precision
 
 
 def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, compute_dtype) -> Callable:

@@ -28,7 +28,7 @@ from .lanes import partial_loss, send, stage_apply, stage_trees, takes_loss_earl
 from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan
 from .rng import draws
-from .stages import cast_floats, loss_precision
+from .layers import cast_floats, loss_precision
 
 
 def check_deterministic(plan: StagePlan, params: Sequence[Any], structs: Sequence[Any]) -> None:

@@ -49,7 +49,7 @@ from .mesh import DATA_AXIS, PIPE_AXIS
 from .placement import StagePlan, merge_copies_local
 from .rng import microbatch_key, step_key, uses_rng
 from .split_backward import make_split_lanes, run_weight
-from .stages import cast_floats
+from .layers import cast_floats
 from .ticks import TickBuffers, Ticks
 
 

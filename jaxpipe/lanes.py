@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .placement import StagePlan
-from .stages import apply_layer, cast_floats, loss_precision, vjp_residuals
+from .layers import apply_layer, cast_floats, loss_precision
+from .tracing import vjp_residuals
 
 
 def _rows(tree: Any, start: int, stop: int | None = None) -> Any:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .row_mixing import mixes_rows  # noqa: F401 - re-exported: the check lives with its probe
-from .stages import LayerSpec, apply_layer
+from .layers import LayerSpec, apply_layer
 
 
 def check_partition(

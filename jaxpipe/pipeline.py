@@ -39,17 +39,8 @@ from .rng import draws
 from .planner import describe_plan, make_plan
 from .row_mixing import mixing_layers
 from .schedule import SCHEDULE_NAMES, make_schedule
-from .stages import (
-    cast_floats,
-    check_float_dtype,
-    largest_activation_bytes,
-    loss_precision,
-    merge_layers,
-    model_graph,
-    residual_bytes,
-    split_layers,
-    trace_boundaries,
-)
+from .layers import cast_floats, check_float_dtype, loss_precision, merge_layers, model_graph, split_layers
+from .tracing import largest_activation_bytes, residual_bytes, trace_boundaries
 from .ticks import pack, tick_buffers
 
 SCHEDULES = SCHEDULE_NAMES + ("balanced", "auto")

@@ -31,13 +31,9 @@ from jax.sharding import PartitionSpec
 from .mesh import PIPE_AXIS
 from .partition import Piece
 from .stacks import Item, StackLayout
-from .stages import (
-    Boundary,
-    Carrier,
-    LayerSpec,
-    check_rows_follow,
-    trace_at_rows,
-)
+from .layers import LayerSpec
+from .tracing import check_rows_follow, trace_at_rows
+from .wire import Boundary, Carrier
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from .partition import layer_flops
-from .stages import LayerSpec, apply_layer, split_layers, trace_boundaries
+from .layers import LayerSpec, apply_layer, split_layers
+from .tracing import trace_boundaries
 
 
 @dataclasses.dataclass(frozen=True)

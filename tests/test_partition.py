@@ -17,7 +17,8 @@ from jaxpipe.partition import (
     layer_flops,
     partition_layers,
 )
-from jaxpipe.stages import split_layers, trace_boundaries
+from jaxpipe.layers import split_layers
+from jaxpipe.tracing import trace_boundaries
 
 
 def _max_load(costs, counts):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from jaxpipe.partition import mixes_rows
 from jaxpipe.row_mixing import probe_input
-from jaxpipe.stages import split_layers
+from jaxpipe.layers import split_layers
 
 
 class Fn(nnx.Module):

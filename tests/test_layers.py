@@ -1,4 +1,4 @@
-"""Pure pieces of ``jaxpipe.stages``: layer splitting, parameter packing, the wire format."""
+"""Pure pieces of ``layers.py``, ``wire.py`` and ``tracing.py``: layer splitting, ties, the wire format."""
 
 import jax
 import jax.numpy as jnp
@@ -8,17 +8,9 @@ from flax import nnx
 from models_for_tests import CASES
 
 from jaxpipe.stacks import Item, StackLayout
-from jaxpipe.stages import (
-    Boundary,
-    Carrier,
-    apply_layer,
-    check_rows_follow,
-    merge_layers,
-    model_graph,
-    split_layers,
-    trace_at_rows,
-    trace_boundaries,
-)
+from jaxpipe.layers import apply_layer, merge_layers, model_graph, split_layers
+from jaxpipe.tracing import check_rows_follow, trace_at_rows, trace_boundaries
+from jaxpipe.wire import Boundary, Carrier
 
 
 class Affine(nnx.Module):
