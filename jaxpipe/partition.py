@@ -1,22 +1,18 @@
-"""Cutting the layer list into contiguous runs, one per pipe device.
+"""The cut: the layer line divided into stages, whole layers or rows of a layer.
 
-The partitioner is pure Python over a cost vector (``docs/design.md``,
-"Pure planning"); the cost estimate comes from XLA's cost analysis of each
-layer's forward and backward pass on one micro-batch.
+Pure Python over a cost vector (``docs/design.md``, "Pure planning" and
+"Fractional (row-split) cuts"): exact integer cuts (``partition_layers``),
+fractional cuts by rows (``fractional_partition``), both as ``Piece`` tuples
+per stage. The costs come from ``costs.py``; which layers may be split by
+rows from ``row_mixing.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from .row_mixing import mixes_rows  # noqa: F401 - re-exported: the check lives with its probe
-from .layers import LayerSpec, apply_layer
 
 
 def check_partition(
@@ -111,73 +107,6 @@ def partition_layers(costs: Sequence[float], num_devices: int) -> tuple[int, ...
         counts.append(j - i)
         j = i
     return tuple(reversed(counts))
-
-
-def layer_flops(spec: LayerSpec, params: Any, x: Any) -> float | None:
-    """XLA's flop estimate of one layer's forward + backward on one micro-batch.
-
-    Args:
-      spec: the layer.
-      params: its parameter tree (arrays or shape structs).
-      x: its input for one micro-batch (arrays or shape structs).
-
-    Returns:
-      The flop count, or ``None`` where XLA gives no estimate.
-    """
-    leaves, treedef = jax.tree.flatten(x)
-    is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
-    # Integer inputs (token ids) get no gradient: they are zeros held constant.
-    consts = [None if f else jnp.zeros(leaf.shape, leaf.dtype) for leaf, f in zip(leaves, is_float)]
-    floats = [leaf for leaf, f in zip(leaves, is_float) if f]
-
-    def scalar(p, float_leaves):
-        it = iter(float_leaves)
-        merged = [next(it) if c is None else c for c in consts]
-        out = apply_layer(spec, p, jax.tree.unflatten(treedef, merged))
-        return sum(
-            jnp.sum(o.astype(jnp.float32))
-            for o in jax.tree.leaves(out)
-            if jnp.issubdtype(o.dtype, jnp.floating)
-        )
-
-    try:
-        # value_and_grad, not grad: a linear layer's backward does not need its
-        # output, so under grad alone XLA drops the forward matmul from the
-        # count (a Linear without activation came out at 2/3 of one with).
-        lowered = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1))).lower(params, floats)
-        analysis = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - any failure means "no estimate"
-        return None
-    if isinstance(analysis, Sequence):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
-
-
-def estimate_costs(specs: Sequence[LayerSpec], params: Sequence[Any], inputs: Sequence[Any]) -> np.ndarray:
-    """Per-layer cost for partitioning: XLA flops, else parameter count.
-
-    If XLA gives no estimate for some layer, every layer falls back to its
-    parameter count (plus one), so costs stay comparable.
-
-    Args:
-      specs: the layer specs.
-      params: per-layer parameter trees.
-      inputs: per-layer input shape structs for one micro-batch.
-
-    Returns:
-      ``[L]`` float64 costs.
-    """
-    cache: dict[Any, float | None] = {}
-    flops = []
-    for spec, p, x in zip(specs, params, inputs):
-        key = (spec.name, spec.shapes, str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), x)), repr(spec.graphdef))
-        if key not in cache:
-            cache[key] = layer_flops(spec, p, x)
-        flops.append(cache[key])
-    if all(f is not None for f in flops):
-        return np.asarray(flops, dtype=np.float64)
-    return np.asarray([spec.size + 1 for spec in specs], dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,31 +230,6 @@ def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows:
     return np.asarray(
         [sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages]
     )
-
-
-def check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
-    """``[L]`` finite non-negative costs as float64, or a ValueError naming them."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if costs.shape != (num_layers,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
-        raise ValueError(
-            f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
-        )
-    return costs
-
-
-def layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per-layer ``(forward [L], backward [L], unit)`` for the partitioner and planner.
-
-    ``costs`` may be a ``Profile`` (measured forward and backward seconds), a
-    sequence of ``L`` forward+backward costs, or ``None`` for XLA's flop
-    estimate. Totals are split one third forward, two thirds backward.
-    """
-    if hasattr(costs, "forward") and hasattr(costs, "backward"):
-        forward = check_costs(costs.forward(), len(specs))
-        return forward, check_costs(costs.backward(), len(specs)), "s"
-    unit = "flop" if costs is None else "cost"
-    total = estimate_costs(specs, params, structs[:-1]) if costs is None else check_costs(costs, len(specs))
-    return total / 3, 2 * total / 3, unit
 
 
 def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import distributed
 from .autodiff import autodiff_gpipe_loss
+from .costs import layer_costs
 from .batches import place_batch
 from .evaluate import check_deterministic, forward_loss
 from .executor import scheduled_loss_and_grad
@@ -29,7 +30,6 @@ from .partition import (
     check_layer_ids,
     check_partition,
     fractional_partition,
-    layer_costs,
     partition_layers,
     pieces_from_counts,
 )

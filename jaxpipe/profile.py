@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .partition import layer_flops
+from .costs import layer_flops
 from .layers import LayerSpec, apply_layer, split_layers
 from .tracing import trace_boundaries
 
