@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from .schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, assign_buffers
+from .schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, peak_in_flight
 
 
 def _cost_array(value, field: str) -> np.ndarray:
@@ -117,8 +117,8 @@ class SimResult:
       makespan: time at which the last action ends.
       busy: ``[P]`` total compute time of each device.
       bubble_fraction: ``1 - sum(busy) / (P * makespan)``.
-      peak_stash: ``[P]`` peak micro-batch-stages in flight per device (the
-        schedule's ``peak_in_flight``).
+      peak_in_flight: ``[P]`` the most (micro-batch, stage) pairs in flight
+        per device (``schedule.peak_in_flight``).
       lockstep_makespan: time of a lock-step run, see :func:`lockstep_time`.
     """
 
@@ -129,7 +129,7 @@ class SimResult:
     makespan: float
     busy: np.ndarray
     bubble_fraction: float
-    peak_stash: np.ndarray
+    peak_in_flight: np.ndarray
     lockstep_makespan: float
 
 
@@ -193,7 +193,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
       TypeError: if ``schedule`` is not a Schedule or ``costs`` not Costs.
     """
     _check_types(schedule, costs)
-    buffers = assign_buffers(schedule)
+    in_flight = peak_in_flight(schedule)
     P, S = schedule.num_devices, schedule.num_stages
     duration = _action_costs(schedule, costs)
     start = np.full(schedule.op.shape, np.nan)
@@ -225,5 +225,5 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     for array in (start, end, busy):
         array.flags.writeable = False
     return SimResult(schedule=schedule, costs=costs, start=start, end=end, makespan=makespan,
-                     busy=busy, bubble_fraction=bubble, peak_stash=buffers.peak_in_flight,
+                     busy=busy, bubble_fraction=bubble, peak_in_flight=in_flight,
                      lockstep_makespan=lockstep_time(schedule, costs))

@@ -35,6 +35,7 @@ slot at the start of the next tick, like a forward's residuals.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 import numpy as np
 
@@ -45,7 +46,6 @@ from .schedule import (
     WEIGHT,
     Schedule,
     ScheduleError,
-    _greedy_slots,
 )
 
 
@@ -235,6 +235,35 @@ class TickBuffers:
     num_weight_slots: int
     weight_out_slot: np.ndarray
     weight_slot: np.ndarray
+
+
+def _greedy_slots(intervals, T: int, P: int, readers: int = 1):
+    """Smallest-free-slot assignment of ``(p, start, end, arrives, reads)`` intervals.
+
+    An entry is held on device ``p`` from tick ``start`` through ``end``;
+    ``arrives`` says whether it is written at ``start``; ``reads`` are
+    ``(reader, tick)`` pairs: the slot goes into ``read[reader][tick, p]``.
+
+    Returns ``recv [T, P]`` (-1 where nothing arrives), ``read [readers, T,
+    P]`` and ``live [T, P]`` (entries held).
+    """
+    recv, read = np.full((T, P), -1, np.int32), np.full((readers, T, P), -1, np.int32)
+    live = np.zeros((T + 1, P), np.int64)
+    for p in range(P):
+        free, used, held = [], 0, []
+        for start, end, arrives, reads in sorted(i[1:] for i in intervals if i[0] == p):
+            while held and held[0][0] < start:
+                heapq.heappush(free, heapq.heappop(held)[1])
+            slot = heapq.heappop(free) if free else used
+            used = max(used, slot + 1)
+            heapq.heappush(held, (end, slot))
+            if arrives:
+                recv[start, p] = slot
+            for reader, tick in reads:
+                read[reader, tick, p] = slot
+            live[start, p] += 1
+            live[end + 1, p] -= 1
+    return recv, read, np.cumsum(live, axis=0)[:T]
 
 
 def tick_buffers(ticks: Ticks) -> TickBuffers:
