@@ -6,7 +6,7 @@ this module only interprets them (``docs/design.md``). Per tick, every pipe
 device:
 
 1. writes the activation and the gradient that arrived (sent at the previous
-   tick) into its stash and gradient-inbox buffer slots, as the buffer plan
+   tick) into its activation and gradient-inbox slots, as ``ticks.tick_buffers``
    says, and stores the residuals its previous forward produced;
 2. runs its forward lane (a ``lax.switch``: nothing, or the forward of one of
    its stages, ``lanes.py``) and its backward lane (nothing, or the backward
@@ -46,7 +46,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .lanes import make_lanes, run_backward
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .placement import StagePlan, merge_copies_local
+from .placement import Placement, merge_copies_local
 from .rng import microbatch_key, step_key, uses_rng
 from .split_backward import make_split_lanes, run_weight
 from .layers import cast_floats
@@ -85,7 +85,7 @@ class TickColumns(NamedTuple):
 
 
 def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
-    """The packed ticks and their buffer plan as executor columns (NumPy)."""
+    """The packed ticks and their buffer slots as executor columns (NumPy)."""
     S = ticks.num_stages
     f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
     w_stage = ticks.stage(ticks.weight_chunk)
@@ -176,7 +176,7 @@ def _after_both_lanes(messages: tuple, lane_loss: jax.Array) -> tuple:
 
 
 def scheduled_loss_and_grad(
-    plan: StagePlan,
+    placement: Placement,
     ticks: Ticks,
     buffers: TickBuffers,
     mesh: Mesh,
@@ -188,9 +188,9 @@ def scheduled_loss_and_grad(
     """Builds the loss-and-gradient function that runs packed ticks.
 
     Args:
-      plan: the static stage plan (``S = V * P`` stages).
-      ticks: a schedule packed by ``ticks.pack`` for the plan's P, M and V.
-      buffers: its slot plan (``ticks.tick_buffers``).
+      placement: the stages placed on devices (``S = V * P`` stages).
+      ticks: a schedule packed by ``ticks.pack`` for the placement's P, M and V.
+      buffers: its buffer slots (``ticks.tick_buffers``).
       mesh: a ``("data", "pipe")`` mesh whose pipe size is P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
       remat: recompute each stage's forward in its backward from the stashed
@@ -198,7 +198,7 @@ def scheduled_loss_and_grad(
       compute_dtype: dtype the stages compute in (``None``: no casts): the
         weights are cast to it once per step and every layer's float inputs
         as they arrive; gradients accumulate in the parameters' dtype. The
-        plan's boundaries must have been traced with the same casts
+        placement's boundaries must have been traced with the same casts
         (``trace_boundaries``).
       seed: the seed of the layers' random keys (``rng.py``); micro-batch
         ``m`` of replica ``r`` draws with global micro-batch ``r * M + m``.
@@ -206,32 +206,32 @@ def scheduled_loss_and_grad(
     Returns:
       ``f(weights, inputs [D, M, B, ...], targets [D, M, B, ...], step=0) ->
       (loss [], grads)``: ``step`` (the optimizer steps taken) enters the
-      layers' random keys; ``weights`` and ``grads`` are the plan's stacks
+      layers' random keys; ``weights`` and ``grads`` are the placement's stacks
       (``[K]`` arrays ``[P, *shape]``); the loss is the mean of ``loss_fn``
       over all micro-batches of all replicas, the gradient its gradient
       (summed over ``data``; a split layer's copies summed into its owner).
 
     Raises:
-      ValueError: if the ticks' sizes do not match the plan's.
+      ValueError: if the ticks' sizes do not match the placement's.
     """
-    num_devices, num_mb = plan.num_devices, plan.num_microbatches
+    num_devices, num_mb = placement.num_devices, placement.num_microbatches
     if (ticks.num_devices, ticks.num_microbatches, ticks.num_stages) != (
-        num_devices, num_mb, plan.num_stages
+        num_devices, num_mb, placement.num_stages
     ):
         raise ValueError(
             f"schedule {ticks.name} is for P={ticks.num_devices}, "
             f"M={ticks.num_microbatches}, S={ticks.num_stages} stages, but the "
-            f"plan has P={num_devices}, M={num_mb}, S={plan.num_stages}"
+            f"placement has P={num_devices}, M={num_mb}, S={placement.num_stages}"
         )
     num_replicas = mesh.devices.shape[0]
     columns = jax.tree.map(jnp.asarray, tick_columns(ticks, buffers))
     ring = ticks.num_chunks > 1
     fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
     bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
-    carrier = plan.carrier
+    carrier = placement.carrier
     zero_f, zero_i = carrier.zeros()
 
-    random = uses_rng(plan.specs)
+    random = uses_rng(placement.specs)
 
     def body(weights, inputs, targets, step):
         weights, inputs, targets = local_views(weights, inputs, targets)
@@ -245,7 +245,7 @@ def scheduled_loss_and_grad(
             return microbatch_key(base, lax.axis_index(DATA_AXIS) * num_mb + m) if random else None
 
         x0, y0 = index_microbatch(inputs, 0), index_microbatch(targets, 0)
-        lanes = make_lanes(plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
+        lanes = make_lanes(placement, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
                            (weights, zero_f, zero_i, x0, y0, key_of(0)))
         no_saved = tuple(jnp.zeros((n,), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes))
         split = make_split_lanes(lanes, (weights, zero_f, zero_i, zero_f, no_saved, x0, y0, key_of(0))) if ticks.split else None
@@ -281,7 +281,7 @@ def scheduled_loss_and_grad(
             if num_devices > 1:
                 send_f, send_i, send_g = _after_both_lanes((send_f, send_i, send_g), early_loss + loss)
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
-                if plan.sends_ints:
+                if placement.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
             state = state._replace(
@@ -307,7 +307,7 @@ def scheduled_loss_and_grad(
         )
         final, _ = lax.scan(tick, init, columns)
         loss = lax.psum(lax.psum(final.loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)
-        grads = merge_copies_local(plan, jax.tree.map(lambda g: lax.psum(g, DATA_AXIS), final.acc), p)
+        grads = merge_copies_local(placement, jax.tree.map(lambda g: lax.psum(g, DATA_AXIS), final.acc), p)
         return loss, tuple(g[None] for g in grads)
 
     spec = PartitionSpec(PIPE_AXIS)

@@ -364,7 +364,7 @@ class Pipeline:
             loss_fn, outputs, jax.tree.map(lambda a: np.asarray(a)[: self.microbatch_rows], targets),
             [(p.start, p.stop) for p in last_pieces],
         )
-        self.stage_plan = place_stages(
+        self.placement = place_stages(
             self.stages, self.num_devices, self.num_microbatches, specs, params, dtype, structs, x_mb,
             split_loss=self.split_loss,
         )
@@ -378,10 +378,10 @@ class Pipeline:
         self.executor = executor
         if executor == "autodiff":
             loss = autodiff_gpipe_loss(
-                self.stage_plan, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle,
+                self.placement, self.mesh, loss_fn, remat=bool(remat), skip_idle=_skip_idle,
                 compute_dtype=self.compute_dtype, seed=seed,
             )
-            merge = merge_copies(self.stage_plan, self.mesh)
+            merge = merge_copies(self.placement, self.mesh)
 
             def value_and_grad(*args):
                 value, grads = jax.value_and_grad(loss)(*args)
@@ -393,15 +393,15 @@ class Pipeline:
             self.ticks = pack(self.table)
             self.buffers = tick_buffers(self.ticks)
             self._value_and_grad = scheduled_loss_and_grad(
-                self.stage_plan, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat),
+                self.placement, self.ticks, self.buffers, self.mesh, loss_fn, remat=bool(remat),
                 compute_dtype=self.compute_dtype, seed=seed,
             )
-        self._layer_opt = LayerOptimizer.build(optimizer, self.stage_plan)
+        self._layer_opt = LayerOptimizer.build(optimizer, self.placement)
         self.optimizer_mode = "per device" if self._layer_opt.per_device else "whole tree"
         if self._layer_opt.per_device:
             self._update = local_updates(self._layer_opt, self.mesh)
         else:
-            sync = sync_copies(self.stage_plan, self.mesh)
+            sync = sync_copies(self.placement, self.mesh)
             whole = whole_tree_update(self._layer_opt)
 
             def update(grads, opt_state, weights):
@@ -467,7 +467,7 @@ class Pipeline:
         Returns:
           A ``TrainState`` with step 0.
         """
-        own = [spec.own(tree) for spec, tree in zip(self.stage_plan.specs, self._host_params)]
+        own = [spec.own(tree) for spec, tree in zip(self.placement.specs, self._host_params)]
         params = self.pack(own)
         if self._layer_opt.per_device:
             opt_state = jax.jit(local_init(self._layer_opt, self.mesh))(params)
@@ -559,8 +559,8 @@ class Pipeline:
         check_state_like(self._state_struct().params, params, "params")
         if self._evaluate is None:
             run_params = cast_floats(self._host_params, self.compute_dtype)
-            check_deterministic(self.stage_plan, run_params, self._structs)
-            self._evaluate = jax.jit(forward_loss(self.stage_plan, self.mesh, self._loss_fn, self.compute_dtype))
+            check_deterministic(self.placement, run_params, self._structs)
+            self._evaluate = jax.jit(forward_loss(self.placement, self.mesh, self._loss_fn, self.compute_dtype))
         return self._evaluate(params, *self._placed(batch))
 
     def _state_struct(self) -> TrainState:
@@ -568,7 +568,7 @@ class Pipeline:
         layer_opt = self._layer_opt
         shared = [layer_opt.structs[i] for i, s in enumerate(layer_opt.shared) if s >= 0]
         return TrainState(
-            self.stage_plan.stacks.zeros(),
+            self.placement.stacks.zeros(),
             OptState(layer_opt.layout.zeros(), tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shared)),
             jax.ShapeDtypeStruct((), jnp.int32),
         )
@@ -594,7 +594,7 @@ class Pipeline:
         the later ones, as ``nnx.split`` of the whole layer list gives it:
         the tree the optimizer sees; its gradient is the sum over its uses.
         """
-        return self.stage_plan.unpack([_host(a) for a in stacks])
+        return self.placement.unpack([_host(a) for a in stacks])
 
     def layers(self, params: tuple) -> list[nnx.Module]:
         """The layers with the given parameters, as ``model_fn`` returns them.
@@ -645,7 +645,7 @@ class Pipeline:
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
-        return tuple(jax.device_put(a, self._param_sharding) for a in self.stage_plan.pack(trees, dtype))
+        return tuple(jax.device_put(a, self._param_sharding) for a in self.placement.pack(trees, dtype))
 
     def _place_opt_state(self, stacks: Sequence[np.ndarray], shared: Sequence[np.ndarray]) -> OptState:
         return OptState(

@@ -37,7 +37,7 @@ from .wire import Boundary, Carrier
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class Placement:
     """Everything static the executors need, derived before tracing.
 
     Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
@@ -182,7 +182,7 @@ def place_stages(
     structs: Sequence[Any],
     x_mb: Any,
     split_loss: bool = False,
-) -> StagePlan:
+) -> Placement:
     """Places stages on devices: stage ``s = c * P + p`` on device ``p``.
 
     A layer in several stages gets one parameter copy per stage: copy ``i``
@@ -200,10 +200,10 @@ def place_stages(
       structs: ``L + 1`` activation structures (``trace_boundaries``).
       x_mb: one micro-batch of model input (shape structs).
       split_loss: compute the loss where the last layer's rows are
-        (``StagePlan.split_loss``); the model output then crosses no device.
+        (``Placement.split_loss``); the model output then crosses no device.
 
     Returns:
-      The ``StagePlan``.
+      The ``Placement``.
     """
     num_layers, rows = len(specs), jax.tree.leaves(x_mb)[0].shape[0]
     num_chunks = len(stages) // num_devices
@@ -243,14 +243,14 @@ def place_stages(
         Item(device_of[copy], spec.shapes, (jnp.dtype(dtype),) * len(spec.shapes))
         for copy, spec in enumerate(copy_specs)
     ]
-    return StagePlan(
+    return Placement(
         copy_specs, StackLayout.build(items, num_devices), tuple(device_copies), tuple(map(tuple, stages)),
         tuple(stage_copies), boundaries, carrier, num_microbatches, tuple(copy_layer), jnp.dtype(dtype),
         split_loss,
     )
 
 
-def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
+def copy_links(placement: Placement) -> list[tuple[int, int, int, int]]:
     """``(owner device, owner stack, device, stack)`` per linked leaf.
 
     Linked leaves are every leaf of a split layer's extra copies (owner: the
@@ -259,11 +259,11 @@ def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
     parameter). Every owner is an own leaf of an owner copy, never itself
     linked, so merges and syncs may run in any order.
     """
-    stacks = plan.stacks
+    stacks = placement.stacks
     out = []
-    for copy, layer in enumerate(plan.copy_layer):
-        spec = plan.specs[copy]
-        owners = {a: (layer, a) for a in range(len(spec.shapes))} if copy >= plan.num_layers else {}
+    for copy, layer in enumerate(placement.copy_layer):
+        spec = placement.specs[copy]
+        owners = {a: (layer, a) for a in range(len(spec.shapes))} if copy >= placement.num_layers else {}
         owners.update({leaf: (owner, owner_leaf) for leaf, owner, owner_leaf in spec.tied})
         for a, (owner, b) in sorted(owners.items()):
             if stacks.places[owner][b] >= 0:
@@ -272,7 +272,7 @@ def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+def merge_copies_local(placement: Placement, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
     """Inside ``shard_map``: adds each linked leaf's gradient into its owner leaf's.
 
     One ``ppermute`` of one leaf per linked leaf on another device (a local
@@ -281,7 +281,7 @@ def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) 
     copies only).
 
     Args:
-      plan: the stage plan.
+      placement: the stage placement.
       acc: this device's gradient stack entries.
       p: this device's pipe index (traced).
 
@@ -289,43 +289,43 @@ def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) 
       The merged entries.
     """
     acc = list(acc)
-    for po, ko, pc, kc in copy_links(plan):
+    for po, ko, pc, kc in copy_links(placement):
         sent = acc[kc] if po == pc else lax.ppermute(acc[kc], PIPE_AXIS, [(pc, po)])
         merged = acc[ko] + sent.reshape(acc[ko].shape)
         acc[ko] = jnp.where(p == po, merged, acc[ko])
     return tuple(acc)
 
 
-def sync_copies_local(plan: StagePlan, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+def sync_copies_local(placement: Placement, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
     """Inside ``shard_map``: each linked leaf overwritten by its owner leaf."""
     entries = list(entries)
-    for po, ko, pc, kc in copy_links(plan):
+    for po, ko, pc, kc in copy_links(placement):
         sent = entries[ko] if po == pc else lax.ppermute(entries[ko], PIPE_AXIS, [(po, pc)])
         entries[kc] = jnp.where(p == pc, sent.reshape(entries[kc].shape), entries[kc])
     return tuple(entries)
 
 
-def _on_mesh(plan: StagePlan, mesh, local):
-    """``stacks -> stacks`` on the mesh: ``local(plan, entries, p)`` per device; the identity without links."""
-    if not copy_links(plan):
+def _on_mesh(placement: Placement, mesh, local):
+    """``stacks -> stacks`` on the mesh: ``local(placement, entries, p)`` per device; the identity without links."""
+    if not copy_links(placement):
         return lambda stacks: stacks
 
     def body(stacks):
-        entries = local(plan, tuple(a[0] for a in stacks), lax.axis_index(PIPE_AXIS))
+        entries = local(placement, tuple(a[0] for a in stacks), lax.axis_index(PIPE_AXIS))
         return tuple(a[None] for a in entries)
 
     spec = PartitionSpec(PIPE_AXIS)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
 
 
-def sync_copies(plan: StagePlan, mesh):
+def sync_copies(placement: Placement, mesh):
     """``weights -> weights`` on the mesh: every linked leaf set to its owner leaf."""
-    return _on_mesh(plan, mesh, sync_copies_local)
+    return _on_mesh(placement, mesh, sync_copies_local)
 
 
-def merge_copies(plan: StagePlan, mesh):
+def merge_copies(placement: Placement, mesh):
     """``grads -> grads`` on the mesh: every linked leaf's gradient added into its owner leaf's.
 
     For gradients taken outside ``shard_map`` (``executor="autodiff"``).
     """
-    return _on_mesh(plan, mesh, merge_copies_local)
+    return _on_mesh(placement, mesh, merge_copies_local)

@@ -49,7 +49,7 @@ def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMI
 
 
 def _assert_copies_identical(pipe, stacks):
-    plan, host = pipe.stage_plan, [np.asarray(a) for a in stacks]
+    plan, host = pipe.placement, [np.asarray(a) for a in stacks]
     for copy, layer in enumerate(plan.copy_layer):
         for a, b in zip(plan.stacks.unpack(host, copy), plan.stacks.unpack(host, layer)):
             np.testing.assert_array_equal(a, b, err_msg=f"parameter copy {copy} of layer {layer}")
@@ -87,7 +87,7 @@ def test_transformer_with_heavy_output_layer(mesh, remat):
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, mesh, 4, 4, schedule="balanced", costs=costs,
                   remat=remat)
     assert 7 in _split_layers(pipe)  # the head is split between the last devices
-    assert pipe.split_loss and pipe.stage_plan.carrier.float_width == 6 * 8
+    assert pipe.split_loss and pipe.placement.carrier.float_width == 6 * 8
     loads = pipe.plan.chosen.loads
     assert loads.max() / loads.mean() < pipe.plan.plain.loads.max() / pipe.plan.plain.loads.mean()
 
@@ -103,7 +103,7 @@ def test_a_loss_that_is_not_a_row_mean_keeps_the_whole_output_together():
     pipe = _check(case.model_fn, summed, case.make_batch, (1, 4), 4, 4, reference_microbatches=4,
                   schedule="balanced", costs=costs)
     assert 7 in _split_layers(pipe) and not pipe.split_loss
-    assert pipe.stage_plan.carrier.float_width == 6 * 11
+    assert pipe.placement.carrier.float_width == 6 * 11
 
 
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("interleaved", 2)])

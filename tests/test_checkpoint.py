@@ -81,7 +81,7 @@ def test_resume_on_other_meshes_schedules_and_cuts(saved, tmp_path):
                     checkpoint_dir=directory)
     assert positions == [2] and second.start_step == 2
     pipe = second.pipeline
-    plan = pipe.stage_plan
+    plan = pipe.placement
     assert len(plan.copy_layer) > plan.num_layers, "expected a split layer"
     restored, info = Checkpoints(directory).restore(pipe, 2)
     host = [np.asarray(a) for a in restored.params]

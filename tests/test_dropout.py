@@ -66,7 +66,7 @@ def test_dropout_lm_is_the_same_on_every_mesh_schedule_and_cut():
         ((1, 2), {"executor": "autodiff"}),
     ]
     pipes = list(_check(dropout_lm(0.2, blocks=2), models.lm_loss, data, runs))
-    assert pipes[0].pipeline.stage_plan.specs[1].streams == (("attn_drop", "rngs", "key"), ("drop", "rngs", "key"))
+    assert pipes[0].pipeline.placement.specs[1].streams == (("attn_drop", "rngs", "key"), ("drop", "rngs", "key"))
 
 
 def _zeros_model(rngs):
@@ -146,7 +146,7 @@ def test_linen_transformer_blocks_train_to_the_reference():
     (result,) = _check(_linen_lm(rate), models.lm_loss, data, [((2, 2), {"schedule": "1f1b"})])
     pipe = result.pipeline
     # Layers 1, 2 draw (dropout); the bridged LayerNorm and Dense hold streams but never use them.
-    assert all(pipe.stage_plan.specs[i].streams for i in (1, 2, 3, 4))
+    assert all(pipe.placement.specs[i].streams for i in (1, 2, 3, 4))
     assert {1, 2} <= set(pipe.unsplittable) and not {3, 4} & set(pipe.unsplittable)
     params = pipe.init().params
     expected = reference_eval_loss(_linen_lm(rate), pipe.unpack(params), data[0], models.lm_loss, ROWS // B)

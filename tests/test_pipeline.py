@@ -97,7 +97,7 @@ def test_autodiff_gpipe_matches_reference():
 )
 def test_dict_inputs_targets_and_int_leaves_crossing_devices(mesh, m, schedule, v):
     pipe = _check("dict", mesh, m, check_grads=True, schedule=schedule, virtual_stages=v)
-    assert pipe.stage_plan.sends_ints
+    assert pipe.placement.sends_ints
 
 
 def test_autodiff_remat_matches_reference():
@@ -129,4 +129,4 @@ def test_saved_residuals_are_counted_in_memory():
 def test_explicit_partition_is_used():
     pipe = _check("mlp", (1, 4), 4, partition=(2, 1, 1, 4))
     assert pipe.partition == (2, 1, 1, 4)
-    assert pipe.stage_plan.device_copies == ((0, 1), (2,), (3,), (4, 5, 6, 7))
+    assert pipe.placement.device_copies == ((0, 1), (2,), (3,), (4, 5, 6, 7))

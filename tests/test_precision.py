@@ -116,8 +116,8 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
         case.model_fn, mesh, case.loss_fn, OPTIMIZER, m, data[0], compute_dtype=jnp.bfloat16, **options
     )
     assert pipe.compute_dtype == jnp.bfloat16 and pipe.param_dtype == jnp.float32
-    assert pipe.stage_plan.carrier.float_dtype == jnp.bfloat16
-    assert pipe.stage_plan.sends_ints == (case_name == "dict")  # token ids cross devices beside bf16
+    assert pipe.placement.carrier.float_dtype == jnp.bfloat16
+    assert pipe.placement.sends_ints == (case_name == "dict")  # token ids cross devices beside bf16
     state = pipe.init()
 
     # What the tick loop carries: activations and their gradients (stash,
@@ -126,8 +126,8 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
     # except what a layer computes in float32 itself (flax's LayerNorm keeps
     # its statistics in float32).
     carry = [a for a in _tick_carry(pipe, state.params, data[0]) if jnp.issubdtype(a.dtype, jnp.floating)]
-    boundary = (ROWS_PER_MICROBATCH, pipe.stage_plan.carrier.float_width)
-    accumulators = {()} | set(pipe.stage_plan.stacks.shapes)
+    boundary = (ROWS_PER_MICROBATCH, pipe.placement.carrier.float_width)
+    accumulators = {()} | set(pipe.placement.stacks.shapes)
     assert {a.dtype for a in carry if a.shape[-2:] == boundary} == {jnp.dtype(jnp.bfloat16)}
     assert {a.dtype for a in carry if a.shape in accumulators} == {jnp.dtype(jnp.float32)}
     residuals = {a.dtype for a in carry if a.shape[-2:] != boundary and a.shape not in accumulators}

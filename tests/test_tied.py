@@ -56,7 +56,7 @@ def _reference(name, optimizer, param):
 def _assert_linked_equal(pipe, stacks, step):
     """Every tied leaf and split-layer copy equals its owner leaf, bit for bit."""
     host = [np.asarray(a) for a in stacks]
-    for po, ko, pc, kc in copy_links(pipe.stage_plan):
+    for po, ko, pc, kc in copy_links(pipe.placement):
         np.testing.assert_array_equal(
             host[kc][pc].ravel(), host[ko][po].ravel(),
             err_msg=f"after step {step}: stack {kc} on device {pc} differs from its owner, stack {ko} on device {po}",
@@ -79,7 +79,7 @@ def test_tied_lm_trains_like_plain_nnx(config, tmp_path):
     ref_losses, ref_params = _reference(opt_name, optimizer, param)
     data = _data()
     pipe = jaxpipe.Pipeline(tied_lm(param=param), mesh, models.lm_loss, optimizer, 4, data[0], **options)
-    plan = pipe.stage_plan
+    plan = pipe.placement
     head = plan.num_layers - 1
     embedding = (11, 8)  # [vocab, dim]
     assert [spec.tied for spec in plan.specs[:head]] == [()] * head
@@ -114,7 +114,7 @@ def _save_and_resume(pipe, state, directory):
     assert [np.shape(a) for a in jax.tree.leaves(saved[-1])] == [(8,), (8,)]
     with pytest.raises(ValueError, match=r"layer 3 \(TiedHead\) has parameter shapes \[\(8,\), \(8,\)\] \(its tied "
                        r"leaves are given in their owner layers \[0\], not here\), got \[\(8,\), \(8,\), \(11, 8\)\]"):
-        pipe.pack([pipe.stage_plan.stacks.unpack([np.asarray(a) for a in state.params], i) for i in range(4)])
+        pipe.pack([pipe.placement.stacks.unpack([np.asarray(a) for a in state.params], i) for i in range(4)])
     restored, info = store.restore(pipe)
     store.close()
     assert info.step == 2

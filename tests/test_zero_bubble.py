@@ -131,7 +131,7 @@ def test_split_ticks_replay(P, M):
 
 def _split(pipe, case, data, remat):
     """The pipeline's stage backwards split into B and W, traced on random stage inputs."""
-    plan, weights = pipe.stage_plan, tuple(a[0] for a in pipe.init().params)
+    plan, weights = pipe.placement, tuple(a[0] for a in pipe.init().params)
     zero_f, zero_i = plan.carrier.zeros()
     x, y = jax.tree.map(lambda a: a[: pipe.microbatch_rows], data[0])
     lanes = make_lanes(plan, case.loss_fn, 0.5, remat, pipe.compute_dtype, (weights, zero_f, zero_i, x, y, None))
