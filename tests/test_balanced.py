@@ -66,7 +66,7 @@ def test_six_equal_blocks_on_four_devices(mesh, m):
         assert pipe.partition == (1.5, 1.5, 1.5, 1.5)
         assert _split_layers(pipe) == [1, 4]
         assert np.allclose(pipe.plan.chosen.loads, 1.5)
-        assert pipe.plan.plain.step / pipe.plan.chosen.step > 1.1
+        assert pipe.plan.plain.step_time / pipe.plan.chosen.step_time > 1.1
 
 
 def test_layer_heavier_than_a_device_spans_three_devices():
@@ -154,10 +154,10 @@ def test_auto_trains_to_the_reference_and_explains_its_choice():
     costs = [0.2] + [1.0] * 6 + [3.0]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 2, schedule="auto", costs=costs)
     text = str(pipe.plan)
-    assert pipe.plan.chosen.step <= pipe.plan.plain.step
+    assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time
     eligible = [c for c in pipe.plan.candidates if c.fits and c.schedule in AUTO_ORDERS]
-    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step)
-    if any(c.schedule == "zb_h1" and c.step < pipe.plan.chosen.step for c in pipe.plan.candidates):
+    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step_time)
+    if any(c.schedule == "zb_h1" and c.step_time < pipe.plan.chosen.step_time for c in pipe.plan.candidates):
         assert "schedule='zb_h1'" in text
     for needle in ("plan:", "device 0:", "device 3:", "predicted step", "reason:", "candidates:"):
         assert needle in text
@@ -225,7 +225,7 @@ def test_fractional_partition_reports_a_stage_without_work():
 def test_every_test_model_trains_to_the_reference(case_name, schedule):
     case = CASES[case_name]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)
-    assert pipe.plan.chosen.step <= pipe.plan.plain.step * (1 + 1e-9) or schedule == "balanced"
+    assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time * (1 + 1e-9) or schedule == "balanced"
 
 
 class EmbedThen(nnx.Module):

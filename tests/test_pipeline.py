@@ -123,7 +123,7 @@ def test_saved_residuals_are_counted_in_memory():
                               remat=remat).plan.chosen for remat in (False, True)]
     assert np.all(plans[0].memory[:-1] > plans[1].memory[:-1])
     assert plans[0].memory[-1] == plans[1].memory[-1]
-    assert plans[0].step < plans[1].step
+    assert plans[0].step_time < plans[1].step_time
 
 
 def test_explicit_partition_is_used():
