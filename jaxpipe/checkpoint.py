@@ -234,7 +234,7 @@ class Checkpoints:
                 "mesh_shape": [pipe.num_replicas, pipe.num_devices],
                 "schedule": pipe.schedule,
                 "cut": pipe.cut,
-                "virtual_stages": pipe.num_chunks,
+                "virtual_stages": pipe.virtual_stages,
             },
         }
         if step in self.steps():

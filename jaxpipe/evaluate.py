@@ -89,12 +89,12 @@ def forward_loss(placement: Placement, mesh: Mesh, loss_fn: Callable, compute_dt
       layer in evaluation mode.
     """
     num_devices, num_mb, num_stages = placement.num_devices, placement.num_microbatches, placement.num_stages
-    num_chunks = num_stages // num_devices
+    virtual_stages = num_stages // num_devices
     programs = [
         [_stage_program(placement, c * num_devices + q, loss_fn, compute_dtype) for q in range(num_devices)]
-        for c in range(num_chunks)
+        for c in range(virtual_stages)
     ]
-    ring = num_chunks > 1
+    ring = virtual_stages > 1
     perm = [(q, (q + 1) % num_devices) for q in range(num_devices if ring else num_devices - 1)]
 
     def body(weights, inputs, targets):
@@ -108,7 +108,7 @@ def forward_loss(placement: Placement, mesh: Mesh, loss_fn: Callable, compute_dt
         def tick(carry, t):
             recv_f, recv_i, loss_sum = carry
             sends_f, sends_i = [], []
-            for c in range(num_chunks):
+            for c in range(virtual_stages):
                 m = t - (c * num_devices + p)
                 mc = jnp.clip(m, 0, num_mb - 1)
                 x, y = index_microbatch(inputs, mc), index_microbatch(targets, mc)
@@ -134,8 +134,8 @@ def forward_loss(placement: Placement, mesh: Mesh, loss_fn: Callable, compute_dt
 
         zero_f, zero_i = placement.carrier.zeros()
         init = (
-            jnp.zeros((num_chunks,) + zero_f.shape, zero_f.dtype),
-            jnp.zeros((num_chunks,) + zero_i.shape, zero_i.dtype),
+            jnp.zeros((virtual_stages,) + zero_f.shape, zero_f.dtype),
+            jnp.zeros((virtual_stages,) + zero_i.shape, zero_i.dtype),
             jnp.zeros((), jnp.float32),
         )
         (_, _, loss_sum), _ = lax.scan(tick, init, jnp.arange(num_mb + num_stages - 1))

@@ -225,7 +225,7 @@ def scheduled_loss_and_grad(
         )
     num_replicas = mesh.devices.shape[0]
     columns = jax.tree.map(jnp.asarray, tick_columns(ticks, buffers))
-    ring = ticks.num_chunks > 1
+    ring = ticks.virtual_stages > 1
     fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
     bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
     carrier = placement.carrier

@@ -16,11 +16,11 @@ import numpy as np
 
 
 def check_partition(
-    partition: Sequence[int], num_layers: int, num_devices: int, num_chunks: int = 1
+    partition: Sequence[int], num_layers: int, num_devices: int, virtual_stages: int = 1
 ) -> tuple[int, ...]:
     """Validates an explicit partition: layers per stage.
 
-    With ``V = num_chunks`` chunks per device there are ``S = V * P`` stages;
+    With ``V = virtual_stages`` chunks per device there are ``S = V * P`` stages;
     stage ``s = c * P + p`` is chunk ``c`` of pipe device ``p``. With V = 1 a
     stage is a pipe device.
 
@@ -28,7 +28,7 @@ def check_partition(
       partition: ``[S]`` layer counts, e.g. ``(2, 1, 1, 2)``.
       num_layers: L.
       num_devices: P.
-      num_chunks: V.
+      virtual_stages: V.
 
     Returns:
       The partition as a tuple of ints.
@@ -43,18 +43,18 @@ def check_partition(
     ):
         raise TypeError(f"partition must be a sequence of ints (layers per pipe device), got {partition!r}")
     partition = tuple(int(n) for n in partition)
-    num_stages = num_devices * num_chunks
+    num_stages = num_devices * virtual_stages
     where = (
-        f"{num_devices} pipe devices" if num_chunks == 1
-        else f"{num_stages} stages ({num_chunks} virtual stages x {num_devices} pipe devices)"
+        f"{num_devices} pipe devices" if virtual_stages == 1
+        else f"{num_stages} stages ({virtual_stages} virtual stages x {num_devices} pipe devices)"
     )
     if len(partition) != num_stages:
         raise ValueError(
             f"partition={partition} has {len(partition)} entries but there are "
-            f"{where}; give one layer count per {'pipe device' if num_chunks == 1 else 'stage'}"
+            f"{where}; give one layer count per {'pipe device' if virtual_stages == 1 else 'stage'}"
         )
     if min(partition) < 1:
-        raise ValueError(f"partition={partition}: every {'pipe device' if num_chunks == 1 else 'stage'} needs at least one layer")
+        raise ValueError(f"partition={partition}: every {'pipe device' if virtual_stages == 1 else 'stage'} needs at least one layer")
     if sum(partition) != num_layers:
         raise ValueError(
             f"partition={partition} sums to {sum(partition)} but the model has "

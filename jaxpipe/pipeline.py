@@ -249,7 +249,7 @@ class Pipeline:
         self.mesh = make_mesh(mesh_shape, devices)
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         self.num_microbatches = int(num_microbatches)
-        self.num_chunks = int(virtual_stages)
+        self.virtual_stages = int(virtual_stages)
         self.plan = None
         self.optimizer = optimizer
         self.seed = seed
@@ -271,11 +271,11 @@ class Pipeline:
                 f"one layer, so use pipe <= {len(specs)}, or cut='fractional' "
                 "(schedule='balanced') to split layers by rows"
             )
-        if self.num_chunks > 1 and len(specs) < self.num_chunks * self.num_devices:
+        if self.virtual_stages > 1 and len(specs) < self.virtual_stages * self.num_devices:
             raise ValueError(
-                f"schedule='interleaved' with virtual_stages={self.num_chunks} on "
+                f"schedule='interleaved' with virtual_stages={self.virtual_stages} on "
                 f"{self.num_devices} pipe devices needs at least "
-                f"{self.num_chunks * self.num_devices} layers (V * P, one per stage), "
+                f"{self.virtual_stages * self.num_devices} layers (V * P, one per stage), "
                 f"but the model has {len(specs)}; lower virtual_stages to at most "
                 f"{len(specs) // self.num_devices}"
             )
@@ -332,23 +332,23 @@ class Pipeline:
                 **{k: v for k, v in common.items() if k != "max_memory"}, layer_names=names,
                 unsplittable=self.unsplittable, max_memory_per_device=max_memory_per_device, unit=unit,
             )
-            schedule, self.num_chunks = self.plan.chosen.schedule, self.plan.chosen.virtual_stages
+            schedule, self.virtual_stages = self.plan.chosen.schedule, self.plan.chosen.virtual_stages
             cut, remat = self.plan.chosen.cut, self.plan.chosen.remat
             self.stages = self.plan.chosen.stages
         elif cut == "fractional":
             splittable = [i not in self.unsplittable for i in range(len(specs))]
             self.stages = fractional_partition(
-                forward + backward, self.num_chunks * self.num_devices, self.microbatch_rows, splittable
+                forward + backward, self.virtual_stages * self.num_devices, self.microbatch_rows, splittable
             )
         else:
             if partition is None:
-                partition = partition_layers(forward + backward, self.num_chunks * self.num_devices)
-            partition = check_partition(partition, len(specs), self.num_devices, self.num_chunks)
+                partition = partition_layers(forward + backward, self.virtual_stages * self.num_devices)
+            partition = check_partition(partition, len(specs), self.num_devices, self.virtual_stages)
             self.stages = pieces_from_counts(partition, self.microbatch_rows)
         if schedule != "auto" and self.plan is None:
             common["remat"] = bool(remat)
             self.plan = describe_plan(
-                self.stages, schedule, self.num_chunks, cut, layer_names=names,
+                self.stages, schedule, self.virtual_stages, cut, layer_names=names,
                 unsplittable=self.unsplittable, unit=unit, **common,
             )
         self.schedule, self.cut = schedule, cut
@@ -389,7 +389,9 @@ class Pipeline:
 
             self._value_and_grad = value_and_grad
         else:
-            self.table = make_schedule(schedule, self.num_devices, self.num_microbatches, self.num_chunks, fused=True)
+            self.table = make_schedule(
+                schedule, self.num_devices, self.num_microbatches, self.virtual_stages, fused=True
+            )
             self.ticks = pack(self.table)
             self.buffers = tick_buffers(self.ticks)
             self._value_and_grad = scheduled_loss_and_grad(

@@ -206,7 +206,7 @@ def place_stages(
       The ``Placement``.
     """
     num_layers, rows = len(specs), jax.tree.leaves(x_mb)[0].shape[0]
-    num_chunks = len(stages) // num_devices
+    virtual_stages = len(stages) // num_devices
     copy_layer, stage_copies, seen = list(range(num_layers)), [], set()
     for stage in stages:
         copies = []
@@ -219,7 +219,7 @@ def place_stages(
                 copies.append(piece.layer)
         stage_copies.append(tuple(copies))
     device_copies = [
-        sum((stage_copies[c * num_devices + p] for c in range(num_chunks)), ())
+        sum((stage_copies[c * num_devices + p] for c in range(virtual_stages)), ())
         for p in range(num_devices)
     ]
     needed = set()

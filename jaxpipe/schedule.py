@@ -46,7 +46,7 @@ class Schedule:
       name: schedule family, e.g. ``"1f1b"``.
       num_devices: P, pipe devices.
       num_microbatches: M.
-      num_chunks: V, chunks (virtual stages) per device; 1 for GPipe and 1F1B.
+      virtual_stages: V, virtual stages (chunks) per device; 1 for GPipe and 1F1B.
       op: ``[T, P]`` int8, IDLE / FORWARD / BACKWARD / WEIGHT (WEIGHT only
         in split tables, see the module docstring).
       microbatch: ``[T, P]`` int32, the micro-batch of each action, -1 if idle.
@@ -56,13 +56,13 @@ class Schedule:
     name: str
     num_devices: int
     num_microbatches: int
-    num_chunks: int
+    virtual_stages: int
     op: np.ndarray
     microbatch: np.ndarray
     chunk: np.ndarray
 
     def __post_init__(self):
-        for field in ("num_devices", "num_microbatches", "num_chunks"):
+        for field in ("num_devices", "num_microbatches", "virtual_stages"):
             value = getattr(self, field)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
@@ -88,7 +88,7 @@ class Schedule:
     @property
     def num_stages(self) -> int:
         """S = V * P."""
-        return self.num_chunks * self.num_devices
+        return self.virtual_stages * self.num_devices
 
     @property
     def split(self) -> bool:
@@ -106,7 +106,7 @@ class Schedule:
         width = max([len(cell) for row in labels for cell in row] + [1])
         head = (
             f"{self.name}: P={self.num_devices} M={self.num_microbatches} "
-            f"V={self.num_chunks} ticks={self.num_ticks}"
+            f"V={self.virtual_stages} ticks={self.num_ticks}"
         )
         tag = len(f"dev {self.num_devices - 1}")
         rows = [f"dev {p}".ljust(tag) + " | " + " ".join(c.ljust(width) for c in row).rstrip()
@@ -119,7 +119,7 @@ def _cell(schedule: Schedule, t: int, p: int) -> str:
     if op == IDLE:
         return "."
     text = {FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}.get(op, "?") + str(schedule.microbatch[t, p])
-    return text + (f".{schedule.chunk[t, p]}" if schedule.num_chunks > 1 else "")
+    return text + (f".{schedule.chunk[t, p]}" if schedule.virtual_stages > 1 else "")
 
 
 def _check_sizes(P: int, M: int, V: int) -> None:
@@ -383,7 +383,7 @@ def _action_ticks(schedule: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _check_legal(schedule: Schedule) -> None:
-    P, M, V, S = schedule.num_devices, schedule.num_microbatches, schedule.num_chunks, schedule.num_stages
+    P, M, V, S = schedule.num_devices, schedule.num_microbatches, schedule.virtual_stages, schedule.num_stages
     fwd, bwd, wgt = _action_ticks(schedule)
     first_of = {FORWARD: fwd, BACKWARD: bwd, WEIGHT: wgt}
 

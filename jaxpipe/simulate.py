@@ -135,7 +135,7 @@ class SimResult:
 
 def _action_costs(schedule: Schedule, costs: Costs) -> np.ndarray:
     """``[T, P]`` duration of each table cell (0 where idle)."""
-    fwd, bwd, wgt = costs.per_stage(schedule.num_devices, schedule.num_chunks, split=True)
+    fwd, bwd, wgt = costs.per_stage(schedule.num_devices, schedule.virtual_stages, split=True)
     if not schedule.split:
         bwd = bwd + wgt
     devices = np.broadcast_to(np.arange(schedule.num_devices), schedule.op.shape)

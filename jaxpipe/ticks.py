@@ -63,7 +63,7 @@ class Ticks:
       name: the schedule family it was packed from.
       num_devices: P.
       num_microbatches: M.
-      num_chunks: V.
+      virtual_stages: V.
       forward: ``[T, P]`` micro-batch of the forward lane, -1 if none.
       forward_chunk: ``[T, P]`` its chunk, -1 if none.
       backward: ``[T, P]`` micro-batch of the backward lane, -1 if none.
@@ -76,7 +76,7 @@ class Ticks:
     name: str
     num_devices: int
     num_microbatches: int
-    num_chunks: int
+    virtual_stages: int
     forward: np.ndarray
     forward_chunk: np.ndarray
     backward: np.ndarray
@@ -103,7 +103,7 @@ class Ticks:
     @property
     def num_stages(self) -> int:
         """S = V * P."""
-        return self.num_chunks * self.num_devices
+        return self.virtual_stages * self.num_devices
 
     @property
     def split(self) -> bool:
@@ -121,14 +121,14 @@ class Ticks:
             for op, mb, ch in (("F", self.forward, self.forward_chunk), ("B", self.backward, self.backward_chunk),
                                ("W", self.weight, self.weight_chunk)):
                 if mb[t, p] >= 0:
-                    parts.append(f"{op}{mb[t, p]}" + (f".{ch[t, p]}" if self.num_chunks > 1 else ""))
+                    parts.append(f"{op}{mb[t, p]}" + (f".{ch[t, p]}" if self.virtual_stages > 1 else ""))
             return "+".join(parts) or "."
 
         labels = [[cell(t, p) for t in range(self.num_ticks)] for p in range(self.num_devices)]
         width = max([len(c) for row in labels for c in row] + [1])
         rows = [f"dev {p} | " + " ".join(c.ljust(width) for c in row).rstrip() for p, row in enumerate(labels)]
         return "\n".join([f"{self.name} packed: P={self.num_devices} M={self.num_microbatches} "
-                          f"V={self.num_chunks} ticks={self.num_ticks}"] + rows)
+                          f"V={self.virtual_stages} ticks={self.num_ticks}"] + rows)
 
 
 def _orders(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
@@ -163,7 +163,7 @@ def pack(schedule: Schedule, fuse: bool = True) -> Ticks:
         for lane, op in enumerate((FORWARD, BACKWARD, WEIGHT)):
             lanes[2 * lane] = np.where(schedule.op == op, schedule.microbatch, -1)
             lanes[2 * lane + 1] = np.where(schedule.op == op, schedule.chunk, -1)
-        return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+        return Ticks(schedule.name, P, schedule.num_microbatches, schedule.virtual_stages, *lanes)
     orders, done, cursor, rows = _orders(schedule), {}, [0] * P, []
 
     def ready(op, m, s, t):
@@ -193,7 +193,7 @@ def pack(schedule: Schedule, fuse: bool = True) -> Ticks:
             raise ScheduleError(f"{schedule.name}: packing deadlocks at tick {t}; the table is not legal")
         rows.append(row)
     lanes = np.stack(rows, axis=1)
-    return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+    return Ticks(schedule.name, P, schedule.num_microbatches, schedule.virtual_stages, *lanes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +322,7 @@ def tick_time(ticks: Ticks, forward: np.ndarray, backward: np.ndarray, comm: flo
     Returns:
       The summed tick durations.
     """
-    shape = (ticks.num_devices, ticks.num_chunks)
+    shape = (ticks.num_devices, ticks.virtual_stages)
     devices = np.broadcast_to(np.arange(ticks.num_devices), ticks.forward.shape)
     work = np.zeros(ticks.forward.shape)
     for mb, chunk, cost in ((ticks.forward, ticks.forward_chunk, forward), (ticks.backward, ticks.backward_chunk, backward),

@@ -42,7 +42,7 @@ def _edit(schedule, t, p, op, m, c):
 def test_generators_are_valid_and_tight(name, P, M, V):
     schedule = _build(name, P, M, V)
     validate(schedule)
-    V = schedule.num_chunks
+    V = schedule.virtual_stages
     M = schedule.num_microbatches
     assert schedule.num_ticks == 2 * (V * M + P - 1)
     assert schedule.op.dtype == np.int8 and schedule.microbatch.dtype == np.int32
