@@ -44,7 +44,7 @@ def _device_program(placement: Placement, q: int, loss_fn: Callable, remat: bool
     carrier = placement.carrier
 
     def program(weights, recv_f, recv_i, x, y, key):
-        h = x if q == 0 else carrier.unpack(placement.boundaries[placement.copy_layer[copies[0]]], recv_f, recv_i)
+        h = x if q == 0 else carrier.decode(placement.boundaries[placement.copy_layer[copies[0]]], recv_f, recv_i)
         for copy in copies:
             spec, params = placement.specs[copy], cast_floats(placement.copy_tree(weights, copy), compute_dtype)
             with jax.named_scope(f"layer{placement.copy_layer[copy]}_{spec.name}"):
@@ -53,7 +53,7 @@ def _device_program(placement: Placement, q: int, loss_fn: Callable, remat: bool
             send_f, send_i = carrier.zeros()
             h = h if compute_dtype is None else loss_precision(h)
             return send_f, send_i, jnp.asarray(loss_fn(h, y), jnp.float32)
-        send_f, send_i = carrier.pack(placement.boundaries[placement.copy_layer[copies[-1]] + 1], h)
+        send_f, send_i = carrier.encode(placement.boundaries[placement.copy_layer[copies[-1]] + 1], h)
         return send_f, send_i, jnp.zeros((), jnp.float32)
 
     program = jax.named_call(program, name=f"device{q}")

@@ -35,30 +35,30 @@ def _concat_rows(first: Any, second: Any) -> Any:
 
 
 def receive(placement: Placement, s: int, in_f, in_i):
-    """Unpacks stage ``s``'s message: ``(done, pending)`` row blocks.
+    """Decodes stage ``s``'s message: ``(done, pending)`` row blocks.
 
     ``pending`` is the entry layer's input for rows ``[k, B)``; ``done`` its
     output for rows ``[0, k)``, or ``None`` when ``k = 0``.
     """
     layer, k = placement.entry(s)
     carrier = placement.carrier
-    pending = carrier.unpack(placement.boundaries[layer], in_f[k:], in_i[k:])
+    pending = carrier.decode(placement.boundaries[layer], in_f[k:], in_i[k:])
     if not k or placement.boundaries[layer + 1] is None:  # split_loss: rows [0, k) of the last layer are done upstream
         return None, pending
-    return carrier.unpack(placement.boundaries[layer + 1], in_f[:k], in_i[:k]), pending
+    return carrier.decode(placement.boundaries[layer + 1], in_f[:k], in_i[:k]), pending
 
 
 def send(placement: Placement, s: int, done, pending):
     """Packs stage ``s``'s exit state into one ``([B, F], [B, I])`` message."""
     carrier, last = placement.carrier, placement.stage_pieces[s][-1]
     if last.stop == carrier.rows:
-        return carrier.pack(placement.boundaries[last.layer + 1], pending)
+        return carrier.encode(placement.boundaries[last.layer + 1], pending)
     if placement.boundaries[last.layer + 1] is None:  # split_loss: this stage took the loss of its rows
-        pend_f, pend_i = carrier.pack(placement.boundaries[last.layer], pending)
+        pend_f, pend_i = carrier.encode(placement.boundaries[last.layer], pending)
         zero_f, zero_i = carrier.zeros(last.stop)
         return jnp.concatenate([zero_f, pend_f]), jnp.concatenate([zero_i, pend_i])
-    done_f, done_i = carrier.pack(placement.boundaries[last.layer + 1], done)
-    pend_f, pend_i = carrier.pack(placement.boundaries[last.layer], pending)
+    done_f, done_i = carrier.encode(placement.boundaries[last.layer + 1], done)
+    pend_f, pend_i = carrier.encode(placement.boundaries[last.layer], pending)
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
 
 
@@ -138,7 +138,7 @@ def _stage_vjp(placement: Placement, s: int, trees, in_f, in_i, x, key, compute_
 
 
 def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:
-    """Each stored leaf's offset in its dtype's slot vector (leaves packed in order), -1 where not stored."""
+    """Each stored leaf's offset in its dtype's slot vector (leaves concatenated in order), -1 where not stored."""
     offsets, used = [], {}
     for shape, dtype, keep in zip(shapes, dtypes, stored):
         offsets.append(used.get(dtype, 0) if keep else -1)
@@ -147,7 +147,7 @@ def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:
     return tuple(offsets)
 
 
-def pack_slot(leaves, dtypes, sizes) -> tuple:
+def slot_vectors(leaves, dtypes, sizes) -> tuple:
     """``leaves`` flattened and concatenated per dtype, in order, each padded to its ``[n_d]`` slot size."""
     parts = {d: [] for d in dtypes}
     for leaf in leaves:
@@ -172,7 +172,8 @@ class Residuals(NamedTuple):
     ``jax.vjp``'s backward function is a pytree whose leaves are the
     residuals. Leaves that are the stage's own inputs (parameters, the
     stashed message, the micro-batch, its key) are not stored: the backward lane reads
-    them again. The others are packed per dtype into flat buffer-slot vectors.
+    them again. The others are concatenated per dtype into flat residual-slot vectors
+    (``slot_vectors``).
 
     Attributes:
       treedef: the backward function's tree structure (holds no arrays).
@@ -330,7 +331,7 @@ def make_lanes(placement: Placement, loss_fn: Callable, loss_scale: float, remat
                 if early:
                     send_i, loss = send_i
                 stored = [leaf for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs) if where < 0]
-                saved = pack_slot(stored, res_dtypes, res_sizes)
+                saved = slot_vectors(stored, res_dtypes, res_sizes)
             return send_f, send_i, saved, loss
 
         return branch

@@ -269,7 +269,7 @@ def merge_layers(graph: ModelGraph, own_trees: Sequence[Any]) -> list[nnx.Module
     Args:
       graph: the layers' joint graph.
       own_trees: ``[L]`` own trees (``LayerSpec.own``; a tied leaf only in
-        its owner layer), as ``Pipeline.unpack`` gives.
+        its owner layer), as ``Pipeline.from_stacks`` gives.
     """
     flat = [((i,) + path, var) for i, tree in enumerate(own_trees) for path, var in nnx.to_flat_state(tree)]
     return list(nnx.merge(graph.graphdef, nnx.from_flat_state(flat), graph.rest))

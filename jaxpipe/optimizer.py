@@ -144,7 +144,7 @@ class LayerOptimizer:
         stacks = [np.asarray(a) for a in state.stacks]
         leaves = [None] * len(self.owners)
         for layer in range(self.placement.num_layers):
-            for i, leaf in zip(self.leaf_positions(layer), self.layout.unpack(stacks, layer)):
+            for i, leaf in zip(self.leaf_positions(layer), self.layout.from_stacks(stacks, layer)):
                 leaves[i] = leaf
         for i, s in enumerate(self.shared):
             if s >= 0:
@@ -167,7 +167,7 @@ class LayerOptimizer:
                     f"optimizer state leaf {i} has shape {list(np.shape(leaf))}, expected {list(struct.shape)}"
                 )
         per_layer = [[leaves[i] for i in self.leaf_positions(layer)] for layer in range(self.placement.num_layers)]
-        stacks = self.layout.pack(per_layer)
+        stacks = self.layout.to_stacks(per_layer)
         shared = [np.asarray(leaves[i], self.structs[i].dtype) for i, s in enumerate(self.shared) if s >= 0]
         return stacks, shared
 

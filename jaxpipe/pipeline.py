@@ -51,7 +51,7 @@ class TrainState(NamedTuple):
 
     Attributes:
       params: the parameter stacks (``[K]`` arrays ``[P, *shape]`` sharded
-        over ``pipe``, ``stacks.py``); ``Pipeline.unpack`` gives per-layer trees.
+        over ``pipe``, ``stacks.py``); ``Pipeline.from_stacks`` gives per-layer trees.
       opt_state: the optimizer state of the per-layer tree, held the same way
         (``optimizer.OptState``); ``Pipeline.to_layers`` gives optax's tree.
       step: number of optimizer steps taken.
@@ -470,7 +470,7 @@ class Pipeline:
           A ``TrainState`` with step 0.
         """
         own = [spec.own(tree) for spec, tree in zip(self.placement.specs, self._host_params)]
-        params = self.pack(own)
+        params = self.to_stacks(own)
         if self._layer_opt.per_device:
             opt_state = jax.jit(local_init(self._layer_opt, self.mesh))(params)
         else:
@@ -534,7 +534,7 @@ class Pipeline:
         Returns:
           ``(loss [], grads)``, ``grads`` in stacks like ``params`` (a split
           layer's gradient summed into its owner copy, a tied parameter's
-          into its owner layer's leaf); ``unpack(grads)`` gives per-layer
+          into its owner layer's leaf); ``from_stacks(grads)`` gives per-layer
           trees.
         """
         check_state_like(self._state_struct().params, params, "params")
@@ -587,7 +587,7 @@ class Pipeline:
             return batch
         return self.shard_batch(batch)
 
-    def unpack(self, stacks: tuple) -> list[nnx.State]:
+    def from_stacks(self, stacks: tuple) -> list[nnx.State]:
         """Per-layer ``nnx.State`` trees from parameter or gradient stacks.
 
         A layer split between devices is read from its owner copy. A
@@ -596,7 +596,7 @@ class Pipeline:
         the later ones, as ``nnx.split`` of the whole layer list gives it:
         the tree the optimizer sees; its gradient is the sum over its uses.
         """
-        return self.placement.unpack([_host(a) for a in stacks])
+        return self.placement.from_stacks([_host(a) for a in stacks])
 
     def layers(self, params: tuple) -> list[nnx.Module]:
         """The layers with the given parameters, as ``model_fn`` returns them.
@@ -604,7 +604,7 @@ class Pipeline:
         Objects the layers shared (a tied parameter, sub-module or layer) are
         shared again (``stages.merge_layers``).
         """
-        return merge_layers(self._graph, self.unpack(params))
+        return merge_layers(self._graph, self.from_stacks(params))
 
     def train_step_stats(
         self, state: TrainState, batch: tuple[Any, Any]
@@ -628,16 +628,16 @@ class Pipeline:
         inputs, targets = self._placed(batch)
         return self._step(state, inputs, targets)
 
-    def pack(self, trees: Sequence[Any], dtype: Any = None) -> tuple:
+    def to_stacks(self, trees: Sequence[Any], dtype: Any = None) -> tuple:
         """Parameter stacks, placed on the mesh, from per-layer trees.
 
-        The inverse of ``unpack``: every copy of a layer split between
+        The inverse of ``from_stacks``: every copy of a layer split between
         devices is filled from the layer's tree, every tied leaf from its
         owner layer's.
 
         Args:
           trees: ``[L]`` per-layer trees (``nnx.State`` or anything whose
-            leaves come in the layer's parameter order), as ``unpack`` gives
+            leaves come in the layer's parameter order), as ``from_stacks`` gives
             (a shared parameter only in the first layer that reaches it).
           dtype: the stacks' dtype; default the parameters' dtype.
 
@@ -647,7 +647,7 @@ class Pipeline:
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
-        return tuple(jax.device_put(a, self._param_sharding) for a in self.placement.pack(trees, dtype))
+        return tuple(jax.device_put(a, self._param_sharding) for a in self.placement.to_stacks(trees, dtype))
 
     def _place_opt_state(self, stacks: Sequence[np.ndarray], shared: Sequence[np.ndarray]) -> OptState:
         return OptState(
@@ -662,13 +662,13 @@ class Pipeline:
           state: a ``TrainState`` of this pipeline.
 
         Returns:
-          ``(params, opt_state, step)``: ``params`` as ``unpack`` gives;
+          ``(params, opt_state, step)``: ``params`` as ``from_stacks`` gives;
           ``opt_state`` the optimizer's state of the per-layer tree (what
           ``optimizer.init(params)`` builds), as NumPy arrays; ``step`` an int.
         """
         opt_state = OptState(tuple(_host(a) for a in state.opt_state.stacks),
                              tuple(_host(a) for a in state.opt_state.shared))
-        return self.unpack(state.params), self._layer_opt.to_tree(opt_state), int(_host(state.step))
+        return self.from_stacks(state.params), self._layer_opt.to_tree(opt_state), int(_host(state.step))
 
     def from_layers(self, params: Sequence[Any], opt_state: Any, step: int) -> TrainState:
         """The inverse of ``to_layers``: places a per-layer state on this mesh.
@@ -684,7 +684,7 @@ class Pipeline:
         Raises:
           ValueError: if a shape or the state's structure differs from this pipeline's.
         """
-        stacks = self.pack(params)
+        stacks = self.to_stacks(params)
         opt_state = self._place_opt_state(*self._layer_opt.from_tree(opt_state))
         step = jax.device_put(jnp.asarray(step, jnp.int32), self._replicated)
         return TrainState(stacks, opt_state, step)

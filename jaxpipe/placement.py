@@ -135,19 +135,19 @@ class Placement:
                 out[k] = leaf.reshape(self.stacks.shapes[k]).astype(out[k].dtype)
         return tuple(out)
 
-    def pack(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
+    def to_stacks(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
         """Host stacks ``[P, *shape]`` from per-layer own trees; every extra copy and tied leaf filled.
 
         Args:
           layer_trees: ``[L]`` own trees (``LayerSpec.own``: a tied leaf is
-            given once, in its owner layer), as ``unpack`` gives.
+            given once, in its owner layer), as ``from_stacks`` gives.
           dtype: cast every stack to it; default each stack's own dtype.
 
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
         if len(layer_trees) != self.num_layers:
-            raise ValueError(f"pack needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
+            raise ValueError(f"to_stacks needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
         full = []
         for layer, tree in enumerate(layer_trees):
             spec, leaves = self.specs[layer], jax.tree.leaves(tree)
@@ -165,11 +165,11 @@ class Placement:
         for layer in range(self.num_layers):
             for leaf, owner, owner_leaf in self.specs[layer].tied:
                 full[layer][leaf] = full[owner][owner_leaf]
-        return self.stacks.pack([full[layer] for layer in self.copy_layer], dtype)
+        return self.stacks.to_stacks([full[layer] for layer in self.copy_layer], dtype)
 
-    def unpack(self, stacks: Sequence[Any]) -> list[Any]:
+    def from_stacks(self, stacks: Sequence[Any]) -> list[Any]:
         """Per-layer own trees (each layer's owner copy, tied leaves left out) from host stacks ``[P, *shape]``."""
-        return [self.specs[layer].own(self.stacks.unpack(stacks, layer)) for layer in range(self.num_layers)]
+        return [self.specs[layer].own(self.stacks.from_stacks(stacks, layer)) for layer in range(self.num_layers)]
 
 
 def place_stages(

@@ -427,7 +427,7 @@ def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteEr
     def bad(trees):
         return [i for i, tree in enumerate(trees) if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))]
 
-    bad_grads, bad_params = bad(pipe.unpack(grads)), bad(pipe.unpack(state.params))
+    bad_grads, bad_params = bad(pipe.from_stacks(grads)), bad(pipe.from_stacks(state.params))
     where = "; ".join(
         f"non-finite {what} in layers " + ", ".join(f"{i} ({names[i]})" for i in layers)
         for what, layers in (("parameters", bad_params), ("gradients", bad_grads)) if layers

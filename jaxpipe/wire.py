@@ -119,8 +119,8 @@ class Carrier:
             jnp.zeros((rows, self.int_width), jnp.int32),
         )
 
-    def pack(self, boundary: Boundary, tree: Any) -> tuple[jax.Array, jax.Array]:
-        """Packs an activation into ``([B, F], [B, I])`` buffers.
+    def encode(self, boundary: Boundary, tree: Any) -> tuple[jax.Array, jax.Array]:
+        """Encodes an activation as ``([B, F], [B, I])`` buffers.
 
         Built by concatenating the leaves' columns (each kind's offsets are
         consecutive) and zero padding, not by scattering into zeros: a
@@ -146,8 +146,8 @@ class Carrier:
             out.append(parts[kind][0] if len(parts[kind]) == 1 else jnp.concatenate(parts[kind], axis=1))
         return out[0], out[1]
 
-    def unpack(self, boundary: Boundary, fbuf: jax.Array, ibuf: jax.Array) -> Any:
-        """Recovers an activation from its ``([B, F], [B, I])`` buffers."""
+    def decode(self, boundary: Boundary, fbuf: jax.Array, ibuf: jax.Array) -> Any:
+        """Decodes an activation from its ``([B, F], [B, I])`` buffers."""
         leaves = []
         for shape, dtype, kind, off in zip(
             boundary.shapes, boundary.dtypes, boundary.kinds, boundary.offsets

@@ -43,7 +43,7 @@ def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMI
     )
     pipe = result.pipeline
     np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(pipe.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
+    assert_trees_close(pipe.from_stacks(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
     _assert_copies_identical(pipe, result.state.params)
     return pipe
 
@@ -51,7 +51,7 @@ def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMI
 def _assert_copies_identical(pipe, stacks):
     plan, host = pipe.placement, [np.asarray(a) for a in stacks]
     for copy, layer in enumerate(plan.copy_layer):
-        for a, b in zip(plan.stacks.unpack(host, copy), plan.stacks.unpack(host, layer)):
+        for a, b in zip(plan.stacks.from_stacks(host, copy), plan.stacks.from_stacks(host, layer)):
             np.testing.assert_array_equal(a, b, err_msg=f"parameter copy {copy} of layer {layer}")
 
 

@@ -153,7 +153,7 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
     assert error < GRAD_RTOL, f"first-step gradient relative L2 error {error:.4f} >= {GRAD_RTOL:.4f}"
     momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
     atol = LR * momentum_sum * GRAD_RTOL * np.abs(want).max()
-    np.testing.assert_allclose(_flat(pipe.unpack(state.params)), _flat(ref_params), rtol=0, atol=atol,
+    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=0, atol=atol,
                                err_msg="parameters")
 
 
@@ -182,7 +182,7 @@ def test_bfloat16_master_parameters_through_train():
     np.testing.assert_allclose(result.losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
     momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
     atol = LR * momentum_sum * GRAD_RTOL * np.abs(_flat(ref_grads)).max()
-    np.testing.assert_allclose(_flat(pipe.unpack(state.params)), _flat(ref_params), rtol=6 * U, atol=atol,
+    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=6 * U, atol=atol,
                                err_msg="parameters")
 
 
