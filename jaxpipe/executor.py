@@ -107,8 +107,8 @@ def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
 class TickState(NamedTuple):
     """The scan carry of one device."""
 
-    stash_f: jax.Array  # [A, B, F] activations held for their forward and backward
-    stash_i: jax.Array  # [A, B, I]
+    act_f: jax.Array  # [A, B, F] activations held for their forward and backward
+    act_i: jax.Array  # [A, B, I]
     inbox: jax.Array  # [G, B, F] input-gradients held for their backward
     saved: tuple  # per dtype [A, R_d] residuals from forward to backward
     acc: tuple  # [K] gradient accumulator stack entries, natural shapes
@@ -123,16 +123,16 @@ class TickState(NamedTuple):
     w_pending_slot: jax.Array  # [] its slot, -1: none
 
 
-def _write(stash: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
-    """``stash[slot] = value`` where ``slot >= 0``; unchanged otherwise."""
+def _write(slots: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """``slots[slot] = value`` where ``slot >= 0``; unchanged otherwise."""
     index = jnp.maximum(slot, 0)
-    current = lax.dynamic_index_in_dim(stash, index, keepdims=False)
+    current = lax.dynamic_index_in_dim(slots, index, keepdims=False)
     value = jnp.where(slot >= 0, value, current)
-    return lax.dynamic_update_index_in_dim(stash, value, index, 0)
+    return lax.dynamic_update_index_in_dim(slots, value, index, 0)
 
 
-def _read(stash: jax.Array, slot: jax.Array) -> jax.Array:
-    return lax.dynamic_index_in_dim(stash, jnp.maximum(slot, 0), keepdims=False)
+def _read(slots: jax.Array, slot: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(slots, jnp.maximum(slot, 0), keepdims=False)
 
 
 def _store_arrivals(state: TickState, cell: TickColumns) -> TickState:
@@ -142,8 +142,8 @@ def _store_arrivals(state: TickState, cell: TickColumns) -> TickState:
     residual buffer twice per tick.
     """
     return state._replace(
-        stash_f=_write(state.stash_f, cell.recv_act_slot, state.arrived_f),
-        stash_i=_write(state.stash_i, cell.recv_act_slot, state.arrived_i),
+        act_f=_write(state.act_f, cell.recv_act_slot, state.arrived_f),
+        act_i=_write(state.act_i, cell.recv_act_slot, state.arrived_i),
         inbox=_write(state.inbox, cell.recv_grad_slot, state.arrived_g),
         saved=tuple(_write(buf, state.pending_slot, new) for buf, new in zip(state.saved, state.pending)),
         w_inputs=tuple(_write(buf, state.w_pending_slot, new) for buf, new in zip(state.w_inputs, state.w_pending)),
@@ -193,7 +193,7 @@ def scheduled_loss_and_grad(
       buffers: its buffer slots (``ticks.tick_buffers``).
       mesh: a ``("data", "pipe")`` mesh whose pipe size is P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
-      remat: recompute each stage's forward in its backward from the stashed
+      remat: recompute each stage's forward in its backward from the held
         input instead of saving its residuals (less memory, one more forward).
       compute_dtype: dtype the stages compute in (``None``: no casts): the
         weights are cast to it once per step and every layer's float inputs
@@ -256,12 +256,12 @@ def scheduled_loss_and_grad(
             state = _store_arrivals(state, cell)
             f_mb, b_mb = jnp.maximum(cell.forward_mb, 0), jnp.maximum(cell.backward_mb, 0)
             send_f, send_i, produced, early_loss = lax.switch(
-                cell.forward_branch, lanes.forwards, weights, _read(state.stash_f, cell.forward_slot),
-                _read(state.stash_i, cell.forward_slot), index_microbatch(inputs, f_mb),
+                cell.forward_branch, lanes.forwards, weights, _read(state.act_f, cell.forward_slot),
+                _read(state.act_i, cell.forward_slot), index_microbatch(inputs, f_mb),
                 index_microbatch(targets, f_mb), key_of(f_mb),
             )
             b_operands = (
-                _read(state.stash_f, cell.backward_slot), _read(state.stash_i, cell.backward_slot),
+                _read(state.act_f, cell.backward_slot), _read(state.act_i, cell.backward_slot),
                 _read(state.inbox, cell.grad_slot), tuple(_read(buf, cell.backward_slot) for buf in state.saved),
                 index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb), key_of(b_mb),
             )
@@ -273,7 +273,7 @@ def scheduled_loss_and_grad(
                 w_slot, w_mb = cell.weight_out_slot, jnp.maximum(cell.weight_mb, 0)
                 acc = run_weight(
                     split, cell.weight_branch, weights, state.acc,
-                    _read(state.stash_f, cell.weight_act_slot), _read(state.stash_i, cell.weight_act_slot),
+                    _read(state.act_f, cell.weight_act_slot), _read(state.act_i, cell.weight_act_slot),
                     tuple(_read(buf, cell.weight_act_slot) for buf in state.saved),
                     index_microbatch(inputs, w_mb), index_microbatch(targets, w_mb), key_of(w_mb),
                     tuple(_read(buf, cell.weight_slot) for buf in state.w_inputs),
@@ -292,8 +292,8 @@ def scheduled_loss_and_grad(
 
         slots_a, slots_g = buffers.num_act_slots, buffers.num_grad_slots
         init = TickState(
-            stash_f=jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
-            stash_i=jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
+            act_f=jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
+            act_i=jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
             inbox=jnp.zeros((slots_g,) + zero_f.shape, zero_f.dtype),
             saved=tuple(jnp.zeros((slots_a, n), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes)),
             acc=acc,

@@ -171,7 +171,7 @@ class Residuals(NamedTuple):
 
     ``jax.vjp``'s backward function is a pytree whose leaves are the
     residuals. Leaves that are the stage's own inputs (parameters, the
-    stashed message, the micro-batch, its key) are not stored: the backward lane reads
+    message in its activation slot, the micro-batch, its key) are not stored: the backward lane reads
     them again. The others are concatenated per dtype into flat residual-slot vectors
     (``slot_vectors``).
 
@@ -273,7 +273,7 @@ def make_lanes(placement: Placement, loss_fn: Callable, loss_scale: float, remat
     and adds each copy's gradient into that copy's accumulator stacks, in
     the leaves' own shapes (idle passes the accumulators through). With
     ``remat`` (or on the last stage, whose forward is folded into its
-    backward) the backward recomputes the stage's forward from its stashed
+    backward) the backward recomputes the stage's forward from its held
     input; otherwise it uses the residuals the forward lane saved. The
     weights arrive already cast to ``compute_dtype`` (once per step), so a
     stage's parameter trees are ``jax.vjp`` inputs, never stored residuals;

@@ -48,7 +48,7 @@ class Candidate:
         model on each device (what the cuts balance).
       step_time: predicted step time (cost units).
       memory: ``[P]`` predicted bytes per device (parameters, optimizer
-        state and gradients as 4 x parameters, plus stashed messages).
+        state and gradients as 4 x parameters, plus held messages).
       fits: whether every device's memory is within the limit.
       costs: ``[P, V]`` per-stage forward and backward costs as the table
         executor pays them (the last stage's forward is folded into its
@@ -214,7 +214,7 @@ def predict(
       num_microbatches: M.
       rows: B.
       param_bytes: ``[L]`` parameter bytes per layer.
-      message_bytes: bytes of one packed message (one stash slot).
+      message_bytes: bytes of one encoded message (one activation slot).
       max_memory: bytes allowed per device, or ``None``.
       residual_bytes: ``[L]`` bytes of residuals a layer's forward saves for
         its backward, per micro-batch of B rows (``None``: not counted).

@@ -14,7 +14,7 @@ per tick, so the tick lasts ``max_p (f_p + b_p)`` and stages with equal
 action to the earliest tick where its inputs have arrived (unit-time list
 scheduling, as ``schedule.py`` does for one lane). The last stage's forward is
 folded into its backward (the executor computes both there), so it may share
-that backward's tick. ``tick_buffers`` assigns the stash and gradient-inbox
+that backward's tick. ``tick_buffers`` assigns the activation and gradient-inbox
 slots the executor indexes; the activation slot of ``(m, s)`` also holds that
 stage's saved residuals from its forward to its backward.
 
