@@ -37,7 +37,7 @@ def check_deterministic(placement: Placement, params: Sequence[Any], structs: Se
     Args:
       placement: the stage placement.
       params: ``[L]`` per-layer parameter trees (arrays or shape structs).
-      structs: ``L + 1`` activation structures (``stages.trace_boundaries``).
+      structs: ``L + 1`` activation structures (``tracing.trace_boundaries``).
 
     Raises:
       ValueError: naming the first such layer.

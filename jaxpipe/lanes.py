@@ -1,7 +1,7 @@
 """What a stage computes in each lane of a tick: the branches the executor switches over.
 
 A stage is a run of pieces (``partition.Piece``) on one device. Its forward
-receives a message (``[B, F]`` floats, ``[B, I]`` ints, see ``stages.Carrier``),
+receives a message (``[B, F]`` floats, ``[B, I]`` ints, see ``wire.Carrier``),
 runs its pieces and sends the next message; its backward takes the
 message's cotangent and adds the weight gradient of each of its parameter
 copies into that copy's accumulator stacks (``stacks.py``).

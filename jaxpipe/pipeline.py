@@ -591,7 +591,7 @@ class Pipeline:
         """Per-layer ``nnx.State`` trees from parameter or gradient stacks.
 
         A layer split between devices is read from its owner copy. A
-        parameter several layers share (weight tying, ``stages.find_ties``)
+        parameter several layers share (weight tying, ``layers.find_ties``)
         is given once, in the first layer that reaches it, and left out of
         the later ones, as ``nnx.split`` of the whole layer list gives it:
         the tree the optimizer sees; its gradient is the sum over its uses.
@@ -602,7 +602,7 @@ class Pipeline:
         """The layers with the given parameters, as ``model_fn`` returns them.
 
         Objects the layers shared (a tied parameter, sub-module or layer) are
-        shared again (``stages.merge_layers``).
+        shared again (``layers.merge_layers``).
         """
         return merge_layers(self._graph, self.from_stacks(params))
 

@@ -5,7 +5,7 @@ layer cut by rows between stages has a *parameter copy* on each device that
 runs part of it: copy ``i < L`` is layer ``i`` itself (its owner copy), and
 copies ``L, L + 1, ...`` are the extra copies of split layers. Every copy's
 leaves live in natural-shape stacks (``stacks.py``), tied leaves
-(``stages.find_ties``) included: a layer that shares an earlier layer's
+(``layers.find_ties``) included: a layer that shares an earlier layer's
 parameter holds its own entry of it on its device.
 
 Both are *linked* to an owner leaf (``copy_links``): each leaf of an extra

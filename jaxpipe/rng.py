@@ -110,7 +110,7 @@ def draws(spec: Any, params: Any, x: Any, deterministic: bool) -> bool:
     dropout never uses the result.
 
     Args:
-      spec: a ``stages.LayerSpec`` with RNG streams.
+      spec: a ``layers.LayerSpec`` with RNG streams.
       params: its parameter tree (or shape structs).
       x: its input (shape structs).
       deterministic: check the layer in evaluation mode (``layer.eval()``).
