@@ -8,7 +8,8 @@ copies into that copy's accumulator stacks (``stacks.py``).
 
 Legend: B rows per micro-batch, F/I float/int message columns, R_d residual
 elements of dtype d per buffer slot; ``weights``/``acc`` are this device's
-stack entries, each in its leaf's natural shape.
+stack entries, each in its leaf's natural shape. ``docs/design.md``, "Two
+lanes per tick" and "Buffer slots", describes the tick these lanes run in.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ copy of its layer) to its owner layer's leaf. The partial gradients of
 linked leaves are summed into the owner before the optimizer and the linked
 leaves are refreshed from the owner after it, so they stay identical and the
 optimizer sees each parameter once, in its owner's own tree
-(``LayerSpec.own``).
+(``LayerSpec.own``). ``place_stages`` returns all of this as a ``Placement``
+(``docs/design.md``, "Parameter stacks" and the glossary).
 """
 
 from __future__ import annotations

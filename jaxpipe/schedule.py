@@ -11,7 +11,10 @@ interleaved mapping), so there are ``S = V * P`` stages and a boundary always
 moves to the next device on the ring: forward outputs to ``(p + 1) % P``,
 input-gradients to ``(p - 1) % P``. A boundary sent at tick ``t`` can be used
 at tick ``t + 1`` or later. Pure NumPy: the executor, the simulator and the
-plots all read the same table.
+plots all read the same table (``docs/design.md``, "Schedules are data").
+What a table holds at once (activations, gradients, micro-batches in flight)
+is counted here for ``validate`` and the simulator; the slots the executor
+indexes belong to packed ticks (``ticks.tick_buffers``).
 """
 
 from __future__ import annotations

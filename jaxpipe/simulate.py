@@ -4,7 +4,10 @@ The table fixes each device's order of work; the simulator gives every action
 real durations and starts it as soon as its device is free and its inputs are
 there. It predicts the makespan and bubble of an asynchronous pipeline, and,
 for comparison, the time of a lock-step run in which every tick lasts as long
-as its slowest action (what a one-action-per-tick SPMD executor does).
+as its slowest action (what a one-action-per-tick SPMD executor does), and
+each device's peak of micro-batches in flight (``schedule.peak_in_flight``).
+``docs/design.md``, "How performance is measured", says where these
+predictions are used.
 """
 
 from __future__ import annotations

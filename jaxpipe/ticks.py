@@ -30,6 +30,8 @@ need 1.5 ticks per micro-batch, each as long as the slowest device's
 deferred Ws where the B lane is empty (warm-up and cool-down). A W runs at
 least one tick after its B: B's output for W is written into its weight
 slot at the start of the next tick, like a forward's residuals.
+``docs/design.md`` ("Two lanes per tick", "Buffer slots") shows how the
+executor reads these tables.
 """
 
 from __future__ import annotations
