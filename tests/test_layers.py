@@ -1,4 +1,4 @@
-"""Pure pieces of ``layers.py``, ``wire.py`` and ``tracing.py``: layer splitting, ties, the wire format."""
+"""Pure pieces of ``layers.py``, ``stacks.py``, ``wire.py`` and ``tracing.py``: splitting, ties, stacks, messages."""
 
 import jax
 import jax.numpy as jnp
