@@ -28,7 +28,7 @@ def main() -> None:
         print(schedule)
         print(f"bubble fraction {sim.bubble_fraction:.4f} (analytic {analytic:.4f}), "
               f"makespan {sim.makespan:g}, lock-step makespan {sim.lockstep_makespan:g}, "
-              f"peak in flight per device {sim.peak_stash.tolist()} -> {path}\n")
+              f"peak in flight per device {sim.peak_in_flight.tolist()} -> {path}\n")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def worker(config: str) -> None:
                 times[name].append(time.perf_counter() - start)
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
-            name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step,
+            name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step_time,
                    "partition": pipe.partition, "loads": pipe.plan.chosen.loads.tolist()}
             for name, pipe in pipes.items()
         }))

@@ -34,14 +34,14 @@ model predicts one training step of
 
 Candidates come from ``jaxpipe.planner.make_plan``: their cuts, memory,
 per-stage costs as the table executor pays them (``Candidate.costs``) and
-lock-step step time (``Candidate.step``: the schedule packed into executor
+lock-step step time (``Candidate.step_time``: the schedule packed into executor
 ticks, ``jaxpipe.ticks``, each tick as long as its slowest device). The
 event-driven time (an asynchronous executor running the same per-device
 order) is ``jaxpipe.simulate`` of the same table (``make_schedule(...,
 fused=True)``, as ``jaxpipe simulate`` draws it) under ``Candidate.costs``.
 Nothing of the cost model is re-implemented here, so the study follows
 planner.py when it changes; a check warns if re-timing ``Candidate.costs``
-on the packed ticks no longer reproduces ``Candidate.step``. Where P > L no
+on the packed ticks no longer reproduces ``Candidate.step_time``. Where P > L no
 integer cut exists; the fractional candidates are then built with
 ``fractional_partition`` + ``predict``.
 
@@ -92,7 +92,8 @@ from jaxpipe.partition import fractional_partition  # noqa: E402
 from jaxpipe.planner import make_plan, predict  # noqa: E402
 from jaxpipe.schedule import make_schedule  # noqa: E402
 from jaxpipe.simulate import Costs, simulate  # noqa: E402
-from jaxpipe.stages import residual_bytes, split_layers, trace_boundaries  # noqa: E402
+from jaxpipe.layers import split_layers  # noqa: E402
+from jaxpipe.tracing import residual_bytes, trace_boundaries  # noqa: E402
 from jaxpipe.ticks import pack, tick_time  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -285,7 +286,7 @@ def candidates(model: dict, num_devices: int, num_microbatches: int) -> tuple[di
         stages = fractional_partition(total, num_devices, model["rows"], [True] * num_layers)
         cands = [predict(stages, order, 1, "fractional", **common, max_memory=None) for order in ("1f1b", "gpipe")]
         chosen["balanced"] = cands[0]
-        best = min(cands, key=lambda c: c.step)
+        best = min(cands, key=lambda c: c.step_time)
         chosen["planner pick"] = best
         return chosen, f"{best.label} (no integer cut: L={num_layers} < P={num_devices})"
     chosen["gpipe"] = _select(plan.candidates, "gpipe")
@@ -308,15 +309,15 @@ def measure(cand, model: dict, num_devices: int, num_microbatches: int) -> dict:
     sim, sim_equal = simulate(table, cand.costs), simulate(table, equal)
     busy = float(sim.busy.sum())
     out = {"label": cand.label, "schedule": cand.schedule, "V": v, "cut": cand.cut}
-    for key, t, t_eq in (("lockstep", cand.step, lockstep_equal), ("event", sim.makespan, sim_equal.makespan)):
+    for key, t, t_eq in (("lockstep", cand.step_time, lockstep_equal), ("event", sim.makespan, sim_equal.makespan)):
         out[f"{key}_step"] = t
         out[f"{key}_equal_step"] = t_eq
         out[f"{key}_bubble"] = 1.0 - busy / (num_devices * t)
         out[f"{key}_imbalance_idle"] = t - t_eq
         out[f"{key}_imbalance_frac"] = (t - t_eq) / t
-    # Candidate.step is the planner's lock-step number; re-timed here only to check the equal-stage baseline
+    # Candidate.step_time is the planner's lock-step number; re-timed here only to check the equal-stage baseline
     # is timed the same way (they differ only if planner.py stops timing packed fused ticks).
-    out["planner_step_matches_packed_ticks"] = bool(np.isclose(cand.step, lockstep, rtol=1e-9))
+    out["planner_step_matches_packed_ticks"] = bool(np.isclose(cand.step_time, lockstep, rtol=1e-9))
     out["max_over_mean_load"] = float(np.max(cand.loads) / np.mean(cand.loads))
     out["memory_max_gib"] = float(np.max(cand.memory)) / 2**30
     # The same estimate if every stash slot held one hidden state (a block's output), not logits.
@@ -543,7 +544,7 @@ def main() -> None:
     write_csv(results["rows"], RESULTS / "scale_study.csv")
     plot(results, RESULTS / "scale_study.png")
     if not all(r["planner_step_matches_packed_ticks"] for r in results["rows"]):
-        print("WARNING: Candidate.step differs from tick_time(pack(make_schedule(..., fused=True)), "
+        print("WARNING: Candidate.step_time differs from tick_time(pack(make_schedule(..., fused=True)), "
               "Candidate.costs); the equal-stage numbers may not follow the planner's cost model")
     for name, info in results["models"].items():
         if max(info["load_average_1min_before_after"]) > (os.cpu_count() or 1) and not info["cache_hit"]:

@@ -91,7 +91,7 @@ def lower_and_compile(pipe, state, placed):
 
 def carrier_bytes(pipe):
     """Bytes of one packed boundary activation (one stash slot)."""
-    c = pipe.stage_plan.carrier
+    c = pipe.placement.carrier
     return c.rows * (c.float_width * np.dtype(c.float_dtype).itemsize + c.int_width * 4)
 
 

@@ -76,14 +76,14 @@ def study(name, model_fn, sample):
         "backward_ms": (backward * 1e3).round(3).tolist(),
         "plain_max_over_mean_load": float(plain.loads.max() / plain.loads.mean()),
         "balanced_max_over_mean_load": float(balanced.loads.max() / balanced.loads.mean()),
-        "lockstep_plain_s": plain.step,
-        "lockstep_balanced_s": balanced.step,
-        "lockstep_speedup": plain.step / balanced.step,
+        "lockstep_plain_s": plain.step_time,
+        "lockstep_balanced_s": balanced.step_time,
+        "lockstep_speedup": plain.step_time / balanced.step_time,
         "event_plain_s": _event_driven(plain_stages, forward, backward),
         "event_balanced_s": _event_driven(bal_stages, forward, backward),
         "planner_pick": plan.chosen.label,
-        "planner_pick_s": plan.chosen.step,
-        "planner_speedup_over_plain": plain.step / plan.chosen.step,
+        "planner_pick_s": plan.chosen.step_time,
+        "planner_speedup_over_plain": plain.step_time / plan.chosen.step_time,
     }
     row["event_speedup"] = row["event_plain_s"] / row["event_balanced_s"]
     print(prof)

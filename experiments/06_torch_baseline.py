@@ -211,7 +211,7 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             **_summary(times), "partition": list(pipe.partition), "warmup_s": warmup_s,
-            "predicted_s": pipe.plan.chosen.step, "loads": pipe.plan.chosen.loads.tolist(),
+            "predicted_s": pipe.plan.chosen.step_time, "loads": pipe.plan.chosen.loads.tolist(),
             "first_loss": losses[0], "last_loss": losses[-1],
         }))
 

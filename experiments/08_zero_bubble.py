@@ -84,7 +84,7 @@ def worker(config: str, m: int) -> None:
             if step >= WARMUP:
                 times[name].append(time.perf_counter() - start)
     print(f"RESULT{jax.process_index()} " + json.dumps({
-        name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step,
+        name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step_time,
                "temp_bytes": memory[name], "partition": pipe.partition}
         for name, pipe in pipes.items()
     }), flush=True)

@@ -166,7 +166,7 @@ def memory() -> list[dict]:
     for name, (model_fn, loss_fn, batch) in configs.items():
         for schedule in ("1f1b", "balanced"):
             pipe = jaxpipe.Pipeline(model_fn, (1, 4), loss_fn, optax.adam(1e-3), 4, batch, schedule=schedule)
-            plan = pipe.stage_plan
+            plan = pipe.placement
             stacks, state_stacks = plan.stacks, pipe._layer_opt.layout
             need = [a + a + b for a, b in zip(stacks.needed_bytes(), state_stacks.needed_bytes())]
             held = 2 * stacks.held_bytes() + state_stacks.held_bytes()

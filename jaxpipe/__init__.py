@@ -16,7 +16,6 @@ from .profile import LayerCost, Profile, profile
 from .schedule import (
     Schedule,
     ScheduleError,
-    assign_buffers,
     gpipe,
     interleaved_1f1b,
     make_schedule,
@@ -51,7 +50,6 @@ __all__ = [
     "Ticks",
     "TrainResult",
     "TrainState",
-    "assign_buffers",
     "data_shard",
     "fractional_partition",
     "gpipe",

@@ -21,12 +21,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .executor import index_microbatch, local_views
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .placement import StagePlan
+from .placement import Placement
 from .rng import microbatch_key, step_key, uses_rng
-from .stages import apply_layer, cast_floats, loss_precision
+from .layers import apply_layer, cast_floats, loss_precision
 
 
-def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, compute_dtype) -> Callable:
+def _device_program(placement: Placement, q: int, loss_fn: Callable, remat: bool, compute_dtype) -> Callable:
     """Forward program of pipe device ``q``: receive, run its layers, send.
 
     With a ``compute_dtype`` the parameters and every layer's float inputs
@@ -39,21 +39,21 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, com
     micro-batch's model input and targets (used by the first and last device)
     and ``key`` its key data for layers that draw random numbers, or ``None``.
     """
-    copies = plan.device_copies[q]
-    last = q == plan.num_devices - 1
-    carrier = plan.carrier
+    copies = placement.device_copies[q]
+    last = q == placement.num_devices - 1
+    carrier = placement.carrier
 
     def program(weights, recv_f, recv_i, x, y, key):
-        h = x if q == 0 else carrier.unpack(plan.boundaries[plan.copy_layer[copies[0]]], recv_f, recv_i)
+        h = x if q == 0 else carrier.decode(placement.boundaries[placement.copy_layer[copies[0]]], recv_f, recv_i)
         for copy in copies:
-            spec, params = plan.specs[copy], cast_floats(plan.copy_tree(weights, copy), compute_dtype)
-            with jax.named_scope(f"layer{plan.copy_layer[copy]}_{spec.name}"):
+            spec, params = placement.specs[copy], cast_floats(placement.copy_tree(weights, copy), compute_dtype)
+            with jax.named_scope(f"layer{placement.copy_layer[copy]}_{spec.name}"):
                 h = apply_layer(spec, params, cast_floats(h, compute_dtype), key)
         if last:
             send_f, send_i = carrier.zeros()
             h = h if compute_dtype is None else loss_precision(h)
             return send_f, send_i, jnp.asarray(loss_fn(h, y), jnp.float32)
-        send_f, send_i = carrier.pack(plan.boundaries[plan.copy_layer[copies[-1]] + 1], h)
+        send_f, send_i = carrier.encode(placement.boundaries[placement.copy_layer[copies[-1]] + 1], h)
         return send_f, send_i, jnp.zeros((), jnp.float32)
 
     program = jax.named_call(program, name=f"device{q}")
@@ -61,7 +61,7 @@ def _device_program(plan: StagePlan, q: int, loss_fn: Callable, remat: bool, com
 
 
 def autodiff_gpipe_loss(
-    plan: StagePlan,
+    placement: Placement,
     mesh: Mesh,
     loss_fn: Callable,
     remat: bool = False,
@@ -72,8 +72,8 @@ def autodiff_gpipe_loss(
     """Builds the GPipe pipeline loss, differentiable with ``jax.grad``.
 
     Args:
-      plan: the static stage plan.
-      mesh: a ``("data", "pipe")`` mesh whose pipe size equals the plan's P.
+      placement: the static stage placement.
+      mesh: a ``("data", "pipe")`` mesh whose pipe size equals the placement's P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
       remat: rematerialise each device's layers in the backward pass, so only
         boundary activations are stored between forward and backward.
@@ -85,12 +85,14 @@ def autodiff_gpipe_loss(
 
     Returns:
       ``loss(weights, inputs [D, M, B, ...], targets [D, M, B, ...], step=0) ->
-      []`` (``step`` enters the layers' random keys) where ``weights`` are the plan's stacks (``[K]`` arrays ``[P, *shape]``): the mean of ``loss_fn`` over all micro-batches of all replicas.
+      []`` (``step`` enters the layers' random keys) where ``weights`` are the
+      placement's stacks (``[K]`` arrays ``[P, *shape]``): the mean of
+      ``loss_fn`` over all micro-batches of all replicas.
     """
-    num_devices, num_mb = plan.num_devices, plan.num_microbatches
-    programs = [_device_program(plan, q, loss_fn, remat, compute_dtype) for q in range(num_devices)]
+    num_devices, num_mb = placement.num_devices, placement.num_microbatches
+    programs = [_device_program(placement, q, loss_fn, remat, compute_dtype) for q in range(num_devices)]
     forward_perm = [(q, q + 1) for q in range(num_devices - 1)]
-    random = uses_rng(plan.specs)
+    random = uses_rng(placement.specs)
 
     def body(params, inputs, targets, step):
         weights, inputs, targets = local_views(params, inputs, targets)
@@ -109,17 +111,17 @@ def autodiff_gpipe_loss(
                 return lax.switch(q, programs, weights, recv_f, recv_i, x, y, key)
 
             def idle():
-                send_f, send_i = plan.carrier.zeros()
+                send_f, send_i = placement.carrier.zeros()
                 return send_f, send_i, jnp.zeros((), jnp.float32)
 
             send_f, send_i, loss = lax.cond(active, work, idle) if skip_idle else work()
             if num_devices > 1:
                 send_f = lax.ppermute(send_f, PIPE_AXIS, forward_perm)
-                if plan.sends_ints:
+                if placement.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, forward_perm)
             return (send_f, send_i, loss_sum + loss), None
 
-        recv_f, recv_i = plan.carrier.zeros()
+        recv_f, recv_i = placement.carrier.zeros()
         init = (recv_f, recv_i, jnp.zeros((), jnp.float32))
         (_, _, loss_sum), _ = lax.scan(tick, init, jnp.arange(num_mb + num_devices - 1))
         loss = lax.psum(loss_sum, PIPE_AXIS) / num_mb

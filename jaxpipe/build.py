@@ -6,7 +6,7 @@
     unsplittable_layers Traced, config                  -> layers a fractional cut must not split
     cost_model          Traced, config                  -> LayerCosts
     choose_stages       LayerCosts, config, P, B        -> Choice (the cut, order, V, remat, the Plan)
-    place               Traced, Choice, config          -> Placed (the StagePlan)
+    place               Traced, Choice, config          -> Placed (the Placement)
     build_step          Placed, Choice, config          -> Step (value_and_grad, optimizer update)
 
 Each returns a small immutable record and can be called alone (tests/test_build.py).
@@ -26,32 +26,25 @@ from jax.experimental import multihost_utils
 
 from .autodiff import autodiff_gpipe_loss
 from .config import PipelineConfig
+from .costs import layer_costs
 from .executor import scheduled_loss_and_grad
 from .guards import batch_rows, batch_signature, check_batch, check_loss
+from .layers import cast_floats, loss_precision, model_graph, split_layers
 from .optimizer import LayerOptimizer, local_updates, whole_tree_update
 from .partition import (
     check_layer_ids,
     check_partition,
     fractional_partition,
-    layer_costs,
     partition_layers,
     pieces_from_counts,
 )
-from .placement import StagePlan, merge_copies, place_stages, sync_copies
+from .placement import Placement, merge_copies, place_stages, sync_copies
 from .planner import Plan, describe_plan, make_plan
 from .rng import draws
 from .row_mixing import mixing_layers
 from .schedule import Schedule, make_schedule
-from .stages import (
-    cast_floats,
-    largest_activation_bytes,
-    loss_precision,
-    model_graph,
-    residual_bytes,
-    split_layers,
-    trace_boundaries,
-)
 from .ticks import TickBuffers, Ticks, pack, tick_buffers
+from .tracing import largest_activation_bytes, residual_bytes, trace_boundaries
 
 
 class Traced(NamedTuple):
@@ -139,11 +132,11 @@ class Placed(NamedTuple):
     """The stages on devices.
 
     Attributes:
-      stage_plan: the ``StagePlan`` (parameter copies, stacks, boundaries).
+      placement: the ``Placement`` (parameter copies, stacks, boundaries).
       split_loss: whether each piece of a split last layer takes its own rows' loss.
     """
 
-    stage_plan: StagePlan
+    placement: Placement
     split_loss: bool
 
 
@@ -222,7 +215,7 @@ def trace_model(
 
 
 def _check_layer_count(num_layers: int, config: PipelineConfig, mesh_shape: tuple[int, int]) -> None:
-    num_devices, num_chunks = mesh_shape[1], config.virtual_stages
+    num_devices, virtual_stages = mesh_shape[1], config.virtual_stages
     if num_layers < num_devices and config.cut == "integer" and config.schedule != "auto":
         # Fractional cuts (and "auto", which then plans only those) give
         # each device rows of some layer instead.
@@ -232,11 +225,11 @@ def _check_layer_count(num_layers: int, config: PipelineConfig, mesh_shape: tupl
             f"one layer, so use pipe <= {num_layers}, or cut='fractional' "
             "(schedule='balanced') to split layers by rows"
         )
-    if num_chunks > 1 and num_layers < num_chunks * num_devices:
+    if virtual_stages > 1 and num_layers < virtual_stages * num_devices:
         raise ValueError(
-            f"schedule='interleaved' with virtual_stages={num_chunks} on "
+            f"schedule='interleaved' with virtual_stages={virtual_stages} on "
             f"{num_devices} pipe devices needs at least "
-            f"{num_chunks * num_devices} layers (V * P, one per stage), "
+            f"{virtual_stages * num_devices} layers (V * P, one per stage), "
             f"but the model has {num_layers}; lower virtual_stages to at most "
             f"{num_layers // num_devices}"
         )
@@ -322,19 +315,19 @@ def choose_stages(
         c = plan.chosen
         return Choice(plan, c.stages, c.schedule, c.virtual_stages, c.cut, bool(c.remat), _sizes(c.stages, rows))
     total, num_layers = costs.forward + costs.backward, len(costs.forward)
-    num_chunks = config.virtual_stages
+    virtual_stages = config.virtual_stages
     if config.cut == "fractional":
         splittable = [i not in unsplittable for i in range(num_layers)]
-        stages = fractional_partition(total, num_chunks * num_devices, rows, splittable)
+        stages = fractional_partition(total, virtual_stages * num_devices, rows, splittable)
     else:
-        counts = config.partition if config.partition is not None else partition_layers(total, num_chunks * num_devices)
-        stages = pieces_from_counts(check_partition(counts, num_layers, num_devices, num_chunks), rows)
+        counts = config.partition if config.partition is not None else partition_layers(total, virtual_stages * num_devices)
+        stages = pieces_from_counts(check_partition(counts, num_layers, num_devices, virtual_stages), rows)
     remat = bool(config.remat)
     plan = describe_plan(
-        stages, config.schedule, num_chunks, config.cut, layer_names=names, unsplittable=unsplittable,
+        stages, config.schedule, virtual_stages, config.cut, layer_names=names, unsplittable=unsplittable,
         unit=costs.unit, max_memory=config.max_memory_per_device, remat=remat, **common,
     )
-    return Choice(plan, tuple(stages), config.schedule, num_chunks, config.cut, remat, _sizes(stages, rows))
+    return Choice(plan, tuple(stages), config.schedule, virtual_stages, config.cut, remat, _sizes(stages, rows))
 
 
 def _sizes(stages: Sequence[Sequence[Any]], rows: int) -> tuple:
@@ -358,11 +351,11 @@ def place(traced: Traced, choice: Choice, config: PipelineConfig, loss_fn: Calla
         loss_fn, traced.outputs, jax.tree.map(lambda a: np.asarray(a)[:rows], traced.targets),
         [(p.start, p.stop) for p in last_pieces],
     )
-    stage_plan = place_stages(
+    placement = place_stages(
         choice.stages, num_devices, config.num_microbatches, traced.specs, traced.params, traced.param_dtype,
         traced.structs, traced.x_mb, split_loss=split_loss,
     )
-    return Placed(stage_plan, split_loss)
+    return Placed(placement, split_loss)
 
 
 def build_step(
@@ -377,33 +370,33 @@ def build_step(
     optimizer runs per device, or on the whole tree when it couples layers of
     different devices (``LayerOptimizer.build`` decides).
     """
-    stage_plan = placed.stage_plan
+    placement = placed.placement
     table = ticks = buffers = None
     if config.executor == "autodiff":
         loss = autodiff_gpipe_loss(
-            stage_plan, mesh, loss_fn, remat=choice.remat, skip_idle=skip_idle,
+            placement, mesh, loss_fn, remat=choice.remat, skip_idle=skip_idle,
             compute_dtype=config.compute_dtype, seed=config.seed,
         )
-        merge = merge_copies(stage_plan, mesh)
+        merge = merge_copies(placement, mesh)
 
         def value_and_grad(*args):
             value, grads = jax.value_and_grad(loss)(*args)
             return value, merge(grads)
     else:
         table = make_schedule(
-            choice.schedule, len(stage_plan.device_copies), config.num_microbatches, choice.virtual_stages, fused=True
+            choice.schedule, len(placement.device_copies), config.num_microbatches, choice.virtual_stages, fused=True
         )
         ticks = pack(table)
         buffers = tick_buffers(ticks)
         value_and_grad = scheduled_loss_and_grad(
-            stage_plan, ticks, buffers, mesh, loss_fn, remat=choice.remat,
+            placement, ticks, buffers, mesh, loss_fn, remat=choice.remat,
             compute_dtype=config.compute_dtype, seed=config.seed,
         )
-    layer_opt = LayerOptimizer.build(optimizer, stage_plan)
+    layer_opt = LayerOptimizer.build(optimizer, placement)
     if layer_opt.per_device:
         update = local_updates(layer_opt, mesh)
     else:
-        sync = sync_copies(stage_plan, mesh)
+        sync = sync_copies(placement, mesh)
         whole = whole_tree_update(layer_opt)
 
         def update(grads, opt_state, weights):

@@ -234,7 +234,7 @@ class Checkpoints:
                 "mesh_shape": [pipe.num_replicas, pipe.num_devices],
                 "schedule": pipe.schedule,
                 "cut": pipe.cut,
-                "virtual_stages": pipe.num_chunks,
+                "virtual_stages": pipe.virtual_stages,
             },
         }
         if step in self.steps():
@@ -389,9 +389,9 @@ def _groups(pipe: Pipeline) -> tuple[Any, list[dict]]:
     the real tree gets one group per state leaf.
     """
     structs = pipe.optimizer_state_structs()
-    num_layers = pipe.stage_plan.num_layers
+    num_layers = pipe.placement.num_layers
     try:
-        flat = jax.eval_shape(pipe.optimizer.init, jax.ShapeDtypeStruct((2, 3), pipe.stage_plan.dtype))
+        flat = jax.eval_shape(pipe.optimizer.init, jax.ShapeDtypeStruct((2, 3), pipe.placement.dtype))
         outer = jax.tree.structure(flat)
         groups = outer.flatten_up_to(structs)
     except Exception:  # noqa: BLE001 - the optimizer cannot be built for one array: group per leaf
@@ -410,12 +410,12 @@ def _groups(pipe: Pipeline) -> tuple[Any, list[dict]]:
 
 
 def _layer_shapes(pipe: Pipeline) -> list[list[np.ndarray]]:
-    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
-    return [[np.zeros(shape, pipe.stage_plan.dtype) for shape in spec.own_shapes] for spec in specs]
+    specs = pipe.placement.specs[: pipe.placement.num_layers]
+    return [[np.zeros(shape, pipe.placement.dtype) for shape in spec.own_shapes] for spec in specs]
 
 
 def _layers_list(tree: dict, pipe: Pipeline) -> list[list[np.ndarray]]:
-    specs = pipe.stage_plan.specs[: pipe.stage_plan.num_layers]
+    specs = pipe.placement.specs[: pipe.placement.num_layers]
     return [[tree[str(i)][str(j)] for j in range(len(spec.own_shapes))] for i, spec in enumerate(specs)]
 
 
@@ -429,7 +429,7 @@ def _layers_trees(tree: dict, structs: Sequence[Any]) -> list[Any]:
 
 
 def _layers_meta(pipe: Pipeline) -> list[dict]:
-    return layers_meta(pipe.stage_plan.specs[: pipe.stage_plan.num_layers])
+    return layers_meta(pipe.placement.specs[: pipe.placement.num_layers])
 
 
 def layers_meta(specs: Sequence[Any]) -> list[dict]:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .layers import check_float_dtype
 from .schedule import SCHEDULE_NAMES
-from .stages import check_float_dtype
 
 SCHEDULES = SCHEDULE_NAMES + ("balanced", "auto")
 CUTS = ("integer", "fractional")

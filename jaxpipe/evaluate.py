@@ -26,24 +26,24 @@ from jax.sharding import Mesh, PartitionSpec
 from .executor import index_microbatch, local_views
 from .lanes import partial_loss, send, stage_apply, stage_trees, takes_loss_early
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .placement import StagePlan
+from .placement import Placement
 from .rng import draws
-from .stages import cast_floats, loss_precision
+from .layers import cast_floats, loss_precision
 
 
-def check_deterministic(plan: StagePlan, params: Sequence[Any], structs: Sequence[Any]) -> None:
+def check_deterministic(placement: Placement, params: Sequence[Any], structs: Sequence[Any]) -> None:
     """Refuses a model whose layers still draw random numbers after ``layer.eval()``.
 
     Args:
-      plan: the stage plan.
+      placement: the stage placement.
       params: ``[L]`` per-layer parameter trees (arrays or shape structs).
-      structs: ``L + 1`` activation structures (``stages.trace_boundaries``).
+      structs: ``L + 1`` activation structures (``tracing.trace_boundaries``).
 
     Raises:
       ValueError: naming the first such layer.
     """
-    for layer in range(plan.num_layers):
-        spec = plan.specs[layer]
+    for layer in range(placement.num_layers):
+        spec = placement.specs[layer]
         if spec.streams and draws(spec, params[layer], structs[layer], deterministic=True):
             raise ValueError(
                 f"layer {layer} ({spec.name}) still uses its RNG streams {['/'.join(map(str, p)) for p in spec.streams]} "
@@ -53,32 +53,33 @@ def check_deterministic(plan: StagePlan, params: Sequence[Any], structs: Sequenc
             )
 
 
-def _stage_program(plan: StagePlan, s: int, loss_fn: Callable, compute_dtype) -> Callable:
+def _stage_program(placement: Placement, s: int, loss_fn: Callable, compute_dtype) -> Callable:
     """``(weights, in_f, in_i, x, y) -> (send_f, send_i, loss)`` for stage ``s``, in evaluation mode."""
-    last = s == plan.num_stages - 1
+    last = s == placement.num_stages - 1
 
     def loss_of(out, y):
         return loss_fn(out if compute_dtype is None else loss_precision(out), y)
 
     def program(weights, in_f, in_i, x, y):
         done, pending = stage_apply(
-            plan, s, stage_trees(plan, s, weights), in_f, in_i, x, compute_dtype, deterministic=True
+            placement, s, stage_trees(placement, s, weights), in_f, in_i, x, compute_dtype, deterministic=True
         )
         if last:
-            return plan.carrier.zeros() + (partial_loss(plan, s, pending, y, loss_of),)
+            return placement.carrier.zeros() + (partial_loss(placement, s, pending, y, loss_of),)
         # A stage that holds the first rows of a split last layer takes their loss (split_loss).
-        loss = partial_loss(plan, s, done, y, loss_of) if takes_loss_early(plan, s) else jnp.zeros((), jnp.float32)
-        return send(plan, s, done, pending) + (loss,)
+        early = takes_loss_early(placement, s)
+        loss = partial_loss(placement, s, done, y, loss_of) if early else jnp.zeros((), jnp.float32)
+        return send(placement, s, done, pending) + (loss,)
 
     return program
 
 
-def forward_loss(plan: StagePlan, mesh: Mesh, loss_fn: Callable, compute_dtype: Any = None) -> Callable:
+def forward_loss(placement: Placement, mesh: Mesh, loss_fn: Callable, compute_dtype: Any = None) -> Callable:
     """Builds the forward-only mean loss.
 
     Args:
-      plan: the stage plan.
-      mesh: a ``("data", "pipe")`` mesh whose pipe size is the plan's P.
+      placement: the stage placement.
+      mesh: a ``("data", "pipe")`` mesh whose pipe size is the placement's P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
       compute_dtype: dtype the layers compute in (``None``: no casts), as in training.
 
@@ -87,13 +88,13 @@ def forward_loss(plan: StagePlan, mesh: Mesh, loss_fn: Callable, compute_dtype: 
       the mean of ``loss_fn`` over all micro-batches of all replicas, every
       layer in evaluation mode.
     """
-    num_devices, num_mb, num_stages = plan.num_devices, plan.num_microbatches, plan.num_stages
-    num_chunks = num_stages // num_devices
+    num_devices, num_mb, num_stages = placement.num_devices, placement.num_microbatches, placement.num_stages
+    virtual_stages = num_stages // num_devices
     programs = [
-        [_stage_program(plan, c * num_devices + q, loss_fn, compute_dtype) for q in range(num_devices)]
-        for c in range(num_chunks)
+        [_stage_program(placement, c * num_devices + q, loss_fn, compute_dtype) for q in range(num_devices)]
+        for c in range(virtual_stages)
     ]
-    ring = num_chunks > 1
+    ring = virtual_stages > 1
     perm = [(q, (q + 1) % num_devices) for q in range(num_devices if ring else num_devices - 1)]
 
     def body(weights, inputs, targets):
@@ -102,12 +103,12 @@ def forward_loss(plan: StagePlan, mesh: Mesh, loss_fn: Callable, compute_dtype: 
         p = lax.axis_index(PIPE_AXIS)
 
         def idle(*args):
-            return plan.carrier.zeros() + (jnp.zeros((), jnp.float32),)
+            return placement.carrier.zeros() + (jnp.zeros((), jnp.float32),)
 
         def tick(carry, t):
             recv_f, recv_i, loss_sum = carry
             sends_f, sends_i = [], []
-            for c in range(num_chunks):
+            for c in range(virtual_stages):
                 m = t - (c * num_devices + p)
                 mc = jnp.clip(m, 0, num_mb - 1)
                 x, y = index_microbatch(inputs, mc), index_microbatch(targets, mc)
@@ -124,17 +125,17 @@ def forward_loss(plan: StagePlan, mesh: Mesh, loss_fn: Callable, compute_dtype: 
             sent_f, sent_i = jnp.stack(sends_f), jnp.stack(sends_i)
             if num_devices > 1:
                 sent_f = lax.ppermute(sent_f, PIPE_AXIS, perm)
-                if plan.sends_ints:
+                if placement.sends_ints:
                     sent_i = lax.ppermute(sent_i, PIPE_AXIS, perm)
             # Device 0's chunk c continues the last device's chunk c - 1.
             sent_f = jnp.where(p == 0, jnp.roll(sent_f, 1, axis=0), sent_f)
             sent_i = jnp.where(p == 0, jnp.roll(sent_i, 1, axis=0), sent_i)
             return (sent_f, sent_i, loss_sum), None
 
-        zero_f, zero_i = plan.carrier.zeros()
+        zero_f, zero_i = placement.carrier.zeros()
         init = (
-            jnp.zeros((num_chunks,) + zero_f.shape, zero_f.dtype),
-            jnp.zeros((num_chunks,) + zero_i.shape, zero_i.dtype),
+            jnp.zeros((virtual_stages,) + zero_f.shape, zero_f.dtype),
+            jnp.zeros((virtual_stages,) + zero_i.shape, zero_i.dtype),
             jnp.zeros((), jnp.float32),
         )
         (_, _, loss_sum), _ = lax.scan(tick, init, jnp.arange(num_mb + num_stages - 1))

@@ -6,7 +6,7 @@ this module only interprets them (``docs/design.md``). Per tick, every pipe
 device:
 
 1. writes the activation and the gradient that arrived (sent at the previous
-   tick) into its stash and gradient-inbox buffer slots, as the buffer plan
+   tick) into its activation and gradient-inbox slots, as ``ticks.tick_buffers``
    says, and stores the residuals its previous forward produced;
 2. runs its forward lane (a ``lax.switch``: nothing, or the forward of one of
    its stages, ``lanes.py``) and its backward lane (nothing, or the backward
@@ -46,10 +46,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .lanes import make_lanes, run_backward
 from .mesh import DATA_AXIS, PIPE_AXIS
-from .placement import StagePlan, merge_copies_local
+from .placement import Placement, merge_copies_local
 from .rng import microbatch_key, step_key, uses_rng
 from .split_backward import make_split_lanes, run_weight
-from .stages import cast_floats
+from .layers import cast_floats
 from .ticks import TickBuffers, Ticks
 
 
@@ -85,7 +85,7 @@ class TickColumns(NamedTuple):
 
 
 def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
-    """The packed ticks and their buffer plan as executor columns (NumPy)."""
+    """The packed ticks and their buffer slots as executor columns (NumPy)."""
     S = ticks.num_stages
     f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
     w_stage = ticks.stage(ticks.weight_chunk)
@@ -107,8 +107,8 @@ def tick_columns(ticks: Ticks, buffers: TickBuffers) -> TickColumns:
 class TickState(NamedTuple):
     """The scan carry of one device."""
 
-    stash_f: jax.Array  # [A, B, F] activations held for their forward and backward
-    stash_i: jax.Array  # [A, B, I]
+    act_f: jax.Array  # [A, B, F] activations held for their forward and backward
+    act_i: jax.Array  # [A, B, I]
     inbox: jax.Array  # [G, B, F] input-gradients held for their backward
     saved: tuple  # per dtype [A, R_d] residuals from forward to backward
     acc: tuple  # [K] gradient accumulator stack entries, natural shapes
@@ -123,16 +123,16 @@ class TickState(NamedTuple):
     w_pending_slot: jax.Array  # [] its slot, -1: none
 
 
-def _write(stash: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
-    """``stash[slot] = value`` where ``slot >= 0``; unchanged otherwise."""
+def _write(slots: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """``slots[slot] = value`` where ``slot >= 0``; unchanged otherwise."""
     index = jnp.maximum(slot, 0)
-    current = lax.dynamic_index_in_dim(stash, index, keepdims=False)
+    current = lax.dynamic_index_in_dim(slots, index, keepdims=False)
     value = jnp.where(slot >= 0, value, current)
-    return lax.dynamic_update_index_in_dim(stash, value, index, 0)
+    return lax.dynamic_update_index_in_dim(slots, value, index, 0)
 
 
-def _read(stash: jax.Array, slot: jax.Array) -> jax.Array:
-    return lax.dynamic_index_in_dim(stash, jnp.maximum(slot, 0), keepdims=False)
+def _read(slots: jax.Array, slot: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(slots, jnp.maximum(slot, 0), keepdims=False)
 
 
 def _store_arrivals(state: TickState, cell: TickColumns) -> TickState:
@@ -142,8 +142,8 @@ def _store_arrivals(state: TickState, cell: TickColumns) -> TickState:
     residual buffer twice per tick.
     """
     return state._replace(
-        stash_f=_write(state.stash_f, cell.recv_act_slot, state.arrived_f),
-        stash_i=_write(state.stash_i, cell.recv_act_slot, state.arrived_i),
+        act_f=_write(state.act_f, cell.recv_act_slot, state.arrived_f),
+        act_i=_write(state.act_i, cell.recv_act_slot, state.arrived_i),
         inbox=_write(state.inbox, cell.recv_grad_slot, state.arrived_g),
         saved=tuple(_write(buf, state.pending_slot, new) for buf, new in zip(state.saved, state.pending)),
         w_inputs=tuple(_write(buf, state.w_pending_slot, new) for buf, new in zip(state.w_inputs, state.w_pending)),
@@ -176,7 +176,7 @@ def _after_both_lanes(messages: tuple, lane_loss: jax.Array) -> tuple:
 
 
 def scheduled_loss_and_grad(
-    plan: StagePlan,
+    placement: Placement,
     ticks: Ticks,
     buffers: TickBuffers,
     mesh: Mesh,
@@ -188,17 +188,17 @@ def scheduled_loss_and_grad(
     """Builds the loss-and-gradient function that runs packed ticks.
 
     Args:
-      plan: the static stage plan (``S = V * P`` stages).
-      ticks: a schedule packed by ``ticks.pack`` for the plan's P, M and V.
-      buffers: its slot plan (``ticks.tick_buffers``).
+      placement: the stages placed on devices (``S = V * P`` stages).
+      ticks: a schedule packed by ``ticks.pack`` for the placement's P, M and V.
+      buffers: its buffer slots (``ticks.tick_buffers``).
       mesh: a ``("data", "pipe")`` mesh whose pipe size is P.
       loss_fn: ``(outputs, targets) -> []`` mean loss over one micro-batch.
-      remat: recompute each stage's forward in its backward from the stashed
+      remat: recompute each stage's forward in its backward from the held
         input instead of saving its residuals (less memory, one more forward).
       compute_dtype: dtype the stages compute in (``None``: no casts): the
         weights are cast to it once per step and every layer's float inputs
         as they arrive; gradients accumulate in the parameters' dtype. The
-        plan's boundaries must have been traced with the same casts
+        placement's boundaries must have been traced with the same casts
         (``trace_boundaries``).
       seed: the seed of the layers' random keys (``rng.py``); micro-batch
         ``m`` of replica ``r`` draws with global micro-batch ``r * M + m``.
@@ -206,32 +206,32 @@ def scheduled_loss_and_grad(
     Returns:
       ``f(weights, inputs [D, M, B, ...], targets [D, M, B, ...], step=0) ->
       (loss [], grads)``: ``step`` (the optimizer steps taken) enters the
-      layers' random keys; ``weights`` and ``grads`` are the plan's stacks
+      layers' random keys; ``weights`` and ``grads`` are the placement's stacks
       (``[K]`` arrays ``[P, *shape]``); the loss is the mean of ``loss_fn``
       over all micro-batches of all replicas, the gradient its gradient
       (summed over ``data``; a split layer's copies summed into its owner).
 
     Raises:
-      ValueError: if the ticks' sizes do not match the plan's.
+      ValueError: if the ticks' sizes do not match the placement's.
     """
-    num_devices, num_mb = plan.num_devices, plan.num_microbatches
+    num_devices, num_mb = placement.num_devices, placement.num_microbatches
     if (ticks.num_devices, ticks.num_microbatches, ticks.num_stages) != (
-        num_devices, num_mb, plan.num_stages
+        num_devices, num_mb, placement.num_stages
     ):
         raise ValueError(
             f"schedule {ticks.name} is for P={ticks.num_devices}, "
             f"M={ticks.num_microbatches}, S={ticks.num_stages} stages, but the "
-            f"plan has P={num_devices}, M={num_mb}, S={plan.num_stages}"
+            f"placement has P={num_devices}, M={num_mb}, S={placement.num_stages}"
         )
     num_replicas = mesh.devices.shape[0]
     columns = jax.tree.map(jnp.asarray, tick_columns(ticks, buffers))
-    ring = ticks.num_chunks > 1
+    ring = ticks.virtual_stages > 1
     fwd_perm = [(p, (p + 1) % num_devices) for p in range(num_devices if ring else num_devices - 1)]
     bwd_perm = [(p, (p - 1) % num_devices) for p in range(1 if not ring else 0, num_devices)]
-    carrier = plan.carrier
+    carrier = placement.carrier
     zero_f, zero_i = carrier.zeros()
 
-    random = uses_rng(plan.specs)
+    random = uses_rng(placement.specs)
 
     def body(weights, inputs, targets, step):
         weights, inputs, targets = local_views(weights, inputs, targets)
@@ -245,7 +245,7 @@ def scheduled_loss_and_grad(
             return microbatch_key(base, lax.axis_index(DATA_AXIS) * num_mb + m) if random else None
 
         x0, y0 = index_microbatch(inputs, 0), index_microbatch(targets, 0)
-        lanes = make_lanes(plan, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
+        lanes = make_lanes(placement, loss_fn, 1.0 / (num_mb * num_replicas), remat, compute_dtype,
                            (weights, zero_f, zero_i, x0, y0, key_of(0)))
         no_saved = tuple(jnp.zeros((n,), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes))
         split = make_split_lanes(lanes, (weights, zero_f, zero_i, zero_f, no_saved, x0, y0, key_of(0))) if ticks.split else None
@@ -256,12 +256,12 @@ def scheduled_loss_and_grad(
             state = _store_arrivals(state, cell)
             f_mb, b_mb = jnp.maximum(cell.forward_mb, 0), jnp.maximum(cell.backward_mb, 0)
             send_f, send_i, produced, early_loss = lax.switch(
-                cell.forward_branch, lanes.forwards, weights, _read(state.stash_f, cell.forward_slot),
-                _read(state.stash_i, cell.forward_slot), index_microbatch(inputs, f_mb),
+                cell.forward_branch, lanes.forwards, weights, _read(state.act_f, cell.forward_slot),
+                _read(state.act_i, cell.forward_slot), index_microbatch(inputs, f_mb),
                 index_microbatch(targets, f_mb), key_of(f_mb),
             )
             b_operands = (
-                _read(state.stash_f, cell.backward_slot), _read(state.stash_i, cell.backward_slot),
+                _read(state.act_f, cell.backward_slot), _read(state.act_i, cell.backward_slot),
                 _read(state.inbox, cell.grad_slot), tuple(_read(buf, cell.backward_slot) for buf in state.saved),
                 index_microbatch(inputs, b_mb), index_microbatch(targets, b_mb), key_of(b_mb),
             )
@@ -273,7 +273,7 @@ def scheduled_loss_and_grad(
                 w_slot, w_mb = cell.weight_out_slot, jnp.maximum(cell.weight_mb, 0)
                 acc = run_weight(
                     split, cell.weight_branch, weights, state.acc,
-                    _read(state.stash_f, cell.weight_act_slot), _read(state.stash_i, cell.weight_act_slot),
+                    _read(state.act_f, cell.weight_act_slot), _read(state.act_i, cell.weight_act_slot),
                     tuple(_read(buf, cell.weight_act_slot) for buf in state.saved),
                     index_microbatch(inputs, w_mb), index_microbatch(targets, w_mb), key_of(w_mb),
                     tuple(_read(buf, cell.weight_slot) for buf in state.w_inputs),
@@ -281,7 +281,7 @@ def scheduled_loss_and_grad(
             if num_devices > 1:
                 send_f, send_i, send_g = _after_both_lanes((send_f, send_i, send_g), early_loss + loss)
                 send_f = lax.ppermute(send_f, PIPE_AXIS, fwd_perm)
-                if plan.sends_ints:
+                if placement.sends_ints:
                     send_i = lax.ppermute(send_i, PIPE_AXIS, fwd_perm)
                 send_g = lax.ppermute(send_g, PIPE_AXIS, bwd_perm)
             state = state._replace(
@@ -292,8 +292,8 @@ def scheduled_loss_and_grad(
 
         slots_a, slots_g = buffers.num_act_slots, buffers.num_grad_slots
         init = TickState(
-            stash_f=jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
-            stash_i=jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
+            act_f=jnp.zeros((slots_a,) + zero_f.shape, zero_f.dtype),
+            act_i=jnp.zeros((slots_a,) + zero_i.shape, zero_i.dtype),
             inbox=jnp.zeros((slots_g,) + zero_f.shape, zero_f.dtype),
             saved=tuple(jnp.zeros((slots_a, n), d) for d, n in zip(lanes.res_dtypes, lanes.res_sizes)),
             acc=acc,
@@ -307,7 +307,7 @@ def scheduled_loss_and_grad(
         )
         final, _ = lax.scan(tick, init, columns)
         loss = lax.psum(lax.psum(final.loss_sum, PIPE_AXIS), DATA_AXIS) / (num_mb * num_replicas)
-        grads = merge_copies_local(plan, jax.tree.map(lambda g: lax.psum(g, DATA_AXIS), final.acc), p)
+        grads = merge_copies_local(placement, jax.tree.map(lambda g: lax.psum(g, DATA_AXIS), final.acc), p)
         return loss, tuple(g[None] for g in grads)
 
     spec = PartitionSpec(PIPE_AXIS)

@@ -1,14 +1,15 @@
 """What a stage computes in each lane of a tick: the branches the executor switches over.
 
 A stage is a run of pieces (``partition.Piece``) on one device. Its forward
-receives a message (``[B, F]`` floats, ``[B, I]`` ints, see ``stages.Carrier``),
+receives a message (``[B, F]`` floats, ``[B, I]`` ints, see ``wire.Carrier``),
 runs its pieces and sends the next message; its backward takes the
 message's cotangent and adds the weight gradient of each of its parameter
 copies into that copy's accumulator stacks (``stacks.py``).
 
 Legend: B rows per micro-batch, F/I float/int message columns, R_d residual
 elements of dtype d per buffer slot; ``weights``/``acc`` are this device's
-stack entries, each in its leaf's natural shape.
+stack entries, each in its leaf's natural shape. ``docs/design.md``, "Two
+lanes per tick" and "Buffer slots", describes the tick these lanes run in.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .placement import StagePlan
-from .stages import apply_layer, cast_floats, loss_precision, vjp_residuals
+from .placement import Placement
+from .layers import apply_layer, cast_floats, loss_precision
+from .tracing import vjp_residuals
 
 
 def _rows(tree: Any, start: int, stop: int | None = None) -> Any:
@@ -33,35 +35,35 @@ def _concat_rows(first: Any, second: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
 
 
-def receive(plan: StagePlan, s: int, in_f, in_i):
-    """Unpacks stage ``s``'s message: ``(done, pending)`` row blocks.
+def receive(placement: Placement, s: int, in_f, in_i):
+    """Decodes stage ``s``'s message: ``(done, pending)`` row blocks.
 
     ``pending`` is the entry layer's input for rows ``[k, B)``; ``done`` its
     output for rows ``[0, k)``, or ``None`` when ``k = 0``.
     """
-    layer, k = plan.entry(s)
-    carrier = plan.carrier
-    pending = carrier.unpack(plan.boundaries[layer], in_f[k:], in_i[k:])
-    if not k or plan.boundaries[layer + 1] is None:  # split_loss: rows [0, k) of the last layer are done upstream
+    layer, k = placement.entry(s)
+    carrier = placement.carrier
+    pending = carrier.decode(placement.boundaries[layer], in_f[k:], in_i[k:])
+    if not k or placement.boundaries[layer + 1] is None:  # split_loss: rows [0, k) of the last layer are done upstream
         return None, pending
-    return carrier.unpack(plan.boundaries[layer + 1], in_f[:k], in_i[:k]), pending
+    return carrier.decode(placement.boundaries[layer + 1], in_f[:k], in_i[:k]), pending
 
 
-def send(plan: StagePlan, s: int, done, pending):
+def send(placement: Placement, s: int, done, pending):
     """Packs stage ``s``'s exit state into one ``([B, F], [B, I])`` message."""
-    carrier, last = plan.carrier, plan.stage_pieces[s][-1]
+    carrier, last = placement.carrier, placement.stage_pieces[s][-1]
     if last.stop == carrier.rows:
-        return carrier.pack(plan.boundaries[last.layer + 1], pending)
-    if plan.boundaries[last.layer + 1] is None:  # split_loss: this stage took the loss of its rows
-        pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
+        return carrier.encode(placement.boundaries[last.layer + 1], pending)
+    if placement.boundaries[last.layer + 1] is None:  # split_loss: this stage took the loss of its rows
+        pend_f, pend_i = carrier.encode(placement.boundaries[last.layer], pending)
         zero_f, zero_i = carrier.zeros(last.stop)
         return jnp.concatenate([zero_f, pend_f]), jnp.concatenate([zero_i, pend_i])
-    done_f, done_i = carrier.pack(plan.boundaries[last.layer + 1], done)
-    pend_f, pend_i = carrier.pack(plan.boundaries[last.layer], pending)
+    done_f, done_i = carrier.encode(placement.boundaries[last.layer + 1], done)
+    pend_f, pend_i = carrier.encode(placement.boundaries[last.layer], pending)
     return jnp.concatenate([done_f, pend_f]), jnp.concatenate([done_i, pend_i])
 
 
-def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=None, key=None, deterministic=False):
+def stage_apply(placement: Placement, s: int, trees, in_f, in_i, x, compute_dtype=None, key=None, deterministic=False):
     """Stage ``s``'s pieces, with parameter ``trees``, on one micro-batch.
 
     The state between pieces is ``(done, pending)``: the current layer's
@@ -78,10 +80,10 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
       layer, ``done`` is ``None`` and ``pending`` is the next layer's input
       (for the last stage: the model output).
     """
-    done, pending = (None, x) if s == 0 else receive(plan, s, in_f, in_i)
-    rows = plan.carrier.rows
-    for piece, params in zip(plan.stage_pieces[s], trees):
-        spec = plan.specs[piece.layer]
+    done, pending = (None, x) if s == 0 else receive(placement, s, in_f, in_i)
+    rows = placement.carrier.rows
+    for piece, params in zip(placement.stage_pieces[s], trees):
+        spec = placement.specs[piece.layer]
         with jax.named_scope(f"layer{piece.layer}_{spec.name}"):
             rows_in = cast_floats(_rows(pending, 0, piece.stop - piece.start), compute_dtype)
             part = apply_layer(spec, params, rows_in, key, deterministic)
@@ -93,51 +95,51 @@ def stage_apply(plan: StagePlan, s: int, trees, in_f, in_i, x, compute_dtype=Non
     return done, pending
 
 
-def stage_trees(plan: StagePlan, s: int, weights) -> list[Any]:
+def stage_trees(placement: Placement, s: int, weights) -> list[Any]:
     """Stage ``s``'s parameter trees, read from this device's weight entries."""
-    return [plan.copy_tree(weights, copy) for copy in plan.stage_copies[s]]
+    return [placement.copy_tree(weights, copy) for copy in placement.stage_copies[s]]
 
 
-def partial_loss(plan: StagePlan, s: int, done, y, loss_of: Callable) -> jax.Array:
+def partial_loss(placement: Placement, s: int, done, y, loss_of: Callable) -> jax.Array:
     """The loss of the rows ``[r0, r1)`` of the last layer stage ``s`` computed, weighted by ``(r1 - r0) / B``.
 
     ``loss_fn`` is a mean over rows, so these shares add up to the
     micro-batch's loss.
     """
-    r0, r1 = plan.loss_rows(s)
-    share = (r1 - r0) / plan.carrier.rows
+    r0, r1 = placement.loss_rows(s)
+    share = (r1 - r0) / placement.carrier.rows
     return jnp.asarray(loss_of(done, _rows(y, r0, r1)), jnp.float32) * share
 
 
-def takes_loss_early(plan: StagePlan, s: int) -> bool:
+def takes_loss_early(placement: Placement, s: int) -> bool:
     """Whether stage ``s`` (not the last) computes the loss of its rows of the last layer."""
-    return s < plan.num_stages - 1 and plan.loss_rows(s) is not None
+    return s < placement.num_stages - 1 and placement.loss_rows(s) is not None
 
 
-def _stage_vjp(plan: StagePlan, s: int, trees, in_f, in_i, x, key, compute_dtype=None, y=None, loss_of=None):
+def _stage_vjp(placement: Placement, s: int, trees, in_f, in_i, x, key, compute_dtype=None, y=None, loss_of=None):
     """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function.
 
     A stage that takes the loss of its rows early differentiates
     ``(send_f, loss)``; its ``send_i`` is then ``(send_i, loss)``.
     """
-    if takes_loss_early(plan, s):
+    if takes_loss_early(placement, s):
         def f(trees_, in_f_):
-            done, pending = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
-            send_f, send_i = send(plan, s, done, pending)
-            loss = partial_loss(plan, s, done, y, loss_of)
+            done, pending = stage_apply(placement, s, trees_, in_f_, in_i, x, compute_dtype, key)
+            send_f, send_i = send(placement, s, done, pending)
+            loss = partial_loss(placement, s, done, y, loss_of)
             return (send_f, loss), (send_i, loss)
 
         (send_f, _), vjp, aux = jax.vjp(f, trees, in_f, has_aux=True)
         return send_f, vjp, aux
 
     def f(trees_, in_f_):
-        return send(plan, s, *stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key))
+        return send(placement, s, *stage_apply(placement, s, trees_, in_f_, in_i, x, compute_dtype, key))
 
     return jax.vjp(f, trees, in_f, has_aux=True)
 
 
 def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:
-    """Each stored leaf's offset in its dtype's slot vector (leaves packed in order), -1 where not stored."""
+    """Each stored leaf's offset in its dtype's slot vector (leaves concatenated in order), -1 where not stored."""
     offsets, used = [], {}
     for shape, dtype, keep in zip(shapes, dtypes, stored):
         offsets.append(used.get(dtype, 0) if keep else -1)
@@ -146,7 +148,7 @@ def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:
     return tuple(offsets)
 
 
-def pack_slot(leaves, dtypes, sizes) -> tuple:
+def slot_vectors(leaves, dtypes, sizes) -> tuple:
     """``leaves`` flattened and concatenated per dtype, in order, each padded to its ``[n_d]`` slot size."""
     parts = {d: [] for d in dtypes}
     for leaf in leaves:
@@ -170,8 +172,9 @@ class Residuals(NamedTuple):
 
     ``jax.vjp``'s backward function is a pytree whose leaves are the
     residuals. Leaves that are the stage's own inputs (parameters, the
-    stashed message, the micro-batch, its key) are not stored: the backward lane reads
-    them again. The others are packed per dtype into flat buffer-slot vectors.
+    message in its activation slot, the micro-batch, its key) are not stored: the backward lane reads
+    them again. The others are concatenated per dtype into flat residual-slot vectors
+    (``slot_vectors``).
 
     Attributes:
       treedef: the backward function's tree structure (holds no arrays).
@@ -196,14 +199,14 @@ class Residuals(NamedTuple):
         return out
 
 
-def stage_residuals(plan: StagePlan, s: int, args, compute_dtype=None, y=None, loss_of=None) -> Residuals:
+def stage_residuals(placement: Placement, s: int, args, compute_dtype=None, y=None, loss_of=None) -> Residuals:
     """Traces stage ``s`` once (abstractly) to find which residuals to store.
 
     ``args`` are ``(trees, in_f, in_i, x, key)``; a stage that takes its loss
     early also reads the targets ``y`` (not stored: an input).
     """
     treedef, residuals = vjp_residuals(
-        lambda *a: _stage_vjp(plan, s, *a[:5], compute_dtype, a[5], loss_of)[1], *args, y)
+        lambda *a: _stage_vjp(placement, s, *a[:5], compute_dtype, a[5], loss_of)[1], *args, y)
     shapes, dtypes, inputs = zip(*residuals) if residuals else ((), (), ())
     offsets = slot_offsets(shapes, dtypes, [where < 0 for where in inputs])
     return Residuals(treedef, tuple(shapes), tuple(dtypes), tuple(inputs), offsets)
@@ -264,14 +267,14 @@ def run_backward(lanes: Lanes, branch: jax.Array, weights, acc, *operands):
     return tuple(acc), send_g, loss
 
 
-def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: bool, compute_dtype, args) -> Lanes:
+def make_lanes(placement: Placement, loss_fn: Callable, loss_scale: float, remat: bool, compute_dtype, args) -> Lanes:
     """The two lanes' branch lists and the residual slot sizes.
 
     A backward differentiates with respect to its stage's parameter trees
     and adds each copy's gradient into that copy's accumulator stacks, in
     the leaves' own shapes (idle passes the accumulators through). With
     ``remat`` (or on the last stage, whose forward is folded into its
-    backward) the backward recomputes the stage's forward from its stashed
+    backward) the backward recomputes the stage's forward from its held
     input; otherwise it uses the residuals the forward lane saved. The
     weights arrive already cast to ``compute_dtype`` (once per step), so a
     stage's parameter trees are ``jax.vjp`` inputs, never stored residuals;
@@ -279,14 +282,14 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     last stage widens the model output to float32 for ``loss_fn``.
 
     Args:
-      plan: the stage plan.
+      placement: the stage placement.
       loss_fn: ``(outputs, targets) -> []``.
       loss_scale: each micro-batch loss's weight in the step loss.
       remat: recompute forwards in the backward lane.
       compute_dtype: dtype the stages compute in, or ``None``.
       args: ``(weights, in_f, in_i, x, y, key)`` examples, to trace residual sizes.
     """
-    carrier, last = plan.carrier, plan.num_stages - 1
+    carrier, last = placement.carrier, placement.num_stages - 1
 
     def loss_of(out, y):
         return loss_fn(out if compute_dtype is None else loss_precision(out), y)
@@ -295,8 +298,9 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
     if not remat:
         weights, in_f, in_i, x, y, key = args
         for s in range(last):
-            specs[s] = stage_residuals(plan, s, (stage_trees(plan, s, weights), in_f, in_i, x, key), compute_dtype,
-                                       y if takes_loss_early(plan, s) else None, loss_of)
+            trees = stage_trees(placement, s, weights)
+            specs[s] = stage_residuals(placement, s, (trees, in_f, in_i, x, key), compute_dtype,
+                                       y if takes_loss_early(placement, s) else None, loss_of)
     sizes: dict = {}
     for spec in specs.values():
         for dtype, n in spec.sizes().items():
@@ -312,49 +316,49 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
         return carrier.zeros() + (no_residuals(), jnp.zeros((), jnp.float32))
 
     def forward(s):
-        early = takes_loss_early(plan, s)
+        early = takes_loss_early(placement, s)
 
         def branch(weights, in_f, in_i, x, y, key):
             loss = jnp.zeros((), jnp.float32)
             with jax.named_scope(f"stage{s}_forward"):
-                trees = stage_trees(plan, s, weights)
+                trees = stage_trees(placement, s, weights)
                 if remat:
-                    done, pending = stage_apply(plan, s, trees, in_f, in_i, x, compute_dtype, key)
+                    done, pending = stage_apply(placement, s, trees, in_f, in_i, x, compute_dtype, key)
                     if early:
-                        loss = partial_loss(plan, s, done, y, loss_of)
-                    return send(plan, s, done, pending) + (no_residuals(), loss)
-                send_f, vjp, send_i = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
+                        loss = partial_loss(placement, s, done, y, loss_of)
+                    return send(placement, s, done, pending) + (no_residuals(), loss)
+                send_f, vjp, send_i = _stage_vjp(placement, s, trees, in_f, in_i, x, key, compute_dtype,
                                                  y if early else None, loss_of)
                 if early:
                     send_i, loss = send_i
                 stored = [leaf for leaf, where in zip(jax.tree.leaves(vjp), specs[s].inputs) if where < 0]
-                saved = pack_slot(stored, res_dtypes, res_sizes)
+                saved = slot_vectors(stored, res_dtypes, res_sizes)
             return send_f, send_i, saved, loss
 
         return branch
 
     touched = tuple(
-        tuple(sorted({k for copy in plan.stage_copies[s] for k in plan.stacks.places[copy] if k >= 0}))
-        for s in range(plan.num_stages)
+        tuple(sorted({k for copy in placement.stage_copies[s] for k in placement.stacks.places[copy] if k >= 0}))
+        for s in range(placement.num_stages)
     )
 
     def grads(s):
-        early = takes_loss_early(plan, s)
+        early = takes_loss_early(placement, s)
 
         def stage_grads(weights, in_f, in_i, cot_f, saved, x, y, key):
-            trees = stage_trees(plan, s, weights)
+            trees = stage_trees(placement, s, weights)
             loss = jnp.zeros((), jnp.float32)
             scale = jnp.asarray(loss_scale, jnp.float32)
             cotangent = (cot_f, scale) if early else cot_f
             if s == last:
                 def f(trees_, in_f_):
-                    _, out = stage_apply(plan, s, trees_, in_f_, in_i, x, compute_dtype, key)
-                    return partial_loss(plan, s, out, y, loss_of)
+                    _, out = stage_apply(placement, s, trees_, in_f_, in_i, x, compute_dtype, key)
+                    return partial_loss(placement, s, out, y, loss_of)
 
                 loss, vjp = jax.vjp(f, trees, in_f)
                 g_trees, g_in = vjp(scale)
             elif remat:
-                _, vjp, _ = _stage_vjp(plan, s, trees, in_f, in_i, x, key, compute_dtype,
+                _, vjp, _ = _stage_vjp(placement, s, trees, in_f, in_i, x, key, compute_dtype,
                                        y if early else None, loss_of)
                 g_trees, g_in = vjp(cotangent)
             else:
@@ -371,8 +375,8 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
 
     def accumulate(s, sub, g_trees):
         acc = dict(zip(touched[s], sub))
-        for copy, g_tree in zip(plan.stage_copies[s], g_trees):
-            for k, g in zip(plan.stacks.places[copy], jax.tree.leaves(g_tree)):
+        for copy, g_tree in zip(placement.stage_copies[s], g_trees):
+            for k, g in zip(placement.stacks.places[copy], jax.tree.leaves(g_tree)):
                 if k >= 0:
                     acc[k] = acc[k] + g.reshape(acc[k].shape).astype(acc[k].dtype)
         return tuple(acc[k] for k in touched[s])
@@ -386,6 +390,6 @@ def make_lanes(plan: StagePlan, loss_fn: Callable, loss_scale: float, remat: boo
         return branch
 
     forwards = [idle_forward] + [forward(s) for s in range(last)]
-    backwards = [backward(s) for s in range(plan.num_stages)]
+    backwards = [backward(s) for s in range(placement.num_stages)]
     return Lanes(forwards, backwards, touched, res_dtypes, res_sizes,
-                 [grads(s) for s in range(plan.num_stages)], accumulate)
+                 [grads(s) for s in range(placement.num_stages)], accumulate)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .checkpoint import Checkpoints, _check_layers, layers_meta
-from .stages import merge_layers, model_graph, split_layers
+from .layers import merge_layers, model_graph, split_layers
 
 
 def load_layers(

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from .dataflow import output_sources
 from .mesh import PIPE_AXIS
-from .placement import StagePlan, sync_copies_local
+from .placement import Placement, sync_copies_local
 from .stacks import Item, StackLayout
 
 SHARED = -1
@@ -86,7 +86,7 @@ class LayerOptimizer:
 
     Attributes:
       optimizer: the user's transformation.
-      plan: the stage plan (layers, their devices, the parameter stacks).
+      placement: the stages placed on devices (layers, their devices, the parameter stacks).
       treedef: the state's tree structure for the per-layer tree.
       owners: per flattened state leaf, its layer or ``SHARED``.
       layout: the state stacks (items are layers, leaves their state leaves).
@@ -97,7 +97,7 @@ class LayerOptimizer:
     """
 
     optimizer: optax.GradientTransformation
-    plan: StagePlan
+    placement: Placement
     treedef: Any
     owners: tuple[int, ...]
     layout: StackLayout
@@ -107,33 +107,33 @@ class LayerOptimizer:
     coupled: str
 
     @classmethod
-    def build(cls, optimizer: optax.GradientTransformation, plan: StagePlan) -> "LayerOptimizer":
+    def build(cls, optimizer: optax.GradientTransformation, placement: Placement) -> "LayerOptimizer":
         """Traces ``optimizer`` on the per-layer tree and lays its state out.
 
         Raises:
           ValueError: if ``optimizer.init`` or ``update`` fails on the tree.
         """
-        params = layer_structs(plan)
+        params = layer_structs(placement)
         try:
             state = jax.eval_shape(optimizer.init, params)
         except Exception as err:  # the optimizer's own error, with context
             raise ValueError(
-                f"optimizer.init fails on the per-layer parameter tree (a list of {plan.num_layers} "
+                f"optimizer.init fails on the per-layer parameter tree (a list of {placement.num_layers} "
                 f"nnx.State): {type(err).__name__}: {err}"
             ) from err
         leaves, treedef = jax.tree.flatten(state)
         owners = tuple(_owners(state, params))
         items, shared, n_shared = [], [], 0
-        for layer in range(plan.num_layers):
+        for layer in range(placement.num_layers):
             mine = [leaf for leaf, o in zip(leaves, owners) if o == layer]
-            items.append(Item(plan.stacks.items[layer].device, tuple(a.shape for a in mine),
+            items.append(Item(placement.stacks.items[layer].device, tuple(a.shape for a in mine),
                               tuple(a.dtype for a in mine)))
         for o in owners:
             shared.append(n_shared if o == SHARED else -1)
             n_shared += o == SHARED
-        layout = StackLayout.build(items, plan.num_devices)
-        coupled = _coupling(optimizer, plan, params, state, owners)
-        return cls(optimizer, plan, treedef, owners, layout, tuple(shared), tuple(leaves), not coupled, coupled)
+        layout = StackLayout.build(items, placement.num_devices)
+        coupled = _coupling(optimizer, placement, params, state, owners)
+        return cls(optimizer, placement, treedef, owners, layout, tuple(shared), tuple(leaves), not coupled, coupled)
 
     def leaf_positions(self, layer: int) -> list[int]:
         """Flattened state leaf indices of ``layer``, in its item's leaf order."""
@@ -143,8 +143,8 @@ class LayerOptimizer:
         """The state as the per-layer tree's optax state, on the host."""
         stacks = [np.asarray(a) for a in state.stacks]
         leaves = [None] * len(self.owners)
-        for layer in range(self.plan.num_layers):
-            for i, leaf in zip(self.leaf_positions(layer), self.layout.unpack(stacks, layer)):
+        for layer in range(self.placement.num_layers):
+            for i, leaf in zip(self.leaf_positions(layer), self.layout.from_stacks(stacks, layer)):
                 leaves[i] = leaf
         for i, s in enumerate(self.shared):
             if s >= 0:
@@ -166,29 +166,29 @@ class LayerOptimizer:
                 raise ValueError(
                     f"optimizer state leaf {i} has shape {list(np.shape(leaf))}, expected {list(struct.shape)}"
                 )
-        per_layer = [[leaves[i] for i in self.leaf_positions(layer)] for layer in range(self.plan.num_layers)]
-        stacks = self.layout.pack(per_layer)
+        per_layer = [[leaves[i] for i in self.leaf_positions(layer)] for layer in range(self.placement.num_layers)]
+        stacks = self.layout.to_stacks(per_layer)
         shared = [np.asarray(leaves[i], self.structs[i].dtype) for i, s in enumerate(self.shared) if s >= 0]
         return stacks, shared
 
     def _device_tree(self, entries: Sequence[jax.Array], q: int, ones_like: Sequence[Any]) -> list:
         """Per-layer own leaves for device ``q``: its layers from the parameter (or gradient) ``entries``,
         others one-element placeholders."""
-        plan = self.plan
+        placement = self.placement
         return [
-            plan.own_read(entries, layer) if plan.stacks.items[layer].device == q else list(ones_like[layer])
-            for layer in range(plan.num_layers)
+            placement.own_read(entries, layer) if placement.stacks.items[layer].device == q else list(ones_like[layer])
+            for layer in range(placement.num_layers)
         ]
 
     def local_step(self, q: int):
         """The update of device ``q``'s layers: ``(grads, state entries, shared, weights) -> (weights, entries, shared, sq)``."""
-        plan, layout = self.plan, self.layout
-        placeholders = _placeholders(plan)
-        state_leaves_q = jax.tree.leaves(jax.eval_shape(self.optimizer.init, device_structs(plan, q)))
+        placement, layout = self.placement, self.layout
+        placeholders = _placeholders(placement)
+        state_leaves_q = jax.tree.leaves(jax.eval_shape(self.optimizer.init, device_structs(placement, q)))
 
         def step(grads, entries, shared, weights):
-            g = _trees(plan, self._device_tree(grads, q, placeholders))
-            w = _trees(plan, self._device_tree(weights, q, placeholders))
+            g = _trees(placement, self._device_tree(grads, q, placeholders))
+            w = _trees(placement, self._device_tree(weights, q, placeholders))
             leaves = []
             for i, owner in enumerate(self.owners):
                 if owner == SHARED:
@@ -197,19 +197,19 @@ class LayerOptimizer:
                     leaves.append(None)
                 else:
                     leaves.append(jnp.zeros(state_leaves_q[i].shape, state_leaves_q[i].dtype))
-            for layer in range(plan.num_layers):
+            for layer in range(placement.num_layers):
                 if layout.items[layer].device == q:
                     for i, leaf in zip(self.leaf_positions(layer), layout.read(entries, layer)):
                         leaves[i] = leaf
             updates, new_state = self.optimizer.update(g, jax.tree.unflatten(self.treedef, leaves), w)
             new_w = optax.apply_updates(w, updates)
             new_leaves = jax.tree.leaves(new_state)
-            for layer in range(plan.num_layers):
+            for layer in range(placement.num_layers):
                 if layout.items[layer].device == q:
-                    weights = plan.own_write(weights, layer, jax.tree.leaves(new_w[layer]))
+                    weights = placement.own_write(weights, layer, jax.tree.leaves(new_w[layer]))
                     entries = layout.write(entries, layer, [new_leaves[i] for i in self.leaf_positions(layer)])
             shared = tuple(new_leaves[i] for i, s in enumerate(self.shared) if s >= 0)
-            mine = [leaf for layer in range(plan.num_layers) if layout.items[layer].device == q
+            mine = [leaf for layer in range(placement.num_layers) if layout.items[layer].device == q
                     for leaf in jax.tree.leaves(g[layer])]
             sq = sum((jnp.sum(jnp.square(a.astype(jnp.float32))) for a in mine), jnp.zeros((), jnp.float32))
             return weights, entries, shared, sq
@@ -218,13 +218,13 @@ class LayerOptimizer:
 
     def init_local(self, q: int):
         """The initial state entries of device ``q``'s layers: ``(entries, weights) -> (entries, shared)``."""
-        plan, layout = self.plan, self.layout
-        placeholders = _placeholders(plan)
+        placement, layout = self.placement, self.layout
+        placeholders = _placeholders(placement)
 
         def init(entries, weights):
-            w = _trees(plan, self._device_tree(weights, q, placeholders))
+            w = _trees(placement, self._device_tree(weights, q, placeholders))
             new_leaves = jax.tree.leaves(self.optimizer.init(w))
-            for layer in range(plan.num_layers):
+            for layer in range(placement.num_layers):
                 if layout.items[layer].device == q:
                     entries = layout.write(entries, layer, [new_leaves[i] for i in self.leaf_positions(layer)])
             return entries, tuple(new_leaves[i] for i, s in enumerate(self.shared) if s >= 0)
@@ -232,39 +232,39 @@ class LayerOptimizer:
         return init
 
 
-def layer_structs(plan: StagePlan) -> list[Any]:
+def layer_structs(placement: Placement) -> list[Any]:
     """The per-layer (own) parameter tree, as shape structs."""
-    return _trees(plan, [[_struct(s, plan.dtype) for s in plan.specs[layer].own_shapes]
-                         for layer in range(plan.num_layers)])
+    return _trees(placement, [[_struct(s, placement.dtype) for s in placement.specs[layer].own_shapes]
+                         for layer in range(placement.num_layers)])
 
 
-def device_structs(plan: StagePlan, q: int) -> list[Any]:
+def device_structs(placement: Placement, q: int) -> list[Any]:
     """The per-layer tree device ``q``'s optimizer program sees: other devices' layers as placeholders."""
-    return _trees(plan, [
-        [_struct(s if plan.stacks.items[layer].device == q else (1,) * len(s), plan.dtype)
-         for s in plan.specs[layer].own_shapes]
-        for layer in range(plan.num_layers)
+    return _trees(placement, [
+        [_struct(s if placement.stacks.items[layer].device == q else (1,) * len(s), placement.dtype)
+         for s in placement.specs[layer].own_shapes]
+        for layer in range(placement.num_layers)
     ])
 
 
-def _placeholders(plan: StagePlan) -> list[list[jax.Array]]:
+def _placeholders(placement: Placement) -> list[list[jax.Array]]:
     """Per layer, one-element leaves of each parameter's rank (``1`` in every dimension).
 
     One element, not zero: transformations compute from shapes (Muon divides
     by a dimension).
     """
-    return [[jnp.zeros((1,) * len(s), plan.dtype) for s in plan.specs[layer].own_shapes]
-            for layer in range(plan.num_layers)]
+    return [[jnp.zeros((1,) * len(s), placement.dtype) for s in placement.specs[layer].own_shapes]
+            for layer in range(placement.num_layers)]
 
 
-def _trees(plan: StagePlan, leaves: Sequence[Sequence[Any]]) -> list[Any]:
+def _trees(placement: Placement, leaves: Sequence[Sequence[Any]]) -> list[Any]:
     """Per-layer own trees from per-layer own leaves."""
-    return [jax.tree.unflatten(plan.specs[layer].own_structure, list(ls)) for layer, ls in enumerate(leaves)]
+    return [jax.tree.unflatten(placement.specs[layer].own_structure, list(ls)) for layer, ls in enumerate(leaves)]
 
 
-def _coupling(optimizer, plan: StagePlan, params: Any, state: Any, owners: Sequence[int]) -> str:
+def _coupling(optimizer, placement: Placement, params: Any, state: Any, owners: Sequence[int]) -> str:
     """Why the update cannot run per device ('' if it can): an output depending on another device."""
-    device = [plan.stacks.items[layer].device for layer in range(plan.num_layers)]
+    device = [placement.stacks.items[layer].device for layer in range(placement.num_layers)]
     param_tags = [device[path[0].idx] for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     state_tags = [SHARED if o == SHARED else device[o] for o in owners]
     try:
@@ -274,8 +274,8 @@ def _coupling(optimizer, plan: StagePlan, params: Any, state: Any, owners: Seque
             f"optimizer.update fails on the per-layer parameter tree: {type(err).__name__}: {err}"
         ) from err
     treedef = jax.tree.structure(state)
-    for q in range(plan.num_devices):
-        local = jax.eval_shape(optimizer.init, device_structs(plan, q))
+    for q in range(placement.num_devices):
+        local = jax.eval_shape(optimizer.init, device_structs(placement, q))
         if jax.tree.structure(local) != treedef:
             return f"its state's structure depends on the shapes of the layers (device {q}'s program differs)"
         for o, a, b in zip(owners, jax.tree.leaves(local), jax.tree.leaves(state)):
@@ -295,7 +295,7 @@ def _coupling(optimizer, plan: StagePlan, params: Any, state: Any, owners: Seque
 
 def whole_tree_update(layer_opt: LayerOptimizer):
     """``(grads, state, weights) -> (weights, state, grad_norm)`` over the whole tree, outside ``shard_map``."""
-    plan, layout = layer_opt.plan, layer_opt.layout
+    placement, layout = layer_opt.placement, layer_opt.layout
 
     def read(stacks, items: StackLayout, layer):
         item = items.items[layer]
@@ -305,14 +305,14 @@ def whole_tree_update(layer_opt: LayerOptimizer):
         ]
 
     def read_own(stacks, layer):
-        leaves = read(stacks, plan.stacks, layer)
-        return [leaves[a] for a in plan.specs[layer].own_leaves]
+        leaves = read(stacks, placement.stacks, layer)
+        return [leaves[a] for a in placement.specs[layer].own_leaves]
 
     def update(grads, state: OptState, weights):
-        g = _trees(plan, [read_own(grads, layer) for layer in range(plan.num_layers)])
-        w = _trees(plan, [read_own(weights, layer) for layer in range(plan.num_layers)])
+        g = _trees(placement, [read_own(grads, layer) for layer in range(placement.num_layers)])
+        w = _trees(placement, [read_own(weights, layer) for layer in range(placement.num_layers)])
         leaves = [None] * len(layer_opt.owners)
-        for layer in range(plan.num_layers):
+        for layer in range(placement.num_layers):
             for i, leaf in zip(layer_opt.leaf_positions(layer), read(state.stacks, layout, layer)):
                 leaves[i] = leaf
         for i, s in enumerate(layer_opt.shared):
@@ -322,10 +322,10 @@ def whole_tree_update(layer_opt: LayerOptimizer):
         new_w = optax.apply_updates(w, updates)
         new_leaves = jax.tree.leaves(new_state)
         weights, stacks = list(weights), list(state.stacks)
-        for layer in range(plan.num_layers):
-            p = plan.stacks.items[layer].device
-            places = plan.stacks.places[layer]
-            for k, leaf in zip([places[a] for a in plan.specs[layer].own_leaves], jax.tree.leaves(new_w[layer])):
+        for layer in range(placement.num_layers):
+            p = placement.stacks.items[layer].device
+            places = placement.stacks.places[layer]
+            for k, leaf in zip([places[a] for a in placement.specs[layer].own_leaves], jax.tree.leaves(new_w[layer])):
                 if k >= 0:
                     weights[k] = weights[k].at[p].set(leaf.reshape(weights[k].shape[1:]).astype(weights[k].dtype))
             for k, i in zip(layout.places[layer], layer_opt.leaf_positions(layer)):
@@ -346,8 +346,8 @@ def local_updates(layer_opt: LayerOptimizer, mesh: Mesh):
     program; split layers' extra copies and tied leaves are refreshed from
     their owners after (``placement.sync_copies_local``).
     """
-    plan = layer_opt.plan
-    steps = [layer_opt.local_step(q) for q in range(plan.num_devices)]
+    placement = layer_opt.placement
+    steps = [layer_opt.local_step(q) for q in range(placement.num_devices)]
     n_shared = sum(1 for s in layer_opt.shared if s >= 0)
 
     def body(grads, entries, shared, weights):
@@ -362,7 +362,7 @@ def local_updates(layer_opt: LayerOptimizer, mesh: Mesh):
 
             weights, entries, shared, sq_q = lax.cond(p == q, step, keep, grads, entries, shared, weights)
             sq = sq + sq_q
-        weights = sync_copies_local(plan, weights, p)
+        weights = sync_copies_local(placement, weights, p)
         norm = jnp.sqrt(lax.psum(sq, PIPE_AXIS))
         return tuple(a[None] for a in weights), tuple(a[None] for a in entries), shared, norm
 
@@ -383,8 +383,8 @@ def local_updates(layer_opt: LayerOptimizer, mesh: Mesh):
 
 def local_init(layer_opt: LayerOptimizer, mesh: Mesh):
     """``weights -> OptState``: each device initialises its own layers' state."""
-    plan, layout = layer_opt.plan, layer_opt.layout
-    inits = [layer_opt.init_local(q) for q in range(plan.num_devices)]
+    placement, layout = layer_opt.placement, layer_opt.layout
+    inits = [layer_opt.init_local(q) for q in range(placement.num_devices)]
     n_shared = sum(1 for s in layer_opt.shared if s >= 0)
     zeros = [jnp.zeros(s.shape[1:], s.dtype) for s in layout.zeros()]
 
@@ -394,7 +394,7 @@ def local_init(layer_opt: LayerOptimizer, mesh: Mesh):
         for q, init in enumerate(inits):
             entries = lax.cond(p == q, lambda e, w, init=init: init(e, w)[0], lambda e, w: e, entries, weights)
         # Shared leaves (counts, hyperparameters) do not depend on the layers: any device's program gives them.
-        placeholders = _trees(plan, _placeholders(plan))
+        placeholders = _trees(placement, _placeholders(placement))
         init_leaves = jax.tree.leaves(layer_opt.optimizer.init(placeholders))
         shared = tuple(init_leaves[i] for i, s in enumerate(layer_opt.shared) if s >= 0)
         return tuple(a[None] for a in entries), shared

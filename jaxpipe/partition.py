@@ -1,30 +1,26 @@
-"""Cutting the layer list into contiguous runs, one per pipe device.
+"""The cut: the layer line divided into stages, whole layers or rows of a layer.
 
-The partitioner is pure Python over a cost vector (``docs/design.md``,
-"Pure planning"); the cost estimate comes from XLA's cost analysis of each
-layer's forward and backward pass on one micro-batch.
+Pure Python over a cost vector (``docs/design.md``, "Pure planning" and
+"Fractional (row-split) cuts"): exact integer cuts (``partition_layers``),
+fractional cuts by rows (``fractional_partition``), both as ``Piece`` tuples
+per stage. The costs come from ``costs.py``; which layers may be split by
+rows from ``row_mixing.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from .row_mixing import mixes_rows  # noqa: F401 - re-exported: the check lives with its probe
-from .stages import LayerSpec, apply_layer
 
 
 def check_partition(
-    partition: Sequence[int], num_layers: int, num_devices: int, num_chunks: int = 1
+    partition: Sequence[int], num_layers: int, num_devices: int, virtual_stages: int = 1
 ) -> tuple[int, ...]:
     """Validates an explicit partition: layers per stage.
 
-    With ``V = num_chunks`` chunks per device there are ``S = V * P`` stages;
+    With ``V = virtual_stages`` chunks per device there are ``S = V * P`` stages;
     stage ``s = c * P + p`` is chunk ``c`` of pipe device ``p``. With V = 1 a
     stage is a pipe device.
 
@@ -32,7 +28,7 @@ def check_partition(
       partition: ``[S]`` layer counts, e.g. ``(2, 1, 1, 2)``.
       num_layers: L.
       num_devices: P.
-      num_chunks: V.
+      virtual_stages: V.
 
     Returns:
       The partition as a tuple of ints.
@@ -47,18 +43,18 @@ def check_partition(
     ):
         raise TypeError(f"partition must be a sequence of ints (layers per pipe device), got {partition!r}")
     partition = tuple(int(n) for n in partition)
-    num_stages = num_devices * num_chunks
+    num_stages = num_devices * virtual_stages
     where = (
-        f"{num_devices} pipe devices" if num_chunks == 1
-        else f"{num_stages} stages ({num_chunks} virtual stages x {num_devices} pipe devices)"
+        f"{num_devices} pipe devices" if virtual_stages == 1
+        else f"{num_stages} stages ({virtual_stages} virtual stages x {num_devices} pipe devices)"
     )
     if len(partition) != num_stages:
         raise ValueError(
             f"partition={partition} has {len(partition)} entries but there are "
-            f"{where}; give one layer count per {'pipe device' if num_chunks == 1 else 'stage'}"
+            f"{where}; give one layer count per {'pipe device' if virtual_stages == 1 else 'stage'}"
         )
     if min(partition) < 1:
-        raise ValueError(f"partition={partition}: every {'pipe device' if num_chunks == 1 else 'stage'} needs at least one layer")
+        raise ValueError(f"partition={partition}: every {'pipe device' if virtual_stages == 1 else 'stage'} needs at least one layer")
     if sum(partition) != num_layers:
         raise ValueError(
             f"partition={partition} sums to {sum(partition)} but the model has "
@@ -111,108 +107,6 @@ def partition_layers(costs: Sequence[float], num_devices: int) -> tuple[int, ...
         counts.append(j - i)
         j = i
     return tuple(reversed(counts))
-
-
-def layer_flops(spec: LayerSpec, params: Any, x: Any, input_grad: bool = True) -> float | None:
-    """XLA's flop estimate of one layer's forward + backward on one micro-batch.
-
-    Args:
-      spec: the layer.
-      params: its parameter tree (arrays or shape structs).
-      x: its input for one micro-batch (arrays or shape structs).
-      input_grad: whether the backward also computes the input's gradient.
-        The first layer's input is the model's input, whose gradient no
-        executor computes: its backward is the parameter gradient only (a
-        dense layer's backward is then half as costly).
-
-    Returns:
-      The flop count, or ``None`` where XLA gives no estimate.
-    """
-    leaves, treedef = jax.tree.flatten(x)
-    is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
-    # Integer inputs (token ids) get no gradient: they are zeros held constant.
-    consts = [None if f else jnp.zeros(leaf.shape, leaf.dtype) for leaf, f in zip(leaves, is_float)]
-    floats = [leaf for leaf, f in zip(leaves, is_float) if f]
-
-    def scalar(p, float_leaves):
-        it = iter(float_leaves)
-        merged = [next(it) if c is None else c for c in consts]
-        out = apply_layer(spec, p, jax.tree.unflatten(treedef, merged))
-        return sum(
-            jnp.sum(o.astype(jnp.float32))
-            for o in jax.tree.leaves(out)
-            if jnp.issubdtype(o.dtype, jnp.floating)
-        )
-
-    try:
-        # value_and_grad, not grad: a linear layer's backward does not need its
-        # output, so under grad alone XLA drops the forward matmul from the
-        # count (a Linear without activation came out at 2/3 of one with).
-        argnums = (0, 1) if input_grad else 0
-        lowered = jax.jit(jax.value_and_grad(scalar, argnums=argnums)).lower(params, floats)
-        analysis = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - any failure means "no estimate"
-        return None
-    if isinstance(analysis, Sequence):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
-
-
-def estimate_layer_costs(
-    specs: Sequence[LayerSpec], params: Sequence[Any], inputs: Sequence[Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer ``(forward [L], backward [L])`` costs: XLA flops, else parameter counts.
-
-    A layer's forward is a third of its forward + backward flops with the
-    input gradient, its backward the rest. The first layer's backward leaves
-    out the input gradient (``layer_flops``' ``input_grad``), which no
-    executor computes; counting it made the first stage look heavier than it
-    runs (experiment 01 (a): a 3-layer MLP's first layer measured 0.7x of a
-    middle one, flops with the input gradient said 1x). If XLA gives no
-    estimate for some layer, every layer falls back to its parameter count
-    (plus one), split a third forward, so costs stay comparable.
-
-    Args:
-      specs: the layer specs.
-      params: per-layer parameter trees.
-      inputs: per-layer input shape structs for one micro-batch.
-
-    Returns:
-      ``([L], [L])`` float64 forward and backward costs.
-    """
-    cache: dict[Any, float | None] = {}
-    totals, firsts = [], None
-    for index, (spec, p, x) in enumerate(zip(specs, params, inputs)):
-        key = (spec.name, spec.shapes, str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), x)), repr(spec.graphdef))
-        if key not in cache:
-            cache[key] = layer_flops(spec, p, x)
-        totals.append(cache[key])
-        if index == 0:
-            firsts = layer_flops(spec, p, x, input_grad=False)
-    if all(f is not None for f in totals) and firsts is not None:
-        total = np.asarray(totals, dtype=np.float64)
-        forward = total / 3
-        backward = total - forward
-        backward[0] = max(firsts - forward[0], 0.0)
-        return forward, backward
-    counts = np.asarray([spec.size + 1 for spec in specs], dtype=np.float64)
-    return counts / 3, 2 * counts / 3
-
-
-def estimate_costs(specs: Sequence[LayerSpec], params: Sequence[Any], inputs: Sequence[Any]) -> np.ndarray:
-    """Per-layer forward + backward cost: the sum of ``estimate_layer_costs``.
-
-    Args:
-      specs: the layer specs.
-      params: per-layer parameter trees.
-      inputs: per-layer input shape structs for one micro-batch.
-
-    Returns:
-      ``[L]`` float64 costs.
-    """
-    forward, backward = estimate_layer_costs(specs, params, inputs)
-    return forward + backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,33 +230,6 @@ def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows:
     return np.asarray(
         [sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages]
     )
-
-
-def check_costs(costs: Sequence[float], num_layers: int) -> np.ndarray:
-    """``[L]`` finite non-negative costs as float64, or a ValueError naming them."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if costs.shape != (num_layers,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
-        raise ValueError(
-            f"costs must be {num_layers} finite non-negative numbers (one per layer), got {costs.tolist()}"
-        )
-    return costs
-
-
-def layer_costs(costs: Any, specs, params, structs) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per-layer ``(forward [L], backward [L], unit)`` for the partitioner and planner.
-
-    ``costs`` may be a ``Profile`` (measured forward and backward seconds), a
-    sequence of ``L`` forward+backward costs, or ``None`` for XLA's flop
-    estimate (``estimate_layer_costs``). Given totals are split one third
-    forward, two thirds backward.
-    """
-    if hasattr(costs, "forward") and hasattr(costs, "backward"):
-        forward = check_costs(costs.forward(), len(specs))
-        return forward, check_costs(costs.backward(), len(specs)), "s"
-    if costs is None:
-        return (*estimate_layer_costs(specs, params, structs[:-1]), "flop")
-    total = check_costs(costs, len(specs))
-    return total / 3, 2 * total / 3, "cost"
 
 
 def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -32,9 +32,9 @@ from .build import (
 from .config import PipelineConfig
 from .evaluate import check_deterministic, forward_loss
 from .guards import batch_rows, check_batch, check_batch_like, check_state_like
+from .layers import cast_floats, merge_layers
 from .mesh import DATA_AXIS, PIPE_AXIS, make_mesh
 from .optimizer import OptState, local_init
-from .stages import cast_floats, merge_layers
 
 
 class TrainState(NamedTuple):
@@ -42,7 +42,7 @@ class TrainState(NamedTuple):
 
     Attributes:
       params: the parameter stacks (``[K]`` arrays ``[P, *shape]`` sharded
-        over ``pipe``, ``stacks.py``); ``Pipeline.unpack`` gives per-layer trees.
+        over ``pipe``, ``stacks.py``); ``Pipeline.from_stacks`` gives per-layer trees.
       opt_state: the optimizer state of the per-layer tree, held the same way
         (``optimizer.OptState``); ``Pipeline.to_layers`` gives optax's tree.
       step: number of optimizer steps taken.
@@ -90,10 +90,10 @@ class Pipeline:
       config: the ``PipelineConfig`` built from the options.
       plan: the ``Plan`` run: per device its layers, loads, memory, the
         prediction and, for ``"auto"``, why it was chosen.
-      schedule, cut, num_chunks: the order, cut and V run (the planner's
+      schedule, cut, virtual_stages: the order, cut and V run (the planner's
         for ``"auto"``; ``"balanced"`` runs ``"1f1b"`` with fractional cuts).
       stages: ``[V * P]`` tuples of ``Piece``; ``partition`` their sizes.
-      stage_plan: the ``StagePlan`` (parameter copies, stacks, boundaries).
+      placement: the ``Placement`` (parameter copies, stacks, boundaries).
       table, ticks, buffers: the schedule table, its packed ticks and their
         buffer slots (``None`` with ``executor="autodiff"``).
       optimizer_mode: ``"per device"`` or ``"whole tree"``.
@@ -146,8 +146,8 @@ class Pipeline:
         self.microbatch_rows, self._signature = traced.microbatch_rows, traced.signature
         self._graph, self._host_params, self._structs = traced.graph, list(traced.params), traced.structs
         self.plan, self.stages, self.partition = choice.plan, choice.stages, choice.partition
-        self.schedule, self.cut, self.num_chunks = choice.schedule, choice.cut, choice.virtual_stages
-        self.stage_plan, self.split_loss = placed.stage_plan, placed.split_loss
+        self.schedule, self.cut, self.virtual_stages = choice.schedule, choice.cut, choice.virtual_stages
+        self.placement, self.split_loss = placed.placement, placed.split_loss
         self.table, self.ticks, self.buffers = step.table, step.ticks, step.buffers
         self._value_and_grad, self._update, self._layer_opt = step.value_and_grad, step.update, step.layer_optimizer
         self.optimizer_mode = "per device" if self._layer_opt.per_device else "whole tree"
@@ -175,8 +175,8 @@ class Pipeline:
         Returns:
           A ``TrainState`` with step 0.
         """
-        own = [spec.own(tree) for spec, tree in zip(self.stage_plan.specs, self._host_params)]
-        params = self.pack(own)
+        own = [spec.own(tree) for spec, tree in zip(self.placement.specs, self._host_params)]
+        params = self.to_stacks(own)
         if self._layer_opt.per_device:
             opt_state = jax.jit(local_init(self._layer_opt, self.mesh))(params)
         else:
@@ -267,8 +267,8 @@ class Pipeline:
         check_state_like(self._state_struct().params, params, "params")
         if self._evaluate is None:
             run_params = cast_floats(self._host_params, self.compute_dtype)
-            check_deterministic(self.stage_plan, run_params, self._structs)
-            self._evaluate = jax.jit(forward_loss(self.stage_plan, self.mesh, self._loss_fn, self.compute_dtype))
+            check_deterministic(self.placement, run_params, self._structs)
+            self._evaluate = jax.jit(forward_loss(self.placement, self.mesh, self._loss_fn, self.compute_dtype))
         return self._evaluate(params, *self._placed(batch))
 
     def _state_struct(self) -> TrainState:
@@ -276,7 +276,7 @@ class Pipeline:
         layer_opt = self._layer_opt
         shared = [layer_opt.structs[i] for i, s in enumerate(layer_opt.shared) if s >= 0]
         return TrainState(
-            self.stage_plan.stacks.zeros(),
+            self.placement.stacks.zeros(),
             OptState(layer_opt.layout.zeros(), tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shared)),
             jax.ShapeDtypeStruct((), jnp.int32),
         )
@@ -293,24 +293,24 @@ class Pipeline:
             return batch
         return self.shard_batch(batch)
 
-    def unpack(self, stacks: tuple) -> list[nnx.State]:
+    def from_stacks(self, stacks: tuple) -> list[nnx.State]:
         """Per-layer ``nnx.State`` trees from parameter or gradient stacks.
 
         A layer split between devices is read from its owner copy. A
-        parameter several layers share (weight tying, ``stages.find_ties``)
+        parameter several layers share (weight tying, ``layers.find_ties``)
         is given once, in the first layer that reaches it, and left out of
         the later ones, as ``nnx.split`` of the whole layer list gives it:
         the tree the optimizer sees; its gradient is the sum over its uses.
         """
-        return self.stage_plan.unpack([_host(a) for a in stacks])
+        return self.placement.from_stacks([_host(a) for a in stacks])
 
     def layers(self, params: tuple) -> list[nnx.Module]:
         """The layers with the given parameters, as ``model_fn`` returns them.
 
         Objects the layers shared (a tied parameter, sub-module or layer) are
-        shared again (``stages.merge_layers``).
+        shared again (``layers.merge_layers``).
         """
-        return merge_layers(self._graph, self.unpack(params))
+        return merge_layers(self._graph, self.from_stacks(params))
 
     def train_step_stats(
         self, state: TrainState, batch: tuple[Any, Any]
@@ -334,7 +334,7 @@ class Pipeline:
         inputs, targets = self._placed(batch)
         return self._step(state, inputs, targets)
 
-    def pack(self, trees: Sequence[Any], dtype: Any = None) -> tuple:
+    def to_stacks(self, trees: Sequence[Any], dtype: Any = None) -> tuple:
         """Parameter stacks, placed on the mesh, from per-layer trees.
 
         The inverse of ``unpack``: every copy of a layer split between
@@ -353,7 +353,7 @@ class Pipeline:
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
-        return tuple(jax.device_put(a, self._param_sharding) for a in self.stage_plan.pack(trees, dtype))
+        return tuple(jax.device_put(a, self._param_sharding) for a in self.placement.to_stacks(trees, dtype))
 
     def _place_opt_state(self, stacks: Sequence[np.ndarray], shared: Sequence[np.ndarray]) -> OptState:
         return OptState(
@@ -374,7 +374,7 @@ class Pipeline:
         """
         opt_state = OptState(tuple(_host(a) for a in state.opt_state.stacks),
                              tuple(_host(a) for a in state.opt_state.shared))
-        return self.unpack(state.params), self._layer_opt.to_tree(opt_state), int(_host(state.step))
+        return self.from_stacks(state.params), self._layer_opt.to_tree(opt_state), int(_host(state.step))
 
     def from_layers(self, params: Sequence[Any], opt_state: Any, step: int) -> TrainState:
         """The inverse of ``to_layers``: places a per-layer state on this mesh.
@@ -390,7 +390,7 @@ class Pipeline:
         Raises:
           ValueError: if a shape or the state's structure differs from this pipeline's.
         """
-        stacks = self.pack(params)
+        stacks = self.to_stacks(params)
         opt_state = self._place_opt_state(*self._layer_opt.from_tree(opt_state))
         step = jax.device_put(jnp.asarray(step, jnp.int32), self._replicated)
         return TrainState(stacks, opt_state, step)

@@ -5,7 +5,7 @@ layer cut by rows between stages has a *parameter copy* on each device that
 runs part of it: copy ``i < L`` is layer ``i`` itself (its owner copy), and
 copies ``L, L + 1, ...`` are the extra copies of split layers. Every copy's
 leaves live in natural-shape stacks (``stacks.py``), tied leaves
-(``stages.find_ties``) included: a layer that shares an earlier layer's
+(``layers.find_ties``) included: a layer that shares an earlier layer's
 parameter holds its own entry of it on its device.
 
 Both are *linked* to an owner leaf (``copy_links``): each leaf of an extra
@@ -14,7 +14,8 @@ copy of its layer) to its owner layer's leaf. The partial gradients of
 linked leaves are summed into the owner before the optimizer and the linked
 leaves are refreshed from the owner after it, so they stay identical and the
 optimizer sees each parameter once, in its owner's own tree
-(``LayerSpec.own``).
+(``LayerSpec.own``). ``place_stages`` returns all of this as a ``Placement``
+(``docs/design.md``, "Parameter stacks" and the glossary).
 """
 
 from __future__ import annotations
@@ -31,17 +32,13 @@ from jax.sharding import PartitionSpec
 from .mesh import PIPE_AXIS
 from .partition import Piece
 from .stacks import Item, StackLayout
-from .stages import (
-    Boundary,
-    Carrier,
-    LayerSpec,
-    check_rows_follow,
-    trace_at_rows,
-)
+from .layers import LayerSpec
+from .tracing import check_rows_follow, trace_at_rows
+from .wire import Boundary, Carrier
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class Placement:
     """Everything static the executors need, derived before tracing.
 
     Stage ``s = c * P + p`` (chunk ``c`` of device ``p``) runs the pieces
@@ -139,19 +136,19 @@ class StagePlan:
                 out[k] = leaf.reshape(self.stacks.shapes[k]).astype(out[k].dtype)
         return tuple(out)
 
-    def pack(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
+    def to_stacks(self, layer_trees: Sequence[Any], dtype: Any = None) -> list[Any]:
         """Host stacks ``[P, *shape]`` from per-layer own trees; every extra copy and tied leaf filled.
 
         Args:
           layer_trees: ``[L]`` own trees (``LayerSpec.own``: a tied leaf is
-            given once, in its owner layer), as ``unpack`` gives.
+            given once, in its owner layer), as ``from_stacks`` gives.
           dtype: cast every stack to it; default each stack's own dtype.
 
         Raises:
           ValueError: if the number of layers or a leaf's shape differs.
         """
         if len(layer_trees) != self.num_layers:
-            raise ValueError(f"pack needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
+            raise ValueError(f"to_stacks needs {self.num_layers} per-layer trees, got {len(layer_trees)}")
         full = []
         for layer, tree in enumerate(layer_trees):
             spec, leaves = self.specs[layer], jax.tree.leaves(tree)
@@ -169,11 +166,11 @@ class StagePlan:
         for layer in range(self.num_layers):
             for leaf, owner, owner_leaf in self.specs[layer].tied:
                 full[layer][leaf] = full[owner][owner_leaf]
-        return self.stacks.pack([full[layer] for layer in self.copy_layer], dtype)
+        return self.stacks.to_stacks([full[layer] for layer in self.copy_layer], dtype)
 
-    def unpack(self, stacks: Sequence[Any]) -> list[Any]:
+    def from_stacks(self, stacks: Sequence[Any]) -> list[Any]:
         """Per-layer own trees (each layer's owner copy, tied leaves left out) from host stacks ``[P, *shape]``."""
-        return [self.specs[layer].own(self.stacks.unpack(stacks, layer)) for layer in range(self.num_layers)]
+        return [self.specs[layer].own(self.stacks.from_stacks(stacks, layer)) for layer in range(self.num_layers)]
 
 
 def place_stages(
@@ -186,7 +183,7 @@ def place_stages(
     structs: Sequence[Any],
     x_mb: Any,
     split_loss: bool = False,
-) -> StagePlan:
+) -> Placement:
     """Places stages on devices: stage ``s = c * P + p`` on device ``p``.
 
     A layer in several stages gets one parameter copy per stage: copy ``i``
@@ -204,13 +201,13 @@ def place_stages(
       structs: ``L + 1`` activation structures (``trace_boundaries``).
       x_mb: one micro-batch of model input (shape structs).
       split_loss: compute the loss where the last layer's rows are
-        (``StagePlan.split_loss``); the model output then crosses no device.
+        (``Placement.split_loss``); the model output then crosses no device.
 
     Returns:
-      The ``StagePlan``.
+      The ``Placement``.
     """
     num_layers, rows = len(specs), jax.tree.leaves(x_mb)[0].shape[0]
-    num_chunks = len(stages) // num_devices
+    virtual_stages = len(stages) // num_devices
     copy_layer, stage_copies, seen = list(range(num_layers)), [], set()
     for stage in stages:
         copies = []
@@ -223,7 +220,7 @@ def place_stages(
                 copies.append(piece.layer)
         stage_copies.append(tuple(copies))
     device_copies = [
-        sum((stage_copies[c * num_devices + p] for c in range(num_chunks)), ())
+        sum((stage_copies[c * num_devices + p] for c in range(virtual_stages)), ())
         for p in range(num_devices)
     ]
     needed = set()
@@ -247,14 +244,14 @@ def place_stages(
         Item(device_of[copy], spec.shapes, (jnp.dtype(dtype),) * len(spec.shapes))
         for copy, spec in enumerate(copy_specs)
     ]
-    return StagePlan(
+    return Placement(
         copy_specs, StackLayout.build(items, num_devices), tuple(device_copies), tuple(map(tuple, stages)),
         tuple(stage_copies), boundaries, carrier, num_microbatches, tuple(copy_layer), jnp.dtype(dtype),
         split_loss,
     )
 
 
-def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
+def copy_links(placement: Placement) -> list[tuple[int, int, int, int]]:
     """``(owner device, owner stack, device, stack)`` per linked leaf.
 
     Linked leaves are every leaf of a split layer's extra copies (owner: the
@@ -263,11 +260,11 @@ def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
     parameter). Every owner is an own leaf of an owner copy, never itself
     linked, so merges and syncs may run in any order.
     """
-    stacks = plan.stacks
+    stacks = placement.stacks
     out = []
-    for copy, layer in enumerate(plan.copy_layer):
-        spec = plan.specs[copy]
-        owners = {a: (layer, a) for a in range(len(spec.shapes))} if copy >= plan.num_layers else {}
+    for copy, layer in enumerate(placement.copy_layer):
+        spec = placement.specs[copy]
+        owners = {a: (layer, a) for a in range(len(spec.shapes))} if copy >= placement.num_layers else {}
         owners.update({leaf: (owner, owner_leaf) for leaf, owner, owner_leaf in spec.tied})
         for a, (owner, b) in sorted(owners.items()):
             if stacks.places[owner][b] >= 0:
@@ -276,7 +273,7 @@ def copy_links(plan: StagePlan) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+def merge_copies_local(placement: Placement, acc: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
     """Inside ``shard_map``: adds each linked leaf's gradient into its owner leaf's.
 
     One ``ppermute`` of one leaf per linked leaf on another device (a local
@@ -285,7 +282,7 @@ def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) 
     copies only).
 
     Args:
-      plan: the stage plan.
+      placement: the stage placement.
       acc: this device's gradient stack entries.
       p: this device's pipe index (traced).
 
@@ -293,43 +290,43 @@ def merge_copies_local(plan: StagePlan, acc: Sequence[jax.Array], p: jax.Array) 
       The merged entries.
     """
     acc = list(acc)
-    for po, ko, pc, kc in copy_links(plan):
+    for po, ko, pc, kc in copy_links(placement):
         sent = acc[kc] if po == pc else lax.ppermute(acc[kc], PIPE_AXIS, [(pc, po)])
         merged = acc[ko] + sent.reshape(acc[ko].shape)
         acc[ko] = jnp.where(p == po, merged, acc[ko])
     return tuple(acc)
 
 
-def sync_copies_local(plan: StagePlan, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
+def sync_copies_local(placement: Placement, entries: Sequence[jax.Array], p: jax.Array) -> tuple[jax.Array, ...]:
     """Inside ``shard_map``: each linked leaf overwritten by its owner leaf."""
     entries = list(entries)
-    for po, ko, pc, kc in copy_links(plan):
+    for po, ko, pc, kc in copy_links(placement):
         sent = entries[ko] if po == pc else lax.ppermute(entries[ko], PIPE_AXIS, [(po, pc)])
         entries[kc] = jnp.where(p == pc, sent.reshape(entries[kc].shape), entries[kc])
     return tuple(entries)
 
 
-def _on_mesh(plan: StagePlan, mesh, local):
-    """``stacks -> stacks`` on the mesh: ``local(plan, entries, p)`` per device; the identity without links."""
-    if not copy_links(plan):
+def _on_mesh(placement: Placement, mesh, local):
+    """``stacks -> stacks`` on the mesh: ``local(placement, entries, p)`` per device; the identity without links."""
+    if not copy_links(placement):
         return lambda stacks: stacks
 
     def body(stacks):
-        entries = local(plan, tuple(a[0] for a in stacks), lax.axis_index(PIPE_AXIS))
+        entries = local(placement, tuple(a[0] for a in stacks), lax.axis_index(PIPE_AXIS))
         return tuple(a[None] for a in entries)
 
     spec = PartitionSpec(PIPE_AXIS)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
 
 
-def sync_copies(plan: StagePlan, mesh):
+def sync_copies(placement: Placement, mesh):
     """``weights -> weights`` on the mesh: every linked leaf set to its owner leaf."""
-    return _on_mesh(plan, mesh, sync_copies_local)
+    return _on_mesh(placement, mesh, sync_copies_local)
 
 
-def merge_copies(plan: StagePlan, mesh):
+def merge_copies(placement: Placement, mesh):
     """``grads -> grads`` on the mesh: every linked leaf's gradient added into its owner leaf's.
 
     For gradients taken outside ``shard_map`` (``executor="autodiff"``).
     """
-    return _on_mesh(plan, mesh, merge_copies_local)
+    return _on_mesh(placement, mesh, merge_copies_local)

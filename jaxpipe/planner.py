@@ -46,15 +46,15 @@ class Candidate:
       stages: ``[S]`` tuples of pieces.
       loads: ``[P]`` forward + backward cost of one micro-batch's share of the
         model on each device (what the cuts balance).
-      step: predicted step time (cost units).
+      step_time: predicted step time (cost units).
       memory: ``[P]`` predicted bytes per device (parameters, optimizer
-        state and gradients as 4 x parameters, plus stashed messages).
+        state and gradients as 4 x parameters, plus held messages).
       fits: whether every device's memory is within the limit.
       costs: ``[P, V]`` per-stage forward and backward costs as the table
         executor pays them (the last stage's forward is folded into its
         backward; with ``remat`` every backward includes its recompute;
         for ``"zb_h1"`` the backward split into B and W, see
-        ``_split_costs``), from which ``step`` is predicted; ``simulate``
+        ``_split_costs``), from which ``step_time`` is predicted; ``simulate``
         them for a timeline.
       remat: whether backwards recompute their stage's forward instead of
         reading saved residuals.
@@ -65,7 +65,7 @@ class Candidate:
     cut: str
     stages: tuple[tuple[Piece, ...], ...]
     loads: np.ndarray
-    step: float
+    step_time: float
     memory: np.ndarray
     fits: bool
     costs: Costs
@@ -127,7 +127,7 @@ class Plan:
         if plain is None:
             lines.append(f"  max/mean load: chosen {float(np.max(c.loads)) / mean:.3f}")
             lines.append(
-                f"  predicted step: chosen {c.step:.4g}, plain 1f1b impossible "
+                f"  predicted step: chosen {c.step_time:.4g}, plain 1f1b impossible "
                 f"({len(self.layer_names)} layers < {num_devices} pipe devices)"
             )
         else:
@@ -136,14 +136,14 @@ class Plan:
                 f"plain {float(np.max(plain.loads)) / float(np.mean(plain.loads)):.3f}"
             )
             lines.append(
-                f"  predicted step: chosen {c.step:.4g}, plain 1f1b {plain.step:.4g} "
-                f"({plain.step / c.step:.2f}x)"
+                f"  predicted step: chosen {c.step_time:.4g}, plain 1f1b {plain.step_time:.4g} "
+                f"({plain.step_time / c.step_time:.2f}x)"
             )
         if self.unsplittable:
             names = ", ".join(f"{i} ({self.layer_names[i]})" for i in self.unsplittable)
             lines.append(f"  never split (rows mix or marked): {names}")
         lines.append("  candidates: " + "; ".join(
-            f"{k.label} {k.step:.4g}{'' if k.fits else ' (over memory)'}" for k in self.candidates
+            f"{k.label} {k.step_time:.4g}{'' if k.fits else ' (over memory)'}" for k in self.candidates
         ))
         lines.append(f"  reason: {self.reason}")
         return "\n".join(lines)
@@ -214,7 +214,7 @@ def predict(
       num_microbatches: M.
       rows: B.
       param_bytes: ``[L]`` parameter bytes per layer.
-      message_bytes: bytes of one packed message (one stash slot).
+      message_bytes: bytes of one encoded message (one activation slot).
       max_memory: bytes allowed per device, or ``None``.
       residual_bytes: ``[L]`` bytes of residuals a layer's forward saves for
         its backward, per micro-batch of B rows (``None``: not counted).
@@ -230,7 +230,7 @@ def predict(
         (fwd, bwd), weight = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat), 0.0
     costs = Costs(forward=fwd, backward=bwd, weight=weight)
     ticks = pack(table)
-    step = tick_time(ticks, fwd, bwd, weight=weight)
+    step_time = tick_time(ticks, fwd, bwd, weight=weight)
     buffers = tick_buffers(ticks)
     memory = np.zeros(num_devices)
     for s, stage in enumerate(stages):
@@ -248,7 +248,7 @@ def predict(
     loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
-    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step), memory, fits, costs,
+    return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step_time), memory, fits, costs,
                      bool(remat))
 
 
@@ -387,7 +387,7 @@ def make_plan(
             "limit, use more pipe devices, or smaller micro-batches"
         )
     eligible = [c for c in fitting if c.schedule in AUTO_ORDERS] or fitting
-    chosen = min(eligible, key=lambda c: c.step)
+    chosen = min(eligible, key=lambda c: c.step_time)
     if plain is None:
         reason = (
             f"no integer cut exists ({num_layers} layers < {num_devices} pipe devices); "
@@ -397,11 +397,11 @@ def make_plan(
         reason = "integer cuts with 1F1B are already the fastest predicted plan"
     else:
         reason = (
-            f"{chosen.label} is predicted {plain.step / chosen.step:.2f}x faster than plain 1F1B"
+            f"{chosen.label} is predicted {plain.step_time / chosen.step_time:.2f}x faster than plain 1F1B"
             + (f" (max/mean load {float(np.max(plain.loads) / np.mean(plain.loads)):.2f} -> "
                f"{float(np.max(chosen.loads) / np.mean(chosen.loads)):.2f})" if chosen.cut == "fractional" else "")
         )
-    if any(c.schedule not in AUTO_ORDERS and c.step < chosen.step for c in fitting):
+    if any(c.schedule not in AUTO_ORDERS and c.step_time < chosen.step_time for c in fitting):
         reason += ("; zb_h1 is predicted faster but not chosen automatically: its split of the backward is "
                    "not yet measured to pay on real processes (experiment 08); ask for it with schedule='zb_h1'")
     if len(fitting) < len(candidates):

@@ -51,14 +51,14 @@ def plot_timeline(sim_or_schedule: SimResult | Schedule, path: str | os.PathLike
 
     if isinstance(sim_or_schedule, Schedule):
         schedule = sim_or_schedule
-        uniform = Costs.uniform(schedule.num_devices, schedule.num_chunks, backward=1.0, weight=1.0)
+        uniform = Costs.uniform(schedule.num_devices, schedule.virtual_stages, backward=1.0, weight=1.0)
         sim = simulate(schedule, costs or uniform)
     elif isinstance(sim_or_schedule, SimResult):
         sim, schedule = sim_or_schedule, sim_or_schedule.schedule
     else:
         kind = type(sim_or_schedule).__name__
         raise TypeError(f"plot_timeline needs a SimResult or a Schedule, got {kind}")
-    P, M, V = schedule.num_devices, schedule.num_microbatches, schedule.num_chunks
+    P, M, V = schedule.num_devices, schedule.num_microbatches, schedule.virtual_stages
     cmap = matplotlib.colormaps["tab10" if M <= 10 else "tab20"]
     width = min(24.0, 4.0 + 0.45 * schedule.num_ticks)
     fig = Figure(figsize=(width, 0.6 * P + 1.6))

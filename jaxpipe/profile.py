@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .partition import layer_flops
-from .stages import LayerSpec, apply_layer, split_layers, trace_boundaries
+from .costs import layer_flops
+from .layers import LayerSpec, apply_layer, split_layers
+from .tracing import trace_boundaries
 
 
 PROFILE_FORMAT = 2  # 2: the first layer's backward is its parameter gradient only

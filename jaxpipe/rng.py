@@ -110,12 +110,12 @@ def draws(spec: Any, params: Any, x: Any, deterministic: bool) -> bool:
     dropout never uses the result.
 
     Args:
-      spec: a ``stages.LayerSpec`` with RNG streams.
+      spec: a ``layers.LayerSpec`` with RNG streams.
       params: its parameter tree (or shape structs).
       x: its input (shape structs).
       deterministic: check the layer in evaluation mode (``layer.eval()``).
     """
-    from .stages import apply_layer  # stages imports this module
+    from .layers import apply_layer  # layers imports this module
 
     key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
     closed = jax.make_jaxpr(lambda k, p, h: apply_layer(spec, p, h, key=k, deterministic=deterministic))(

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .stages import LayerSpec, apply_layer
+from .layers import LayerSpec, apply_layer
 
 
 def probe_input(x: Any, rows: int, rng: np.random.Generator) -> Any:

@@ -1,4 +1,4 @@
-"""Pipeline schedules as static tables: generators, validator, buffer slots.
+"""Pipeline schedules as static tables: generators, validator, what a table holds.
 
 A schedule says, for every tick and every pipe device, what that device does:
 the FORWARD or BACKWARD of one micro-batch on one of its chunks, or nothing.
@@ -11,13 +11,15 @@ interleaved mapping), so there are ``S = V * P`` stages and a boundary always
 moves to the next device on the ring: forward outputs to ``(p + 1) % P``,
 input-gradients to ``(p - 1) % P``. A boundary sent at tick ``t`` can be used
 at tick ``t + 1`` or later. Pure NumPy: the executor, the simulator and the
-plots all read the same table.
+plots all read the same table (``docs/design.md``, "Schedules are data").
+What a table holds at once (activations, gradients, micro-batches in flight)
+is counted here for ``validate`` and the simulator; the slots the executor
+indexes belong to packed ticks (``ticks.tick_buffers``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 
 import numpy as np
 
@@ -47,7 +49,7 @@ class Schedule:
       name: schedule family, e.g. ``"1f1b"``.
       num_devices: P, pipe devices.
       num_microbatches: M.
-      num_chunks: V, chunks (virtual stages) per device; 1 for GPipe and 1F1B.
+      virtual_stages: V, virtual stages (chunks) per device; 1 for GPipe and 1F1B.
       op: ``[T, P]`` int8, IDLE / FORWARD / BACKWARD / WEIGHT (WEIGHT only
         in split tables, see the module docstring).
       microbatch: ``[T, P]`` int32, the micro-batch of each action, -1 if idle.
@@ -57,13 +59,13 @@ class Schedule:
     name: str
     num_devices: int
     num_microbatches: int
-    num_chunks: int
+    virtual_stages: int
     op: np.ndarray
     microbatch: np.ndarray
     chunk: np.ndarray
 
     def __post_init__(self):
-        for field in ("num_devices", "num_microbatches", "num_chunks"):
+        for field in ("num_devices", "num_microbatches", "virtual_stages"):
             value = getattr(self, field)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
@@ -89,7 +91,7 @@ class Schedule:
     @property
     def num_stages(self) -> int:
         """S = V * P."""
-        return self.num_chunks * self.num_devices
+        return self.virtual_stages * self.num_devices
 
     @property
     def split(self) -> bool:
@@ -107,7 +109,7 @@ class Schedule:
         width = max([len(cell) for row in labels for cell in row] + [1])
         head = (
             f"{self.name}: P={self.num_devices} M={self.num_microbatches} "
-            f"V={self.num_chunks} ticks={self.num_ticks}"
+            f"V={self.virtual_stages} ticks={self.num_ticks}"
         )
         tag = len(f"dev {self.num_devices - 1}")
         rows = [f"dev {p}".ljust(tag) + " | " + " ".join(c.ljust(width) for c in row).rstrip()
@@ -120,7 +122,7 @@ def _cell(schedule: Schedule, t: int, p: int) -> str:
     if op == IDLE:
         return "."
     text = {FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}.get(op, "?") + str(schedule.microbatch[t, p])
-    return text + (f".{schedule.chunk[t, p]}" if schedule.num_chunks > 1 else "")
+    return text + (f".{schedule.chunk[t, p]}" if schedule.virtual_stages > 1 else "")
 
 
 def _check_sizes(P: int, M: int, V: int) -> None:
@@ -384,7 +386,7 @@ def _action_ticks(schedule: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _check_legal(schedule: Schedule) -> None:
-    P, M, V, S = schedule.num_devices, schedule.num_microbatches, schedule.num_chunks, schedule.num_stages
+    P, M, V, S = schedule.num_devices, schedule.num_microbatches, schedule.virtual_stages, schedule.num_stages
     fwd, bwd, wgt = _action_ticks(schedule)
     first_of = {FORWARD: fwd, BACKWARD: bwd, WEIGHT: wgt}
 
@@ -438,114 +440,50 @@ def _check_legal(schedule: Schedule) -> None:
                 f"(belongs on device {s % P}, chunk {s // P}){split}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Buffers:
-    """Per-device slot plan for stashed activations and incoming gradients.
+def _live(intervals, T: int, P: int) -> np.ndarray:
+    """``[T, P]`` how many of the ``(p, start, end)`` intervals (ticks inclusive) each device holds per tick."""
+    live = np.zeros((T + 1, P), np.int64)
+    for p, start, end in intervals:
+        live[start, p] += 1
+        live[end + 1, p] -= 1
+    return np.cumsum(live, axis=0)[:T]
+
+
+def _held(schedule: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[T, P]`` activations held, gradients waiting and (m, s) in flight per tick and device.
 
     The input of (m, s), s > 0, is held from its arrival (the sender's forward
     tick + 1) through the tick of BACKWARD(m, s); the gradient for (m, s),
-    s < S - 1, from the tick after BACKWARD(m, s + 1) through BACKWARD(m, s).
-    An arrival at tick t is written before the device acts at tick t; a slot
-    read by the backward at tick t is free again from tick t + 1.
-
-    Attributes:
-      num_act_slots: activation slots per device (max over devices, >= 1).
-      recv_act_slot: ``[T, P]`` int32 slot written by the activation arriving
-        at (t, p), -1 if none arrives.
-      act_slot: ``[T, P]`` int32 slot holding the input of the FORWARD or
-        BACKWARD at (t, p) of a stage s > 0, -1 otherwise.
-      num_grad_slots: gradient slots per device (max over devices, >= 1).
-      recv_grad_slot: ``[T, P]`` int32 slot written by the gradient arriving
-        at (t, p), -1 if none arrives.
-      grad_slot: ``[T, P]`` int32 slot read by the BACKWARD at (t, p) of a
-        stage s < S - 1, -1 otherwise.
-      peak_stash: ``[P]`` int32 most activations stashed at once per device.
-      peak_in_flight: ``[P]`` int32 most (micro-batch, stage) pairs per device
-        whose forward has run and whose backward (in a split table: its
-        WEIGHT) has not finished.
+    s < S - 1, from the tick after BACKWARD(m, s + 1) through BACKWARD(m, s);
+    (m, s) is in flight from its FORWARD through its BACKWARD (in a split
+    table: its WEIGHT). These are properties of the table; the slots the
+    executor indexes are ``ticks.tick_buffers``'s, for packed ticks.
     """
-
-    num_act_slots: int
-    recv_act_slot: np.ndarray
-    act_slot: np.ndarray
-    num_grad_slots: int
-    recv_grad_slot: np.ndarray
-    grad_slot: np.ndarray
-    peak_stash: np.ndarray
-    peak_in_flight: np.ndarray
-
-    def __post_init__(self):
-        for field in ("recv_act_slot", "act_slot", "recv_grad_slot", "grad_slot",
-                      "peak_stash", "peak_in_flight"):
-            object.__setattr__(self, field, _readonly(getattr(self, field), np.int32, field))
-
-
-def _greedy_slots(intervals, T: int, P: int, readers: int = 1):
-    """Smallest-free-slot assignment of ``(p, start, end, arrives, reads)`` intervals.
-
-    An entry is held on device ``p`` from tick ``start`` through ``end``;
-    ``arrives`` says whether it is written at ``start``; ``reads`` are
-    ``(reader, tick)`` pairs: the slot goes into ``read[reader][tick, p]``.
-
-    Returns ``recv [T, P]`` (-1 where nothing arrives), ``read [readers, T,
-    P]`` and ``live [T, P]`` (entries held).
-    """
-    recv, read = np.full((T, P), -1, np.int32), np.full((readers, T, P), -1, np.int32)
-    live = np.zeros((T + 1, P), np.int64)
-    for p in range(P):
-        free, used, held = [], 0, []
-        for start, end, arrives, reads in sorted(i[1:] for i in intervals if i[0] == p):
-            while held and held[0][0] < start:
-                heapq.heappush(free, heapq.heappop(held)[1])
-            slot = heapq.heappop(free) if free else used
-            used = max(used, slot + 1)
-            heapq.heappush(held, (end, slot))
-            if arrives:
-                recv[start, p] = slot
-            for reader, tick in reads:
-                read[reader, tick, p] = slot
-            live[start, p] += 1
-            live[end + 1, p] -= 1
-    return recv, read, np.cumsum(live, axis=0)[:T]
-
-
-def _buffer_plan(schedule: Schedule):
     P, S, T = schedule.num_devices, schedule.num_stages, schedule.num_ticks
     fwd, bwd, wgt = _action_ticks(schedule)
-    done = wgt if schedule.split else bwd  # a split (m, s) holds its activations until its W
+    done = wgt if schedule.split else bwd
     acts, grads, flight = [], [], []
     for m in range(schedule.num_microbatches):
         for s in range(S):
-            flight.append((s % P, fwd[m, s], done[m, s], False, []))
+            flight.append((s % P, fwd[m, s], done[m, s]))
             if s > 0:
-                acts.append((s % P, fwd[m, s - 1] + 1, bwd[m, s], True, [(0, fwd[m, s]), (0, bwd[m, s])]))
+                acts.append((s % P, fwd[m, s - 1] + 1, bwd[m, s]))
             if s < S - 1:
-                grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s], True, [(0, bwd[m, s])]))
-    (recv_a, read_a, live_a), (recv_g, read_g, live_g) = (_greedy_slots(i, T, P) for i in (acts, grads))
-    return (recv_a, read_a[0], live_a), (recv_g, read_g[0], live_g), _greedy_slots(flight, T, P)[2]
+                grads.append((s % P, bwd[m, s + 1] + 1, bwd[m, s]))
+    return _live(acts, T, P), _live(grads, T, P), _live(flight, T, P)
 
 
-def assign_buffers(schedule: Schedule) -> Buffers:
-    """Assigns stash and gradient-inbox slots for a legal schedule.
+def peak_in_flight(schedule: Schedule) -> np.ndarray:
+    """``[P]`` the most (micro-batch, stage) pairs each device holds at once.
 
-    Slots are given greedily per device in arrival order (smallest free slot),
-    which uses exactly the peak number of live entries.
-
-    Args:
-      schedule: the table.
-
-    Returns:
-      The Buffers plan.
+    A pair is in flight from its FORWARD until its BACKWARD (in a split
+    table: its WEIGHT) has run: the activation memory a schedule needs.
 
     Raises:
       ScheduleError: if the schedule is not legal.
     """
     _check_legal(schedule)
-    (recv_a, read_a, live_a), (recv_g, read_g, live_g), in_flight = _buffer_plan(schedule)
-    return Buffers(
-        num_act_slots=max(1, int(live_a.max(initial=0))), recv_act_slot=recv_a, act_slot=read_a,
-        num_grad_slots=max(1, int(live_g.max(initial=0))), recv_grad_slot=recv_g, grad_slot=read_g,
-        peak_stash=live_a.max(axis=0, initial=0), peak_in_flight=in_flight.max(axis=0, initial=0))
+    return _held(schedule)[2].max(axis=0, initial=0)
 
 
 def validate(schedule: Schedule, max_act_slots: int | None = None, max_grad_slots: int | None = None,
@@ -571,8 +509,8 @@ def validate(schedule: Schedule, max_act_slots: int | None = None, max_grad_slot
       ScheduleError: naming the first bad tick and device and what is wrong.
     """
     _check_legal(schedule)
-    (_, _, live_a), (_, _, live_g), flight = _buffer_plan(schedule)
-    for live, limit, what, field in ((live_a, max_act_slots, "activations stashed", "max_act_slots"),
+    live_a, live_g, flight = _held(schedule)
+    for live, limit, what, field in ((live_a, max_act_slots, "activations held", "max_act_slots"),
                                      (live_g, max_grad_slots, "gradients waiting", "max_grad_slots"),
                                      (flight, max_in_flight, "micro-batches in flight", "max_in_flight")):
         if limit is not None and (live > limit).any():

@@ -4,7 +4,10 @@ The table fixes each device's order of work; the simulator gives every action
 real durations and starts it as soon as its device is free and its inputs are
 there. It predicts the makespan and bubble of an asynchronous pipeline, and,
 for comparison, the time of a lock-step run in which every tick lasts as long
-as its slowest action (what a one-action-per-tick SPMD executor does).
+as its slowest action (what a one-action-per-tick SPMD executor does), and
+each device's peak of micro-batches in flight (``schedule.peak_in_flight``).
+``docs/design.md``, "How performance is measured", says where these
+predictions are used.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from .schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, assign_buffers
+from .schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, peak_in_flight
 
 
 def _cost_array(value, field: str) -> np.ndarray:
@@ -117,8 +120,8 @@ class SimResult:
       makespan: time at which the last action ends.
       busy: ``[P]`` total compute time of each device.
       bubble_fraction: ``1 - sum(busy) / (P * makespan)``.
-      peak_stash: ``[P]`` peak micro-batch-stages in flight per device (the
-        schedule's ``peak_in_flight``).
+      peak_in_flight: ``[P]`` the most (micro-batch, stage) pairs in flight
+        per device (``schedule.peak_in_flight``).
       lockstep_makespan: time of a lock-step run, see :func:`lockstep_time`.
     """
 
@@ -129,13 +132,13 @@ class SimResult:
     makespan: float
     busy: np.ndarray
     bubble_fraction: float
-    peak_stash: np.ndarray
+    peak_in_flight: np.ndarray
     lockstep_makespan: float
 
 
 def _action_costs(schedule: Schedule, costs: Costs) -> np.ndarray:
     """``[T, P]`` duration of each table cell (0 where idle)."""
-    fwd, bwd, wgt = costs.per_stage(schedule.num_devices, schedule.num_chunks, split=True)
+    fwd, bwd, wgt = costs.per_stage(schedule.num_devices, schedule.virtual_stages, split=True)
     if not schedule.split:
         bwd = bwd + wgt
     devices = np.broadcast_to(np.arange(schedule.num_devices), schedule.op.shape)
@@ -193,7 +196,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
       TypeError: if ``schedule`` is not a Schedule or ``costs`` not Costs.
     """
     _check_types(schedule, costs)
-    buffers = assign_buffers(schedule)
+    in_flight = peak_in_flight(schedule)
     P, S = schedule.num_devices, schedule.num_stages
     duration = _action_costs(schedule, costs)
     start = np.full(schedule.op.shape, np.nan)
@@ -225,5 +228,5 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
     for array in (start, end, busy):
         array.flags.writeable = False
     return SimResult(schedule=schedule, costs=costs, start=start, end=end, makespan=makespan,
-                     busy=busy, bubble_fraction=bubble, peak_stash=buffers.peak_in_flight,
+                     busy=busy, bubble_fraction=bubble, peak_in_flight=in_flight,
                      lockstep_makespan=lockstep_time(schedule, costs))

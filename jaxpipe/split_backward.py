@@ -11,7 +11,7 @@ dataflow, as JaxPP splits its backward jaxprs:
 * B is every equation the input cotangent or the loss depends on;
 * W is every other equation a weight gradient depends on;
 * the values B computes that W reads (and the output cotangent, if W reads
-  it directly) cross from B to W. They are packed per dtype into flat
+  it directly) cross from B to W. They are concatenated per dtype into flat
   vectors, the *W input*, stored in a weight slot (``ticks.TickBuffers``)
   from B's tick to W's, exactly like a forward's residuals.
 
@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from .lanes import pack_slot, read_slot, slot_offsets
+from .lanes import slot_vectors, read_slot, slot_offsets
 
 _CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr"}
 
@@ -182,7 +182,7 @@ def run_b(split: SplitStage, flat_args: Sequence[Any], dtypes: Sequence[Any], si
     """Runs B: ``(b_outputs, w_input)``, the W input as one ``[Q_d]`` vector per dtype."""
     outs = jcore.jaxpr_as_fun(split.b)(*flat_args)
     b_outs, cross = outs[: split.num_b_outputs], outs[split.num_b_outputs:]
-    return list(b_outs), pack_slot(cross, dtypes, sizes)
+    return list(b_outs), slot_vectors(cross, dtypes, sizes)
 
 
 def run_w(split: SplitStage, flat_args: Sequence[Any], dtypes: Sequence[Any], vectors: Sequence[Any]) -> list:

@@ -1,7 +1,7 @@
 """Parameters in their natural shapes: one ``[P, *shape]`` stack per leaf position.
 
 SPMD needs one shape per sharded array, yet pipe devices hold different
-layers. The first layout packed each device's parameters into one flat row
+layers. The first layout put each device's parameters into one flat row
 ``[P, N]``; every tick then sliced weights out of the row and concatenated
 gradients into it (weight-sized copies per tick, see ``docs/design.md``).
 Here each device's leaves are dealt onto *stacks*: a stack is one array
@@ -131,7 +131,7 @@ class StackLayout:
         """The stacks' global shapes ``[P, *shape]``."""
         return tuple(jax.ShapeDtypeStruct((self.num_devices,) + s, d) for s, d in zip(self.shapes, self.dtypes))
 
-    def pack(self, trees: Sequence[Sequence[Any]], dtype: Any = None) -> list[np.ndarray]:
+    def to_stacks(self, trees: Sequence[Sequence[Any]], dtype: Any = None) -> list[np.ndarray]:
         """Host stacks ``[P, *shape]`` from every item's leaves.
 
         Args:
@@ -155,7 +155,7 @@ class StackLayout:
                     out[k][item.device] = np.asarray(leaf).reshape(self.shapes[k])
         return out
 
-    def unpack(self, stacks: Sequence[Any], item: int) -> list[np.ndarray]:
+    def from_stacks(self, stacks: Sequence[Any], item: int) -> list[np.ndarray]:
         """Item ``item``'s leaves from host stacks ``[P, *shape]``."""
         spec = self.items[item]
         return [

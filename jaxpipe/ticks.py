@@ -14,7 +14,7 @@ per tick, so the tick lasts ``max_p (f_p + b_p)`` and stages with equal
 action to the earliest tick where its inputs have arrived (unit-time list
 scheduling, as ``schedule.py`` does for one lane). The last stage's forward is
 folded into its backward (the executor computes both there), so it may share
-that backward's tick. ``tick_buffers`` assigns the stash and gradient-inbox
+that backward's tick. ``tick_buffers`` assigns the activation and gradient-inbox
 slots the executor indexes; the activation slot of ``(m, s)`` also holds that
 stage's saved residuals from its forward to its backward.
 
@@ -30,11 +30,14 @@ need 1.5 ticks per micro-batch, each as long as the slowest device's
 deferred Ws where the B lane is empty (warm-up and cool-down). A W runs at
 least one tick after its B: B's output for W is written into its weight
 slot at the start of the next tick, like a forward's residuals.
+``docs/design.md`` ("Two lanes per tick", "Buffer slots") shows how the
+executor reads these tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 import numpy as np
 
@@ -45,7 +48,6 @@ from .schedule import (
     WEIGHT,
     Schedule,
     ScheduleError,
-    _greedy_slots,
 )
 
 
@@ -63,7 +65,7 @@ class Ticks:
       name: the schedule family it was packed from.
       num_devices: P.
       num_microbatches: M.
-      num_chunks: V.
+      virtual_stages: V.
       forward: ``[T, P]`` micro-batch of the forward lane, -1 if none.
       forward_chunk: ``[T, P]`` its chunk, -1 if none.
       backward: ``[T, P]`` micro-batch of the backward lane, -1 if none.
@@ -76,7 +78,7 @@ class Ticks:
     name: str
     num_devices: int
     num_microbatches: int
-    num_chunks: int
+    virtual_stages: int
     forward: np.ndarray
     forward_chunk: np.ndarray
     backward: np.ndarray
@@ -103,7 +105,7 @@ class Ticks:
     @property
     def num_stages(self) -> int:
         """S = V * P."""
-        return self.num_chunks * self.num_devices
+        return self.virtual_stages * self.num_devices
 
     @property
     def split(self) -> bool:
@@ -121,14 +123,14 @@ class Ticks:
             for op, mb, ch in (("F", self.forward, self.forward_chunk), ("B", self.backward, self.backward_chunk),
                                ("W", self.weight, self.weight_chunk)):
                 if mb[t, p] >= 0:
-                    parts.append(f"{op}{mb[t, p]}" + (f".{ch[t, p]}" if self.num_chunks > 1 else ""))
+                    parts.append(f"{op}{mb[t, p]}" + (f".{ch[t, p]}" if self.virtual_stages > 1 else ""))
             return "+".join(parts) or "."
 
         labels = [[cell(t, p) for t in range(self.num_ticks)] for p in range(self.num_devices)]
         width = max([len(c) for row in labels for c in row] + [1])
         rows = [f"dev {p} | " + " ".join(c.ljust(width) for c in row).rstrip() for p, row in enumerate(labels)]
         return "\n".join([f"{self.name} packed: P={self.num_devices} M={self.num_microbatches} "
-                          f"V={self.num_chunks} ticks={self.num_ticks}"] + rows)
+                          f"V={self.virtual_stages} ticks={self.num_ticks}"] + rows)
 
 
 def _orders(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
@@ -163,7 +165,7 @@ def pack(schedule: Schedule, fuse: bool = True) -> Ticks:
         for lane, op in enumerate((FORWARD, BACKWARD, WEIGHT)):
             lanes[2 * lane] = np.where(schedule.op == op, schedule.microbatch, -1)
             lanes[2 * lane + 1] = np.where(schedule.op == op, schedule.chunk, -1)
-        return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+        return Ticks(schedule.name, P, schedule.num_microbatches, schedule.virtual_stages, *lanes)
     orders, done, cursor, rows = _orders(schedule), {}, [0] * P, []
 
     def ready(op, m, s, t):
@@ -193,7 +195,7 @@ def pack(schedule: Schedule, fuse: bool = True) -> Ticks:
             raise ScheduleError(f"{schedule.name}: packing deadlocks at tick {t}; the table is not legal")
         rows.append(row)
     lanes = np.stack(rows, axis=1)
-    return Ticks(schedule.name, P, schedule.num_microbatches, schedule.num_chunks, *lanes)
+    return Ticks(schedule.name, P, schedule.num_microbatches, schedule.virtual_stages, *lanes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +237,35 @@ class TickBuffers:
     num_weight_slots: int
     weight_out_slot: np.ndarray
     weight_slot: np.ndarray
+
+
+def _greedy_slots(intervals, T: int, P: int, readers: int = 1):
+    """Smallest-free-slot assignment of ``(p, start, end, arrives, reads)`` intervals.
+
+    An entry is held on device ``p`` from tick ``start`` through ``end``;
+    ``arrives`` says whether it is written at ``start``; ``reads`` are
+    ``(reader, tick)`` pairs: the slot goes into ``read[reader][tick, p]``.
+
+    Returns ``recv [T, P]`` (-1 where nothing arrives), ``read [readers, T,
+    P]`` and ``live [T, P]`` (entries held).
+    """
+    recv, read = np.full((T, P), -1, np.int32), np.full((readers, T, P), -1, np.int32)
+    live = np.zeros((T + 1, P), np.int64)
+    for p in range(P):
+        free, used, held = [], 0, []
+        for start, end, arrives, reads in sorted(i[1:] for i in intervals if i[0] == p):
+            while held and held[0][0] < start:
+                heapq.heappush(free, heapq.heappop(held)[1])
+            slot = heapq.heappop(free) if free else used
+            used = max(used, slot + 1)
+            heapq.heappush(held, (end, slot))
+            if arrives:
+                recv[start, p] = slot
+            for reader, tick in reads:
+                read[reader, tick, p] = slot
+            live[start, p] += 1
+            live[end + 1, p] -= 1
+    return recv, read, np.cumsum(live, axis=0)[:T]
 
 
 def tick_buffers(ticks: Ticks) -> TickBuffers:
@@ -293,7 +324,7 @@ def tick_time(ticks: Ticks, forward: np.ndarray, backward: np.ndarray, comm: flo
     Returns:
       The summed tick durations.
     """
-    shape = (ticks.num_devices, ticks.num_chunks)
+    shape = (ticks.num_devices, ticks.virtual_stages)
     devices = np.broadcast_to(np.arange(ticks.num_devices), ticks.forward.shape)
     work = np.zeros(ticks.forward.shape)
     for mb, chunk, cost in ((ticks.forward, ticks.forward_chunk, forward), (ticks.backward, ticks.backward_chunk, backward),

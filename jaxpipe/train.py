@@ -452,12 +452,12 @@ def _evaluate(pipe: Pipeline, state: TrainState, evals: list) -> float:
 def _non_finite(pipe, state, batch, step, loss, grad_norm, saved) -> NonFiniteError:
     """The error for a non-finite step, naming the layers (recomputed at the unchanged state)."""
     _, grads = pipe.loss_and_grad(state.params, batch, state.step)
-    names = [spec.name for spec in pipe.stage_plan.specs]
+    names = [spec.name for spec in pipe.placement.specs]
 
     def bad(trees):
         return [i for i, tree in enumerate(trees) if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))]
 
-    bad_grads, bad_params = bad(pipe.unpack(grads)), bad(pipe.unpack(state.params))
+    bad_grads, bad_params = bad(pipe.from_stacks(grads)), bad(pipe.from_stacks(state.params))
     where = "; ".join(
         f"non-finite {what} in layers " + ", ".join(f"{i} ({names[i]})" for i in layers)
         for what, layers in (("parameters", bad_params), ("gradients", bad_grads)) if layers

@@ -20,7 +20,7 @@ result = jaxpipe.train(
     case.model_fn, mesh, data=data, loss_fn=case.loss_fn, optimizer=optax.sgd(0.05, momentum=0.9),
     steps=3, num_microbatches=microbatches, schedule=schedule, progress=False,
 )
-params = [np.asarray(leaf) for leaf in jax.tree.leaves(result.pipeline.unpack(result.state.params))]
+params = [np.asarray(leaf) for leaf in jax.tree.leaves(result.pipeline.from_stacks(result.state.params))]
 if jax.process_index() == 0:
     np.savez(out, losses=np.asarray(result.losses), *params)
 print(f"process {jax.process_index()} of {jax.process_count()} on {jax.devices()[jax.process_index()]}: "

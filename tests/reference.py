@@ -139,13 +139,13 @@ def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=N
     if ref_grads is not None:
         loss, grads = pipe.loss_and_grad(state.params, data[0])
         np.testing.assert_allclose(float(loss), ref_losses[0], rtol=LOSS_RTOL, err_msg="first loss")
-        assert_trees_close(pipe.unpack(grads), ref_grads, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="gradients")
+        assert_trees_close(pipe.from_stacks(grads), ref_grads, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="gradients")
     losses = []
     for batch in data:
         state, loss = pipe.train_step(state, batch)
         losses.append(float(loss))
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
-    assert_trees_close(pipe.unpack(state.params), ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
+    assert_trees_close(pipe.from_stacks(state.params), ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
     return state
 
 
@@ -157,7 +157,7 @@ def shared_reference_run(model_fn, batches, loss_fn, optimizer, seed=0):
     appears once, in the first layer that reaches it, its gradient is the
     sum over its uses and the optimizer updates it once. ``params`` is a
     list of per-layer ``nnx.State`` (a layer whose parameters are all
-    another's gets an empty one), the form ``Pipeline.unpack`` gives.
+    another's gets an empty one), the form ``Pipeline.from_stacks`` gives.
     """
     layers = model_fn(nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(layers, nnx.Param, ...)

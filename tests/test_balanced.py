@@ -43,15 +43,15 @@ def _check(model_fn, loss_fn, make_batch, mesh, m, rows_per_mb, optimizer=OPTIMI
     )
     pipe = result.pipeline
     np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(pipe.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
+    assert_trees_close(pipe.from_stacks(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="parameters")
     _assert_copies_identical(pipe, result.state.params)
     return pipe
 
 
 def _assert_copies_identical(pipe, stacks):
-    plan, host = pipe.stage_plan, [np.asarray(a) for a in stacks]
+    plan, host = pipe.placement, [np.asarray(a) for a in stacks]
     for copy, layer in enumerate(plan.copy_layer):
-        for a, b in zip(plan.stacks.unpack(host, copy), plan.stacks.unpack(host, layer)):
+        for a, b in zip(plan.stacks.from_stacks(host, copy), plan.stacks.from_stacks(host, layer)):
             np.testing.assert_array_equal(a, b, err_msg=f"parameter copy {copy} of layer {layer}")
 
 
@@ -66,7 +66,7 @@ def test_six_equal_blocks_on_four_devices(mesh, m):
         assert pipe.partition == (1.5, 1.5, 1.5, 1.5)
         assert _split_layers(pipe) == [1, 4]
         assert np.allclose(pipe.plan.chosen.loads, 1.5)
-        assert pipe.plan.plain.step / pipe.plan.chosen.step > 1.1
+        assert pipe.plan.plain.step_time / pipe.plan.chosen.step_time > 1.1
 
 
 def test_layer_heavier_than_a_device_spans_three_devices():
@@ -87,7 +87,7 @@ def test_transformer_with_heavy_output_layer(mesh, remat):
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, mesh, 4, 4, schedule="balanced", costs=costs,
                   remat=remat)
     assert 7 in _split_layers(pipe)  # the head is split between the last devices
-    assert pipe.split_loss and pipe.stage_plan.carrier.float_width == 6 * 8
+    assert pipe.split_loss and pipe.placement.carrier.float_width == 6 * 8
     loads = pipe.plan.chosen.loads
     assert loads.max() / loads.mean() < pipe.plan.plain.loads.max() / pipe.plan.plain.loads.mean()
 
@@ -103,7 +103,7 @@ def test_a_loss_that_is_not_a_row_mean_keeps_the_whole_output_together():
     pipe = _check(case.model_fn, summed, case.make_batch, (1, 4), 4, 4, reference_microbatches=4,
                   schedule="balanced", costs=costs)
     assert 7 in _split_layers(pipe) and not pipe.split_loss
-    assert pipe.stage_plan.carrier.float_width == 6 * 11
+    assert pipe.placement.carrier.float_width == 6 * 11
 
 
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("interleaved", 2)])
@@ -154,10 +154,10 @@ def test_auto_trains_to_the_reference_and_explains_its_choice():
     costs = [0.2] + [1.0] * 6 + [3.0]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 2, schedule="auto", costs=costs)
     text = str(pipe.plan)
-    assert pipe.plan.chosen.step <= pipe.plan.plain.step
+    assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time
     eligible = [c for c in pipe.plan.candidates if c.fits and c.schedule in AUTO_ORDERS]
-    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step)
-    if any(c.schedule == "zb_h1" and c.step < pipe.plan.chosen.step for c in pipe.plan.candidates):
+    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step_time)
+    if any(c.schedule == "zb_h1" and c.step_time < pipe.plan.chosen.step_time for c in pipe.plan.candidates):
         assert "schedule='zb_h1'" in text
     for needle in ("plan:", "device 0:", "device 3:", "predicted step", "reason:", "candidates:"):
         assert needle in text
@@ -225,7 +225,7 @@ def test_fractional_partition_reports_a_stage_without_work():
 def test_every_test_model_trains_to_the_reference(case_name, schedule):
     case = CASES[case_name]
     pipe = _check(case.model_fn, case.loss_fn, case.make_batch, (2, 4), 4, 4, schedule=schedule)
-    assert pipe.plan.chosen.step <= pipe.plan.plain.step * (1 + 1e-9) or schedule == "balanced"
+    assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time * (1 + 1e-9) or schedule == "balanced"
 
 
 class EmbedThen(nnx.Module):

@@ -54,7 +54,7 @@ def test_checkpoint_holds_per_layer_trees_and_metadata(saved):
     assert Checkpoints(directory).steps() == [2]  # keep_checkpoints=1 deleted step 1
     arrays = ocp.PyTreeCheckpointer().restore(directory / "2" / "arrays")
     meta = json.loads((directory / "2" / "meta" / "metadata").read_text())
-    layers = result.pipeline.unpack(result.state.params)
+    layers = result.pipeline.from_stacks(result.state.params)
     for i, tree in enumerate(layers):
         for j, leaf in enumerate(jax.tree.leaves(tree)):
             np.testing.assert_array_equal(arrays["params"][str(i)][str(j)], np.asarray(leaf))
@@ -81,19 +81,20 @@ def test_resume_on_other_meshes_schedules_and_cuts(saved, tmp_path):
                     checkpoint_dir=directory)
     assert positions == [2] and second.start_step == 2
     pipe = second.pipeline
-    plan = pipe.stage_plan
+    plan = pipe.placement
     assert len(plan.copy_layer) > plan.num_layers, "expected a split layer"
     restored, info = Checkpoints(directory).restore(pipe, 2)
     host = [np.asarray(a) for a in restored.params]
     for copy, layer in enumerate(plan.copy_layer):
-        for a, b in zip(plan.stacks.unpack(host, copy), jax.tree.leaves(first.pipeline.unpack(first.state.params)[layer])):
+        trained = first.pipeline.from_stacks(first.state.params)[layer]
+        for a, b in zip(plan.stacks.from_stacks(host, copy), jax.tree.leaves(trained)):
             np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"parameter copy {copy} of layer {layer}")
     # (1, 4) fractional -> (1, 1), data as a fresh generator that replays from the start.
     third = _train((1, 1), 6, data=train_worker.data(), checkpoint_dir=directory)
     assert third.start_step == 4
     losses = first.losses + second.losses + third.losses
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(third.pipeline.unpack(third.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")
+    assert_trees_close(third.pipeline.from_stacks(third.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")
     again = _train((1, 1), 6, checkpoint_dir=directory)
     assert again.losses == [] and again.start_step == 6 and again.checkpoint.step == 6
 
@@ -209,7 +210,8 @@ def test_checkpoint_of_the_flat_layout_resumes(tmp_path):
     result = _train((1, 2), 4, schedule="1f1b", checkpoint_dir=directory)
     assert result.start_step == 2
     np.testing.assert_allclose(result.losses, ref_losses[2:], rtol=2e-5, err_msg="losses")
-    assert_trees_close(result.pipeline.unpack(result.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")
+    params = result.pipeline.from_stacks(result.state.params)
+    assert_trees_close(params, ref_params, rtol=1e-4, atol=2e-6, what="params")
 
 
 # Failing early and failing safely (issue 15)

@@ -58,8 +58,8 @@ def test_per_process_data_on_one_process_is_the_global_batch():
     want = jaxpipe.train(case.model_fn, (2, 2), data=data, **common)
     got = jaxpipe.train(case.model_fn, (2, 2), data=data, data_per_process=True, eval_data=data[:1], **common)
     assert got.losses == want.losses
-    for a, b in zip(jax.tree.leaves(got.pipeline.unpack(got.state.params)),
-                    jax.tree.leaves(want.pipeline.unpack(want.state.params))):
+    for a, b in zip(jax.tree.leaves(got.pipeline.from_stacks(got.state.params)),
+                    jax.tree.leaves(want.pipeline.from_stacks(want.state.params))):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=r"built for batches of 8 rows, got a leaf of shape \[4, 6\]"):
         got.pipeline.shard_batch((data[0][0][:4], data[0][1][:4]), per_process=True)

@@ -32,7 +32,7 @@ def _check(model_fn, loss_fn, data, runs):
         )
         what = f"{mesh} {options}"
         np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg=what)
-        assert_trees_close(result.pipeline.unpack(result.state.params), ref_params, 1e-4, 2e-6, what)
+        assert_trees_close(result.pipeline.from_stacks(result.state.params), ref_params, 1e-4, 2e-6, what)
         yield result
 
 
@@ -66,7 +66,7 @@ def test_dropout_lm_is_the_same_on_every_mesh_schedule_and_cut():
         ((1, 2), {"executor": "autodiff"}),
     ]
     pipes = list(_check(dropout_lm(0.2, blocks=2), models.lm_loss, data, runs))
-    assert pipes[0].pipeline.stage_plan.specs[1].streams == (("attn_drop", "rngs", "key"), ("drop", "rngs", "key"))
+    assert pipes[0].pipeline.placement.specs[1].streams == (("attn_drop", "rngs", "key"), ("drop", "rngs", "key"))
 
 
 def _zeros_model(rngs):
@@ -96,7 +96,7 @@ def test_evaluate_equals_the_reference_loss_without_dropout():
         x, y = batches(case, ROWS, steps=1)[0]
         pipe = jaxpipe.Pipeline(model_fn, mesh, loss_fn, OPTIMIZER, ROWS // (mesh[0] * B), (x, y), **options)
         params = pipe.init().params
-        expected = reference_eval_loss(model_fn, pipe.unpack(params), (x, y), loss_fn, ROWS // B)
+        expected = reference_eval_loss(model_fn, pipe.from_stacks(params), (x, y), loss_fn, ROWS // B)
         np.testing.assert_allclose(float(pipe.evaluate(params, (x, y))), expected, rtol=2e-5, err_msg=str(mesh))
 
 
@@ -107,7 +107,7 @@ def test_train_evaluates_dropout_models_deterministically():
         model_fn, (2, 2), data=data, loss_fn=models.lm_loss, optimizer=OPTIMIZER, steps=2, num_microbatches=2,
         schedule="1f1b", eval_data=data[:1], progress=False,
     )
-    params = result.pipeline.unpack(result.state.params)
+    params = result.pipeline.from_stacks(result.state.params)
     expected = reference_eval_loss(model_fn, params, data[0], models.lm_loss, ROWS // B)
     assert result.eval_losses[-1][0] == 2
     np.testing.assert_allclose(result.eval_losses[-1][1], expected, rtol=2e-5)
@@ -146,9 +146,9 @@ def test_linen_transformer_blocks_train_to_the_reference():
     (result,) = _check(_linen_lm(rate), models.lm_loss, data, [((2, 2), {"schedule": "1f1b"})])
     pipe = result.pipeline
     # Layers 1, 2 draw (dropout); the bridged LayerNorm and Dense hold streams but never use them.
-    assert all(pipe.stage_plan.specs[i].streams for i in (1, 2, 3, 4))
+    assert all(pipe.placement.specs[i].streams for i in (1, 2, 3, 4))
     assert {1, 2} <= set(pipe.unsplittable) and not {3, 4} & set(pipe.unsplittable)
     params = pipe.init().params
-    expected = reference_eval_loss(_linen_lm(rate), pipe.unpack(params), data[0], models.lm_loss, ROWS // B)
+    expected = reference_eval_loss(_linen_lm(rate), pipe.from_stacks(params), data[0], models.lm_loss, ROWS // B)
     np.testing.assert_allclose(float(pipe.evaluate(params, data[0])), expected, rtol=2e-5)
     assert abs(result.losses[0] - expected) > 1e-3  # training draws

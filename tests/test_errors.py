@@ -205,7 +205,7 @@ def test_dropout_with_rng_state_is_accepted_and_never_split():
         return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)]
 
     pipe = _pipeline(model_fn)
-    assert pipe.stage_plan.specs[1].streams == (("rngs", "key"),)
+    assert pipe.placement.specs[1].streams == (("rngs", "key"),)
     assert 1 in pipe.unsplittable
 
 

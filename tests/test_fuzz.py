@@ -176,7 +176,7 @@ def test_train_matches_the_reference_or_raises_a_value_or_type_error(call):
     ref_losses, _, ref_params = reference_run(model_fn, data, mse, OPTIMIZER, seed=options["seed"],
                                               microbatches=microbatches)
     np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg="losses")
-    params = result.pipeline.unpack(result.state.params)
+    params = result.pipeline.from_stacks(result.state.params)
     assert_trees_close(params, ref_params, rtol=1e-4, atol=2e-6, what="parameters")
     assert all(jnp.dtype(leaf.dtype) == jnp.float32 for leaf in jax.tree.leaves(params))
     assert [type(layer) for layer in result.layers] == [type(layer) for layer in model_fn(nnx.Rngs(0))]

@@ -109,7 +109,7 @@ def test_auto_picks_a_fractional_plan_for_three_layers_on_four_devices():
     assert pipe.cut == "fractional" and plan.chosen.cut == "fractional"
     assert plan.plain is None
     assert plan.candidates and all(c.cut == "fractional" for c in plan.candidates)
-    assert plan.chosen is min((c for c in plan.candidates if c.schedule in AUTO_ORDERS), key=lambda c: c.step)
+    assert plan.chosen is min((c for c in plan.candidates if c.schedule in AUTO_ORDERS), key=lambda c: c.step_time)
     assert "no integer cut exists (3 layers < 4 pipe devices)" in plan.reason
 
 

@@ -79,7 +79,7 @@ def test_optimizer_matches_reference(opt_name, plan):
     ref_losses, _, ref_params = _reference("mlp", opt_name, rows)
     pipe = jaxpipe.Pipeline(case.model_fn, mesh, case.loss_fn, OPTIMIZERS[opt_name](case), m, data[0], **options)
     if plan == "balanced":
-        assert pipe.stage_plan.num_layers < len(pipe.stage_plan.copy_layer), "the balanced plan must split a layer"
+        assert pipe.placement.num_layers < len(pipe.placement.copy_layer), "the balanced plan must split a layer"
     assert_trains_like_reference(pipe, data, ref_losses, ref_params)
 
 

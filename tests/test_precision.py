@@ -116,8 +116,8 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
         case.model_fn, mesh, case.loss_fn, OPTIMIZER, m, data[0], compute_dtype=jnp.bfloat16, **options
     )
     assert pipe.compute_dtype == jnp.bfloat16 and pipe.param_dtype == jnp.float32
-    assert pipe.stage_plan.carrier.float_dtype == jnp.bfloat16
-    assert pipe.stage_plan.sends_ints == (case_name == "dict")  # token ids cross devices beside bf16
+    assert pipe.placement.carrier.float_dtype == jnp.bfloat16
+    assert pipe.placement.sends_ints == (case_name == "dict")  # token ids cross devices beside bf16
     state = pipe.init()
 
     # What the tick loop carries: activations and their gradients (stash,
@@ -126,8 +126,8 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
     # except what a layer computes in float32 itself (flax's LayerNorm keeps
     # its statistics in float32).
     carry = [a for a in _tick_carry(pipe, state.params, data[0]) if jnp.issubdtype(a.dtype, jnp.floating)]
-    boundary = (ROWS_PER_MICROBATCH, pipe.stage_plan.carrier.float_width)
-    accumulators = {()} | set(pipe.stage_plan.stacks.shapes)
+    boundary = (ROWS_PER_MICROBATCH, pipe.placement.carrier.float_width)
+    accumulators = {()} | set(pipe.placement.stacks.shapes)
     assert {a.dtype for a in carry if a.shape[-2:] == boundary} == {jnp.dtype(jnp.bfloat16)}
     assert {a.dtype for a in carry if a.shape in accumulators} == {jnp.dtype(jnp.float32)}
     residuals = {a.dtype for a in carry if a.shape[-2:] != boundary and a.shape not in accumulators}
@@ -153,7 +153,7 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
     assert error < GRAD_RTOL, f"first-step gradient relative L2 error {error:.4f} >= {GRAD_RTOL:.4f}"
     momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
     atol = LR * momentum_sum * GRAD_RTOL * np.abs(want).max()
-    np.testing.assert_allclose(_flat(pipe.unpack(state.params)), _flat(ref_params), rtol=0, atol=atol,
+    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=0, atol=atol,
                                err_msg="parameters")
 
 
@@ -182,7 +182,7 @@ def test_bfloat16_master_parameters_through_train():
     np.testing.assert_allclose(result.losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
     momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
     atol = LR * momentum_sum * GRAD_RTOL * np.abs(_flat(ref_grads)).max()
-    np.testing.assert_allclose(_flat(pipe.unpack(state.params)), _flat(ref_params), rtol=6 * U, atol=atol,
+    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=6 * U, atol=atol,
                                err_msg="parameters")
 
 

@@ -15,9 +15,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxpipe.partition import mixes_rows
-from jaxpipe.row_mixing import probe_input
-from jaxpipe.stages import split_layers
+from jaxpipe.layers import split_layers
+from jaxpipe.row_mixing import mixes_rows, probe_input
 
 
 class Fn(nnx.Module):

@@ -36,9 +36,9 @@ def test_bubble_formula_interleaved(P, groups, V, f, b):
 
 @pytest.mark.parametrize("P,M", [(1, 4), (4, 2), (4, 8), (6, 7)])
 def test_peak_memory(P, M):
-    assert np.array_equal(simulate(make_schedule("1f1b", P, M), Costs.uniform(P)).peak_stash,
+    assert np.array_equal(simulate(make_schedule("1f1b", P, M), Costs.uniform(P)).peak_in_flight,
                           np.minimum(P - np.arange(P), M))
-    assert np.array_equal(simulate(make_schedule("gpipe", P, M), Costs.uniform(P)).peak_stash, np.full(P, M))
+    assert np.array_equal(simulate(make_schedule("gpipe", P, M), Costs.uniform(P)).peak_in_flight, np.full(P, M))
 
 
 @settings(max_examples=40, deadline=None)

@@ -35,7 +35,7 @@ def _events(ticks):
     return when, per_device
 
 
-@pytest.mark.parametrize("schedule", list(_schedules()), ids=lambda s: f"{s.name}-P{s.num_devices}-M{s.num_microbatches}-V{s.num_chunks}")
+@pytest.mark.parametrize("schedule", list(_schedules()), ids=lambda s: f"{s.name}-P{s.num_devices}-M{s.num_microbatches}-V{s.virtual_stages}")
 def test_pack_keeps_order_and_dependencies(schedule):
     ticks = pack(schedule)
     P, M, S = schedule.num_devices, schedule.num_microbatches, schedule.num_stages
@@ -62,7 +62,7 @@ def test_pack_keeps_order_and_dependencies(schedule):
     assert ticks.num_ticks <= schedule.num_ticks
 
 
-@pytest.mark.parametrize("schedule", list(_schedules()), ids=lambda s: f"{s.name}-P{s.num_devices}-M{s.num_microbatches}-V{s.num_chunks}")
+@pytest.mark.parametrize("schedule", list(_schedules()), ids=lambda s: f"{s.name}-P{s.num_devices}-M{s.num_microbatches}-V{s.virtual_stages}")
 @pytest.mark.parametrize("fuse", [True, False])
 def test_buffers_replay(schedule, fuse):
     """Runs the slot plan like the executor: every read finds its own entry."""

@@ -56,7 +56,7 @@ def _reference(name, optimizer, param):
 def _assert_linked_equal(pipe, stacks, step):
     """Every tied leaf and split-layer copy equals its owner leaf, bit for bit."""
     host = [np.asarray(a) for a in stacks]
-    for po, ko, pc, kc in copy_links(pipe.stage_plan):
+    for po, ko, pc, kc in copy_links(pipe.placement):
         np.testing.assert_array_equal(
             host[kc][pc].ravel(), host[ko][po].ravel(),
             err_msg=f"after step {step}: stack {kc} on device {pc} differs from its owner, stack {ko} on device {po}",
@@ -79,7 +79,7 @@ def test_tied_lm_trains_like_plain_nnx(config, tmp_path):
     ref_losses, ref_params = _reference(opt_name, optimizer, param)
     data = _data()
     pipe = jaxpipe.Pipeline(tied_lm(param=param), mesh, models.lm_loss, optimizer, 4, data[0], **options)
-    plan = pipe.stage_plan
+    plan = pipe.placement
     head = plan.num_layers - 1
     embedding = (11, 8)  # [vocab, dim]
     assert [spec.tied for spec in plan.specs[:head]] == [()] * head
@@ -96,7 +96,7 @@ def test_tied_lm_trains_like_plain_nnx(config, tmp_path):
         if resume and step == 2:
             state = _save_and_resume(pipe, state, tmp_path)
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
-    trained = pipe.unpack(state.params)
+    trained = pipe.from_stacks(state.params)
     assert_trees_close(trained, ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
     layers = pipe.layers(state.params)
     if param:
@@ -109,12 +109,12 @@ def _save_and_resume(pipe, state, directory):
     """Saves ``state``, checks what a checkpoint holds, and resumes from it."""
     store = jaxpipe.Checkpoints(directory / "ckpt")
     store.save(pipe, state)
-    saved = pipe.unpack(state.params)
+    saved = pipe.from_stacks(state.params)
     # The head's own tree holds its LayerNorm only: the embedding is stored once, in layer 0.
     assert [np.shape(a) for a in jax.tree.leaves(saved[-1])] == [(8,), (8,)]
     with pytest.raises(ValueError, match=r"layer 3 \(TiedHead\) has parameter shapes \[\(8,\), \(8,\)\] \(its tied "
                        r"leaves are given in their owner layers \[0\], not here\), got \[\(8,\), \(8,\), \(11, 8\)\]"):
-        pipe.pack([pipe.stage_plan.stacks.unpack([np.asarray(a) for a in state.params], i) for i in range(4)])
+        pipe.to_stacks([pipe.placement.stacks.from_stacks([np.asarray(a) for a in state.params], i) for i in range(4)])
     restored, info = store.restore(pipe)
     store.close()
     assert info.step == 2
@@ -123,5 +123,5 @@ def _save_and_resume(pipe, state, directory):
     _, joint, _ = nnx.split(loaded, nnx.Param, ...)
     assert_trees_close([joint[i] if i in joint else nnx.State({}) for i in range(4)], saved, rtol=0, atol=0,
                        what="loaded layers")
-    assert_trees_close(pipe.unpack(restored.params), saved, rtol=0, atol=0, what="restored parameters")
+    assert_trees_close(pipe.from_stacks(restored.params), saved, rtol=0, atol=0, what="restored parameters")
     return restored

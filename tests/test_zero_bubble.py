@@ -59,7 +59,7 @@ def test_event_driven_bubble_formula(P, M):
         assert np.isclose(sim.bubble_fraction, (P - 1) / (3 * M + P - 1))
     # At 1F1B's peak activation memory: (m, s) held from forward to W.
     one_f_one_b = simulate(make_schedule("1f1b", P, M), Costs.uniform(P, forward=1.0, backward=1.0, weight=1.0))
-    assert sim.peak_stash.max() == one_f_one_b.peak_stash.max() == min(P, M)
+    assert sim.peak_in_flight.max() == one_f_one_b.peak_in_flight.max() == min(P, M)
     assert sim.makespan <= one_f_one_b.makespan
 
 
@@ -131,7 +131,7 @@ def test_split_ticks_replay(P, M):
 
 def _split(pipe, case, data, remat):
     """The pipeline's stage backwards split into B and W, traced on random stage inputs."""
-    plan, weights = pipe.stage_plan, tuple(a[0] for a in pipe.init().params)
+    plan, weights = pipe.placement, tuple(a[0] for a in pipe.init().params)
     zero_f, zero_i = plan.carrier.zeros()
     x, y = jax.tree.map(lambda a: a[: pipe.microbatch_rows], data[0])
     lanes = make_lanes(plan, case.loss_fn, 0.5, remat, pipe.compute_dtype, (weights, zero_f, zero_i, x, y, None))

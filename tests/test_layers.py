@@ -1,4 +1,4 @@
-"""Pure pieces of ``jaxpipe.stages``: layer splitting, parameter packing, the wire format."""
+"""Pure pieces of ``layers.py``, ``stacks.py``, ``wire.py`` and ``tracing.py``: splitting, ties, stacks, messages."""
 
 import jax
 import jax.numpy as jnp
@@ -8,17 +8,9 @@ from flax import nnx
 from models_for_tests import CASES
 
 from jaxpipe.stacks import Item, StackLayout
-from jaxpipe.stages import (
-    Boundary,
-    Carrier,
-    apply_layer,
-    check_rows_follow,
-    merge_layers,
-    model_graph,
-    split_layers,
-    trace_at_rows,
-    trace_boundaries,
-)
+from jaxpipe.layers import apply_layer, merge_layers, model_graph, split_layers
+from jaxpipe.tracing import check_rows_follow, trace_at_rows, trace_boundaries
+from jaxpipe.wire import Boundary, Carrier
 
 
 class Affine(nnx.Module):
@@ -153,10 +145,10 @@ def _items(specs, device_layers, dtype):
 def test_stack_layout_round_trip(device_layers):
     specs, params, dtype = split_layers(_hetero_layers(nnx.Rngs(1)))
     layout = StackLayout.build(_items(specs, device_layers, dtype), len(device_layers))
-    stacks = layout.pack(params)
+    stacks = layout.to_stacks(params)
     assert [a.shape[0] for a in stacks] == [len(device_layers)] * layout.num_stacks
     for i, want in enumerate(params):
-        for g, w in zip(layout.unpack(stacks, i), jax.tree.leaves(want)):
+        for g, w in zip(layout.from_stacks(stacks, i), jax.tree.leaves(want)):
             assert g.shape == w.shape
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     # Inside shard_map a device reads its leaves from its entries, in their shapes.
@@ -187,25 +179,25 @@ def test_stack_layout_embedding_and_output_kernel_share_a_stack():
     specs, params, dtype = split_layers(layers)
     layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
     assert layout.num_stacks == 1 and layout.overhead() == [1.0, 1.0]
-    stacks = layout.pack(params)
+    stacks = layout.to_stacks(params)
     for i in range(2):
-        np.testing.assert_array_equal(layout.unpack(stacks, i)[0], np.asarray(jax.tree.leaves(params[i])[0]))
+        np.testing.assert_array_equal(layout.from_stacks(stacks, i)[0], np.asarray(jax.tree.leaves(params[i])[0]))
 
 
 def test_stack_layout_layers_without_parameters():
     specs, params, dtype = split_layers([NoParams(), NoParams()])
     layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
-    assert layout.num_stacks == 0 and layout.pack(params) == []
+    assert layout.num_stacks == 0 and layout.to_stacks(params) == []
 
 
 def test_stack_layout_bfloat16_round_trip():
     layers = [nnx.Linear(3, 5, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), nnx.Linear(5, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))]
     specs, params, dtype = split_layers(layers)
     layout = StackLayout.build(_items(specs, ((0,), (1,)), dtype), 2)
-    stacks = layout.pack(params)
+    stacks = layout.to_stacks(params)
     assert all(a.dtype == jnp.bfloat16 for a in stacks)
     for i, want in enumerate(params):
-        for g, w in zip(layout.unpack(stacks, i), jax.tree.leaves(want)):
+        for g, w in zip(layout.from_stacks(stacks, i), jax.tree.leaves(want)):
             assert g.dtype == w.dtype
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
@@ -255,10 +247,10 @@ def test_carrier_round_trip_is_exact_for_every_dtype(jit):
     assert carrier.int_width == boundary.width("int") == 1 + 4 + 2 + 3 + 2 + 1
 
     def round_trip(t):
-        fbuf, ibuf = carrier.pack(boundary, t)
+        fbuf, ibuf = carrier.encode(boundary, t)
         assert fbuf.shape == (rows, carrier.float_width) and ibuf.shape == (rows, carrier.int_width)
         assert ibuf.dtype == jnp.int32
-        return carrier.unpack(boundary, fbuf, ibuf)
+        return carrier.decode(boundary, fbuf, ibuf)
 
     _assert_exact((jax.jit(round_trip) if jit else round_trip)(tree), tree)
 
@@ -271,9 +263,9 @@ def test_carrier_pads_to_the_widest_boundary():
     carrier = Carrier.for_boundaries(bounds, rows)
     assert (carrier.float_width, carrier.int_width) == (8, 5)
     for boundary, tree in zip(bounds, (small, large)):
-        fbuf, ibuf = carrier.pack(boundary, tree)
-        _assert_exact(carrier.unpack(boundary, fbuf, ibuf), tree)
-    fbuf, ibuf = carrier.pack(bounds[0], small)
+        fbuf, ibuf = carrier.encode(boundary, tree)
+        _assert_exact(carrier.decode(boundary, fbuf, ibuf), tree)
+    fbuf, ibuf = carrier.encode(bounds[0], small)
     np.testing.assert_array_equal(np.asarray(fbuf[:, 2:]), 0)
     np.testing.assert_array_equal(np.asarray(ibuf[:, 1:]), 0)
 
@@ -289,7 +281,7 @@ def test_carrier_float_dtype():
     assert only_ints.float_dtype == jnp.float32 and only_ints.float_width == 1 and only_ints.int_width == 4
     tree = jnp.asarray([[1.5, -2.0, 3.0], [0.25, 8.0, -0.5]], jnp.bfloat16)
     carrier = Carrier.for_boundaries([bf16, f32], rows)
-    _assert_exact(carrier.unpack(bf16, *carrier.pack(bf16, tree)), tree)
+    _assert_exact(carrier.decode(bf16, *carrier.encode(bf16, tree)), tree)
 
 
 @pytest.mark.parametrize(
