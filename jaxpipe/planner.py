@@ -31,8 +31,16 @@ from .ticks import pack, tick_buffers, tick_time
 
 
 # The orders ``make_plan`` may choose; it predicts ZB-H1 too (shown among the candidates) but
-# does not pick it until experiment 08 measures that the B/W split pays on real processes.
+# does not pick it: experiment 08 measured it 4-5% slower than 1F1B at M = 4 on 2 processes
+# (its W inputs add data movement, and the heavy stage of an uneven cut has little bubble to fill).
 AUTO_ORDERS = ("1f1b", "gpipe", "interleaved")
+
+# A fractional cut must be predicted at least this much faster than the fastest integer plan
+# for ``make_plan`` to choose it. The prediction leaves out what a split layer costs beyond its
+# share of flops (its pieces run fewer rows, less efficiently; its parameter copies are merged
+# and synced every step); in experiment 01 fractional plans measured 4 % and 12 % slower than
+# predicted relative to plain 1F1B (a 1.07x prediction measured 0.95x).
+FRACTIONAL_MARGIN = 1.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +315,8 @@ def make_plan(
     order (integer before fractional, 1F1B first, saved residuals before
     remat). Fractional cuts with ZB-H1 are "balanced + zero bubble". ZB-H1
     candidates are predicted and listed but chosen only when nothing else
-    fits (``AUTO_ORDERS``): their speed on real processes is not measured yet.
+    fits (``AUTO_ORDERS``). A fractional candidate is chosen over the
+    integer ones only when predicted ``FRACTIONAL_MARGIN`` (1.10x) faster.
     With fewer layers than pipe devices (``L < P``) only fractional cuts
     exist: each device gets rows of some layer, and ``Plan.plain`` is
     ``None``.
@@ -387,7 +396,8 @@ def make_plan(
             "limit, use more pipe devices, or smaller micro-batches"
         )
     eligible = [c for c in fitting if c.schedule in AUTO_ORDERS] or fitting
-    chosen = min(eligible, key=lambda c: c.step_time)
+    margin = FRACTIONAL_MARGIN if any(c.cut == "integer" for c in eligible) else 1.0
+    chosen = min(eligible, key=lambda c: c.step_time * (margin if c.cut == "fractional" else 1.0))
     if plain is None:
         reason = (
             f"no integer cut exists ({num_layers} layers < {num_devices} pipe devices); "
@@ -395,6 +405,11 @@ def make_plan(
         )
     elif chosen is plain:
         reason = "integer cuts with 1F1B are already the fastest predicted plan"
+        best = min(eligible, key=lambda c: c.step_time)
+        if best.cut == "fractional" and best.step_time < plain.step_time:
+            reason = (f"integer cuts with 1F1B are chosen: {best.label} is predicted only "
+                      f"{plain.step_time / best.step_time:.2f}x faster, under the {FRACTIONAL_MARGIN:.2f}x a "
+                      "fractional cut must clear (split layers cost more than their share of flops)")
     else:
         reason = (
             f"{chosen.label} is predicted {plain.step_time / chosen.step_time:.2f}x faster than plain 1F1B"

@@ -20,7 +20,7 @@ from reference import assert_trees_close, reference_run
 import jaxpipe
 from jaxpipe import models
 from jaxpipe.partition import Piece, fractional_partition, stage_loads
-from jaxpipe.planner import AUTO_ORDERS
+from jaxpipe.planner import AUTO_ORDERS, FRACTIONAL_MARGIN, make_plan
 
 OPTIMIZER = optax.sgd(0.05, momentum=0.9)
 SIX = models.mlp([8] * 7)  # 6 equal blocks
@@ -156,7 +156,9 @@ def test_auto_trains_to_the_reference_and_explains_its_choice():
     text = str(pipe.plan)
     assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time
     eligible = [c for c in pipe.plan.candidates if c.fits and c.schedule in AUTO_ORDERS]
-    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step_time)
+    assert pipe.plan.chosen is min(
+        eligible, key=lambda c: c.step_time * (FRACTIONAL_MARGIN if c.cut == "fractional" else 1.0)
+    )
     if any(c.schedule == "zb_h1" and c.step_time < pipe.plan.chosen.step_time for c in pipe.plan.candidates):
         assert "schedule='zb_h1'" in text
     for needle in ("plan:", "device 0:", "device 3:", "predicted step", "reason:", "candidates:"):
@@ -274,3 +276,20 @@ def test_balanced_matches_the_reference_with_layers_that_mix_rows(first, second,
                   costs=costs, reference_microbatches=2)
     assert pipe.unsplittable == (mixing,)
     assert _split_layers(pipe) == []
+
+
+@pytest.mark.parametrize("costs, fractional", [([1.0, 1.0, 0.8, 1.0], False), ([1.0, 1.0, 1.0], True)])
+def test_auto_takes_a_fractional_cut_only_past_the_margin(costs, fractional):
+    """[1, 1, 0.8, 1] on 2 devices: the fractional cut is predicted a few percent faster, under the
+    margin the unpriced cost of split layers needs, so 1F1B on the integer cut is chosen; three equal
+    layers gain far more (2 -> 1.5 per device) and are split. M = 7 leaves interleaved 1F1B out."""
+    total = np.asarray(costs)
+    plan = make_plan(total / 3, 2 * total / 3, 2, 7, 8, layer_names=[str(i) for i in range(len(costs))],
+                     param_bytes=[4] * len(costs), message_bytes=8)
+    best = min((c for c in plan.candidates if c.schedule in AUTO_ORDERS), key=lambda c: c.step_time)
+    assert best.cut == "fractional"
+    gain = plan.plain.step_time / best.step_time
+    assert (gain >= FRACTIONAL_MARGIN) == fractional and gain > 1.0
+    assert plan.chosen.cut == ("fractional" if fractional else "integer")
+    if not fractional:
+        assert plan.chosen is plan.plain and f"under the {FRACTIONAL_MARGIN:.2f}x" in plan.reason
