@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 from models_for_tests import mse
+from reference import SAME_MATH_LOSS, assert_close
 
 import jaxpipe
 from jaxpipe import models
@@ -545,7 +546,7 @@ def test_placed_batches_are_checked_and_data_sharded_rows_are_placed():
     params = pipe.init().params
     want, _ = pipe.loss_and_grad(params, batch)
     got, _ = pipe.loss_and_grad(params, sharded)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert_close(float(got), float(want), SAME_MATH_LOSS, "loss of a placed batch")
 
 
 # States (issue 15)

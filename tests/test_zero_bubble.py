@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models_for_tests import CASES, batches
-from reference import assert_trains_like_reference
+from reference import SAME_MATH, SAME_MATH_LOSS, assert_close, assert_trains_like_reference
 from test_pipeline import OPTIMIZER, ROWS_PER_MICROBATCH, _reference
 
 import jaxpipe
@@ -174,10 +174,8 @@ def test_b_then_w_computes_the_whole_backward():
         return out
 
     for (g_trees, g_in, loss), (b_in, b_loss, w_leaves) in both(args):
-        np.testing.assert_allclose(b_in, g_in, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(b_loss, loss, rtol=1e-6)
-        for got, want in zip(w_leaves, jax.tree.leaves(g_trees), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert_close((b_in, w_leaves), (g_in, jax.tree.leaves(g_trees)), SAME_MATH, "B and W")
+        assert_close(b_loss, loss, SAME_MATH_LOSS, "B's loss")
 
 
 # A covering design within the test budget (each case compiles a pipeline):
