@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slot_replay import replay_schedule
 
 from jaxpipe.schedule import (
     BACKWARD,
@@ -37,46 +38,6 @@ def _edit(schedule, t, p, op, m, c):
     return dataclasses.replace(schedule, **arrays)
 
 
-def _replay(schedule, buffers):
-    """Runs the slot plan like the executor; asserts no live entry is overwritten."""
-    P, S = schedule.num_devices, schedule.num_stages
-    stage = schedule.stage
-    acts, grads = [{} for _ in range(P)], [{} for _ in range(P)]
-    peak = np.zeros(P, int)
-    for t in range(schedule.num_ticks):
-        for p in range(P):
-            arrivals = [(acts, buffers.recv_act_slot, buffers.num_act_slots, None),
-                        (grads, buffers.recv_grad_slot, buffers.num_grad_slots, None)]
-            q = (p - 1) % P
-            if t > 0 and schedule.op[t - 1, q] == FORWARD and stage[t - 1, q] < S - 1:
-                arrivals[0] = arrivals[0][:3] + ((schedule.microbatch[t - 1, q], stage[t - 1, q] + 1),)
-            q = (p + 1) % P
-            if t > 0 and schedule.op[t - 1, q] == BACKWARD and stage[t - 1, q] > 0:
-                arrivals[1] = arrivals[1][:3] + ((schedule.microbatch[t - 1, q], stage[t - 1, q] - 1),)
-            for store, recv, num, entry in arrivals:
-                slot = recv[t, p]
-                if entry is None:
-                    assert slot == -1
-                    continue
-                assert 0 <= slot < num and slot not in store[p], (t, p, slot)
-                store[p][slot] = entry
-            peak[p] = max(peak[p], len(acts[p]))
-        for p in range(P):
-            op, m, s = schedule.op[t, p], schedule.microbatch[t, p], stage[t, p]
-            if op != IDLE and s > 0:
-                assert acts[p][buffers.act_slot[t, p]] == (m, s)
-            else:
-                assert buffers.act_slot[t, p] == -1
-            if op == BACKWARD and s < S - 1:
-                assert grads[p].pop(buffers.grad_slot[t, p]) == (m, s)
-            else:
-                assert buffers.grad_slot[t, p] == -1
-            if op == BACKWARD and s > 0:
-                del acts[p][buffers.act_slot[t, p]]
-    assert all(not store for store in acts + grads)
-    return peak
-
-
 @pytest.mark.parametrize("P,M,V", CASES)
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
 def test_generators_are_valid_and_tight(name, P, M, V):
@@ -88,7 +49,7 @@ def test_generators_are_valid_and_tight(name, P, M, V):
     assert schedule.op.dtype == np.int8 and schedule.microbatch.dtype == np.int32
     assert (schedule.op != IDLE).sum() == 2 * M * V * P
     buffers = assign_buffers(schedule)
-    assert np.array_equal(_replay(schedule, buffers), buffers.peak_stash)
+    assert np.array_equal(replay_schedule(schedule, buffers), buffers.peak_stash)
     assert buffers.num_act_slots == max(1, buffers.peak_stash.max())
 
 
@@ -131,7 +92,7 @@ def test_interleaved_property(P, groups, V):
     schedule = interleaved_1f1b(P, P * groups, V)
     assert schedule.num_ticks == 2 * (V * P * groups + P - 1)
     buffers = assign_buffers(schedule)
-    assert np.array_equal(_replay(schedule, buffers), buffers.peak_stash)
+    assert np.array_equal(replay_schedule(schedule, buffers), buffers.peak_stash)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from models_for_tests import CASES, batches
 from reference import SAME_MATH, SAME_MATH_LOSS, assert_close, assert_trains_like_reference
+from slot_replay import replay_ticks
 from test_pipeline import OPTIMIZER, ROWS_PER_MICROBATCH, _reference
 
 import jaxpipe
@@ -109,24 +110,7 @@ def test_split_ticks_replay(P, M):
     ticks = pack(make_schedule("zb_h1", P, M, fused=True))
     buffers = tick_buffers(ticks)
     assert ticks.split and buffers.num_weight_slots >= 1
-    b_stage, w_stage = ticks.stage(ticks.backward_chunk), ticks.stage(ticks.weight_chunk)
-    made, act_of, weights = {}, {}, [{} for _ in range(P)]
-    for t in range(ticks.num_ticks):
-        for p in range(P):
-            if ticks.backward[t, p] >= 0:
-                key = (int(ticks.backward[t, p]), int(b_stage[t, p]))
-                made[key], act_of[key] = (t, int(buffers.weight_out_slot[t, p])), int(buffers.backward_slot[t, p])
-        for p in range(P):
-            for key, (tick, slot) in list(made.items()):
-                if tick == t - 1 and key[1] % P == p:  # written at the start of the next tick
-                    assert 0 <= slot < buffers.num_weight_slots and slot not in weights[p], (t, p, slot)
-                    weights[p][slot] = key
-            if ticks.weight[t, p] >= 0:
-                key = (int(ticks.weight[t, p]), int(w_stage[t, p]))
-                assert made[key][0] < t
-                assert weights[p].pop(int(buffers.weight_slot[t, p])) == key
-                assert buffers.weight_act_slot[t, p] == act_of[key]
-    assert len(made) == M * P and all(not w for w in weights)
+    replay_ticks(ticks, buffers)
 
 
 def _split(pipe, case, data, remat):
