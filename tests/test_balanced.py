@@ -162,16 +162,19 @@ def test_auto_trains_to_the_reference_and_explains_its_choice():
         assert needle in text
 
 
-def test_auto_respects_the_memory_limit():
+def test_a_memory_limit_below_the_fastest_plan_changes_the_choice():
+    """Just below what the unconstrained choice needs, auto picks another plan that fits; far below, it refuses."""
     case = CASES["lm"]
     rng = np.random.default_rng(0)
     batch = case.make_batch(rng, 16)
-    free = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto")
-    limit = float(free.plan.plain.memory.max()) * 1.0001
+    free = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto").plan.chosen
+    limit = float(free.memory.max()) * (1 - 1e-6)
     tight = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
-                             max_memory_per_device=limit)
-    assert all(np.all(c.memory <= limit) for c in [tight.plan.chosen])
-    with pytest.raises(ValueError, match="no schedule fits max_memory_per_device"):
+                             max_memory_per_device=limit).plan
+    assert (tight.chosen.label, tight.chosen.cut) != (free.label, free.cut)
+    assert tight.chosen.memory.max() <= limit and tight.chosen.step >= free.step
+    assert [c.fits for c in tight.candidates if (c.label, c.cut) == (free.label, free.cut)] == [False]
+    with pytest.raises(ValueError, match=r"no schedule fits max_memory_per_device=1 bytes; the smallest needs"):
         jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
                          max_memory_per_device=1.0)
 
