@@ -238,10 +238,13 @@ def _random_batch(rows=4):
     return rng.normal(size=(rows, 6)).astype(np.float32), rng.normal(size=(rows, 5)).astype(np.float32)
 
 
+def _linear_then_dropout(rngs):
+    return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, deterministic=True)]
+
+
 def test_dropout_without_rngs_is_accepted():
     """A deterministic Dropout built without RNG streams needs no keys: it is the identity."""
-    model_fn = lambda rngs: [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, deterministic=True)]  # noqa: E731
-    _assert_first_gradient_like_reference(_pipeline(model_fn), model_fn, _random_batch())
+    _assert_first_gradient_like_reference(_pipeline(_linear_then_dropout), _linear_then_dropout, _random_batch())
 
 
 def test_parameters_of_mixed_dtypes():
