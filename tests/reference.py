@@ -179,10 +179,11 @@ def assert_matches_reference(losses, ref_losses, params=None, ref_params=None, g
     ``what`` (e.g. the mesh) starts every failure message.
     """
     if grads is not None:
-        assert_close(grads, ref_grads, param_tolerance, f"{what} gradients")
-    assert_close(np.asarray(losses, np.float64), np.asarray(ref_losses, np.float64), loss_tolerance, f"{what} losses")
+        assert_close(grads, ref_grads, param_tolerance, f"{what} gradients".lstrip())
+    assert_close(np.asarray(losses, np.float64), np.asarray(ref_losses, np.float64), loss_tolerance,
+                 f"{what} losses".lstrip())
     if params is not None:
-        assert_close(params, ref_params, param_tolerance, f"{what} parameters")
+        assert_close(params, ref_params, param_tolerance, f"{what} parameters".lstrip())
 
 
 def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=None):
