@@ -7,6 +7,8 @@ code with the executor, so a bug there cannot hide here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,23 +112,78 @@ def reference_eval_loss(model_fn, params, batch, loss_fn, microbatches=1):
     return float(np.mean(losses))
 
 
-def assert_trees_close(actual, expected, rtol, atol, what):
-    """Leaf-by-leaf ``np.testing.assert_allclose`` with the layer path in the message."""
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """``np.testing.assert_allclose``'s ``rtol`` and ``atol`` for one kind of comparison, and why.
+
+    Attributes:
+      rtol: relative tolerance.
+      atol: absolute tolerance.
+      reason: why results may differ by this much, and what larger error it still catches.
+    """
+
+    rtol: float
+    atol: float
+    reason: str
+
+    def __post_init__(self):
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(f"rtol and atol must be >= 0, got rtol={self.rtol}, atol={self.atol}")
+
+
+# Every tolerance the tests use, in one place.
+FLOAT32_LOSS = Tolerance(2e-5, 0.0, (
+    "float32 losses: the pipeline sums micro-batch losses in another order than one big batch, a few ulps; "
+    "a missing micro-batch or a wrong scale moves a loss by orders of magnitude more"))
+FLOAT32_PARAMS = Tolerance(1e-4, 2e-6, (
+    "float32 gradients, and parameters after a few optimizer steps: the summation order's ulps, grown through "
+    "the updates; atol for entries near zero; a wrong gradient (device, micro-batch, scale) is far larger"))
+SAME_MATH = Tolerance(1e-6, 1e-7, (
+    "one float32 computation traced two ways (B then W against the whole backward, a placed batch against a "
+    "host one): XLA may fuse and round differently, nothing else differs"))
+SAME_MATH_LOSS = Tolerance(1e-6, 0.0, "a loss (a mean, far from zero) from one float32 computation traced two ways")
+FLOAT_SUMS = Tolerance(1e-12, 0.0, "float64 sums of the same numbers in another order")
+IDENTICAL = Tolerance(0.0, 0.0, "the same values stored and read back (links, checkpoints): nothing may change")
+BFLOAT16_U = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits
+BFLOAT16_LOSS = Tolerance(2e-2, 0.0, (
+    "bfloat16 compute (~5u): each rounding moves a mean loss by at most u, XLA rounds fused chains at other places "
+    "in the pipeline than in the reference, and later steps add the parameters' differences"))
+BFLOAT16_GRAD_L2 = 16 * BFLOAT16_U  # relative L2 error of bfloat16-compute gradients, derived in test_precision.py
+BFLOAT16_PARAMS = Tolerance(6 * BFLOAT16_U, 0.0, (
+    "bfloat16 master parameters: each update rounds to a bfloat16 neighbour, up to one ulp (2u) apart per step, "
+    "over three steps; tests add the gradient tolerance's share as atol"))
+
+
+def assert_close(actual, expected, tolerance: Tolerance, what: str) -> None:
+    """Leaf-by-leaf ``np.testing.assert_allclose`` of two trees (or arrays) within ``tolerance``.
+
+    The message names ``what`` and the leaf's path.
+    """
     flat_a = jax.tree_util.tree_leaves_with_path(actual)
     flat_e = jax.tree_util.tree_leaves_with_path(expected)
     assert len(flat_a) == len(flat_e), f"{what}: {len(flat_a)} leaves vs {len(flat_e)}"
     for (path, a), (_, e) in zip(flat_a, flat_e):
         np.testing.assert_allclose(
-            np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+            np.asarray(a), np.asarray(e), rtol=tolerance.rtol, atol=tolerance.atol,
             err_msg=f"{what} at {jax.tree_util.keystr(path)}",
         )
 
 
-# Float32 tolerances for a pipeline against this reference: the pipeline sums micro-batch
-# losses and gradients in another order, which moves results by a few ulps; a wrong gradient
-# (a missing micro-batch, a wrong device or scale) moves them by orders of magnitude more.
-LOSS_RTOL = 2e-5
-PARAM_RTOL, PARAM_ATOL = 1e-4, 2e-6
+def assert_matches_reference(losses, ref_losses, params=None, ref_params=None, grads=None, ref_grads=None,
+                             what: str = "", loss_tolerance: Tolerance = FLOAT32_LOSS,
+                             param_tolerance: Tolerance = FLOAT32_PARAMS) -> None:
+    """A pipeline's losses (and, where given, parameters and gradients) against the reference run's.
+
+    Losses within ``loss_tolerance``; per-layer gradients and parameters
+    (lists of ``nnx.State``, or of arrays) within ``param_tolerance``.
+    ``what`` (e.g. the mesh) starts every failure message.
+    """
+    if grads is not None:
+        assert_close(grads, ref_grads, param_tolerance, f"{what} gradients".lstrip())
+    assert_close(np.asarray(losses, np.float64), np.asarray(ref_losses, np.float64), loss_tolerance,
+                 f"{what} losses".lstrip())
+    if params is not None:
+        assert_close(params, ref_params, param_tolerance, f"{what} parameters".lstrip())
 
 
 def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=None):
@@ -138,14 +195,12 @@ def assert_trains_like_reference(pipe, data, ref_losses, ref_params, ref_grads=N
     state = pipe.init()
     if ref_grads is not None:
         loss, grads = pipe.loss_and_grad(state.params, data[0])
-        np.testing.assert_allclose(float(loss), ref_losses[0], rtol=LOSS_RTOL, err_msg="first loss")
-        assert_trees_close(pipe.from_stacks(grads), ref_grads, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="gradients")
+        assert_matches_reference([float(loss)], ref_losses[:1], grads=pipe.from_stacks(grads), ref_grads=ref_grads)
     losses = []
     for batch in data:
         state, loss = pipe.train_step(state, batch)
         losses.append(float(loss))
-    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
-    assert_trees_close(pipe.from_stacks(state.params), ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
+    assert_matches_reference(losses, ref_losses, pipe.from_stacks(state.params), ref_params)
     return state
 
 
@@ -157,7 +212,7 @@ def shared_reference_run(model_fn, batches, loss_fn, optimizer, seed=0):
     appears once, in the first layer that reaches it, its gradient is the
     sum over its uses and the optimizer updates it once. ``params`` is a
     list of per-layer ``nnx.State`` (a layer whose parameters are all
-    another's gets an empty one), the form ``Pipeline.from_stacks`` gives.
+    another's gets an empty one), the form ``Pipeline.unpack`` gives.
     """
     layers = model_fn(nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(layers, nnx.Param, ...)

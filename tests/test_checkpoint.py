@@ -1,9 +1,9 @@
 """Checkpoints: per-layer on disk, resume on any mesh or schedule, atomic, preemption-safe.
 
 Resumed runs are checked against the plain single-device reference with the
-tolerances of ``test_pipeline.py`` (losses rtol 2e-5; parameters rtol 1e-4,
-atol 2e-6); the steps a killed run took past its last checkpoint are taken
-again bit for bit (same mesh, same program, same data).
+float32 tolerances of ``reference.assert_matches_reference``; the steps a
+killed run took past its last checkpoint are taken again bit for bit (same
+mesh, same program, same data).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import train_worker
-from reference import assert_trees_close, reference_run
+from reference import assert_matches_reference, reference_run
 
 import jaxpipe
 from jaxpipe.checkpoint import CheckpointSaveError, Checkpoints
@@ -86,15 +86,13 @@ def test_resume_on_other_meshes_schedules_and_cuts(saved, tmp_path):
     restored, info = Checkpoints(directory).restore(pipe, 2)
     host = [np.asarray(a) for a in restored.params]
     for copy, layer in enumerate(plan.copy_layer):
-        trained = first.pipeline.from_stacks(first.state.params)[layer]
-        for a, b in zip(plan.stacks.from_stacks(host, copy), jax.tree.leaves(trained)):
+        for a, b in zip(plan.stacks.from_stacks(host, copy), jax.tree.leaves(first.pipeline.from_stacks(first.state.params)[layer])):
             np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"parameter copy {copy} of layer {layer}")
     # (1, 4) fractional -> (1, 1), data as a fresh generator that replays from the start.
     third = _train((1, 1), 6, data=train_worker.data(), checkpoint_dir=directory)
     assert third.start_step == 4
     losses = first.losses + second.losses + third.losses
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg="losses")
-    assert_trees_close(third.pipeline.from_stacks(third.state.params), ref_params, rtol=1e-4, atol=2e-6, what="params")
+    assert_matches_reference(losses, ref_losses, third.pipeline.from_stacks(third.state.params), ref_params)
     again = _train((1, 1), 6, checkpoint_dir=directory)
     assert again.losses == [] and again.start_step == 6 and again.checkpoint.step == 6
 
@@ -175,7 +173,7 @@ def test_sigterm_saves_at_the_step_reached_and_resume_matches(tmp_path, referenc
     resumed = train_worker.run(directory)
     assert resumed.start_step == reached and len(resumed.losses) == train_worker.STEPS - reached
     losses = [s["loss"] for s in seen[:-1]] + resumed.losses
-    np.testing.assert_allclose(losses, reference, rtol=2e-5)
+    assert_matches_reference(losses, reference)
 
 
 def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path, reference):
@@ -191,7 +189,7 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path, referen
     assert resumed.start_step == last and len(resumed.losses) == train_worker.STEPS - last
     # The steps the killed run took after its last checkpoint are taken again, bit for bit.
     np.testing.assert_array_equal(resumed.losses[: len(killed) - last], killed[last:])
-    np.testing.assert_allclose(killed[:last] + resumed.losses, reference, rtol=2e-5)
+    assert_matches_reference(killed[:last] + resumed.losses, reference)
     logged = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, train_worker.STEPS + 1))  # the killed run's later lines dropped
 
@@ -209,9 +207,7 @@ def test_checkpoint_of_the_flat_layout_resumes(tmp_path):
     ref_losses, _, ref_params = reference_run(MODEL, DATA[:4], LOSS, OPTIMIZER)
     result = _train((1, 2), 4, schedule="1f1b", checkpoint_dir=directory)
     assert result.start_step == 2
-    np.testing.assert_allclose(result.losses, ref_losses[2:], rtol=2e-5, err_msg="losses")
-    params = result.pipeline.from_stacks(result.state.params)
-    assert_trees_close(params, ref_params, rtol=1e-4, atol=2e-6, what="params")
+    assert_matches_reference(result.losses, ref_losses[2:], result.pipeline.from_stacks(result.state.params), ref_params)
 
 
 # Failing early and failing safely (issue 15)
@@ -269,7 +265,7 @@ def test_a_failed_save_keeps_the_last_good_checkpoint_and_says_where(tmp_path, r
     assert info.value.step == 2 and info.value.last_good.step == 1
     resumed = _train((1, 1), 3, data=train_worker.data(), checkpoint_dir=directory)
     assert resumed.start_step == 1
-    np.testing.assert_allclose(resumed.losses, reference[1:3], rtol=2e-5)
+    assert_matches_reference(resumed.losses, reference[1:3])
 
 
 @pytest.mark.parametrize("content", ["", '{"format": 1, "step": 2, "data_po', "{}"], ids=["empty", "partial", "no keys"])
@@ -282,7 +278,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
                       + re.escape(f"metadata {meta}")):
         resumed = _train((1, 2), 3, data=train_worker.data(), checkpoint_dir=directory, checkpoint_every=1)
     assert resumed.start_step == 1
-    np.testing.assert_allclose(resumed.losses, reference[1:3], rtol=2e-5)
+    assert_matches_reference(resumed.losses, reference[1:3])
     assert Checkpoints(directory).steps() == [1, 2, 3]  # step 2 saved anew; the unreadable one moved aside
     assert (directory / "unreadable-2" / "meta" / "metadata").read_text() == content
 

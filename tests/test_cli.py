@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import optax
 import pytest
-from reference import reference_run
+from reference import assert_matches_reference, reference_run
 
 import jaxpipe
 from jaxpipe import models
@@ -113,7 +113,7 @@ def test_train_matches_reference_and_resumes_from_checkpoint(capsys, tmp_path):
     optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(0.01))
     data = progression_batches(rows, SEQ, VOCAB, seed=3)
     expected, _, _ = reference_run(tiny_lm, [next(data) for _ in range(4)], models.lm_loss, optimizer, seed=3)
-    np.testing.assert_allclose([r["loss"] for r in records], expected, rtol=2e-5)
+    assert_matches_reference([r["loss"] for r in records], expected)
     assert [r["step"] for r in records if "eval_loss" in r] == [4]
     assert np.isfinite(records[-1]["eval_loss"])
     assert f"eval loss {records[-1]['eval_loss']:.4f} at step 4" in second
@@ -131,7 +131,7 @@ def test_train_with_own_data_and_loss_matches_reference(capsys, tmp_path):
     data = regression_batches(12, 5)
     expected, _, _ = reference_run(tiny_mlp, [next(data) for _ in range(3)], mse, optax.sgd(0.1), seed=5)
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-    np.testing.assert_allclose(losses, expected, rtol=2e-5)
+    assert_matches_reference(losses, expected)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -13,7 +13,7 @@ import optax
 from flax import linen as nn
 from flax import nnx
 from models_for_tests import CASES, batches, dropout_lm, dropout_mlp, mse
-from reference import assert_trees_close, reference_eval_loss, reference_run
+from reference import FLOAT32_LOSS, assert_close, assert_matches_reference, reference_eval_loss, reference_run
 
 import jaxpipe
 from jaxpipe import models
@@ -31,8 +31,8 @@ def _check(model_fn, loss_fn, data, runs):
             num_microbatches=num_mb, progress=False, **options,
         )
         what = f"{mesh} {options}"
-        np.testing.assert_allclose(result.losses, ref_losses, rtol=2e-5, err_msg=what)
-        assert_trees_close(result.pipeline.from_stacks(result.state.params), ref_params, 1e-4, 2e-6, what)
+        assert_matches_reference(result.losses, ref_losses, result.pipeline.from_stacks(result.state.params), ref_params,
+                                 what=what)
         yield result
 
 
@@ -97,7 +97,7 @@ def test_evaluate_equals_the_reference_loss_without_dropout():
         pipe = jaxpipe.Pipeline(model_fn, mesh, loss_fn, OPTIMIZER, ROWS // (mesh[0] * B), (x, y), **options)
         params = pipe.init().params
         expected = reference_eval_loss(model_fn, pipe.from_stacks(params), (x, y), loss_fn, ROWS // B)
-        np.testing.assert_allclose(float(pipe.evaluate(params, (x, y))), expected, rtol=2e-5, err_msg=str(mesh))
+        assert_close(float(pipe.evaluate(params, (x, y))), expected, FLOAT32_LOSS, f"{mesh} eval loss")
 
 
 def test_train_evaluates_dropout_models_deterministically():
@@ -110,7 +110,7 @@ def test_train_evaluates_dropout_models_deterministically():
     params = result.pipeline.from_stacks(result.state.params)
     expected = reference_eval_loss(model_fn, params, data[0], models.lm_loss, ROWS // B)
     assert result.eval_losses[-1][0] == 2
-    np.testing.assert_allclose(result.eval_losses[-1][1], expected, rtol=2e-5)
+    assert_close(result.eval_losses[-1][1], expected, FLOAT32_LOSS, "eval loss")
 
 
 class LinenBlock(nn.Module):
@@ -150,5 +150,5 @@ def test_linen_transformer_blocks_train_to_the_reference():
     assert {1, 2} <= set(pipe.unsplittable) and not {3, 4} & set(pipe.unsplittable)
     params = pipe.init().params
     expected = reference_eval_loss(_linen_lm(rate), pipe.from_stacks(params), data[0], models.lm_loss, ROWS // B)
-    np.testing.assert_allclose(float(pipe.evaluate(params, data[0])), expected, rtol=2e-5)
+    assert_close(float(pipe.evaluate(params, data[0])), expected, FLOAT32_LOSS, "eval loss")
     assert abs(result.losses[0] - expected) > 1e-3  # training draws

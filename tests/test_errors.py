@@ -1,8 +1,8 @@
 """Bad inputs fail early with a ValueError or TypeError that names the value and the fix.
 
 Almost every error here is raised while ``Pipeline`` checks its arguments,
-before anything is compiled; the few tests that build a valid pipeline do not
-run it.
+before anything is compiled; where a test shows that something is accepted,
+it runs one gradient on one device against the reference.
 """
 
 import re
@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 from models_for_tests import mse
+from reference import SAME_MATH_LOSS, assert_close, assert_matches_reference, reference_run
 
 import jaxpipe
 from jaxpipe import models
@@ -226,9 +227,24 @@ def test_evaluate_refuses_a_layer_that_still_draws_in_evaluation_mode():
         pipe.evaluate(state.params, _batch(4))
 
 
+def _assert_first_gradient_like_reference(pipe, model_fn, batch):
+    ref_losses, ref_grads, _ = reference_run(model_fn, [batch], mse, OPTIMIZER)
+    loss, grads = pipe.loss_and_grad(pipe.init().params, batch)
+    assert_matches_reference([float(loss)], ref_losses, grads=pipe.from_stacks(grads), ref_grads=ref_grads)
+
+
+def _random_batch(rows=4):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(rows, 6)).astype(np.float32), rng.normal(size=(rows, 5)).astype(np.float32)
+
+
+def _linear_then_dropout(rngs):
+    return [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, deterministic=True)]
+
+
 def test_dropout_without_rngs_is_accepted():
-    pipe = _pipeline(lambda rngs: [nnx.Linear(6, 5, rngs=rngs), nnx.Dropout(0.1, deterministic=True)])
-    assert pipe.partition == (2,)
+    """A deterministic Dropout built without RNG streams needs no keys: it is the identity."""
+    _assert_first_gradient_like_reference(_pipeline(_linear_then_dropout), _linear_then_dropout, _random_batch())
 
 
 def test_parameters_of_mixed_dtypes():
@@ -274,7 +290,8 @@ def test_boundary_leaf_without_rows_first_at_a_device_cut(num_microbatches):
 
 
 def test_boundary_leaf_without_rows_inside_one_device_is_fine():
-    assert _pipeline(_aux_model, mesh_shape=(1, 1)).partition == (2,)
+    """It never crosses a device, so it reaches the next layer whole (the loss scales with its sum)."""
+    _assert_first_gradient_like_reference(_pipeline(_aux_model, mesh_shape=(1, 1)), _aux_model, _random_batch())
 
 
 # The loss
@@ -545,7 +562,7 @@ def test_placed_batches_are_checked_and_data_sharded_rows_are_placed():
     params = pipe.init().params
     want, _ = pipe.loss_and_grad(params, batch)
     got, _ = pipe.loss_and_grad(params, sharded)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert_close(float(got), float(want), SAME_MATH_LOSS, "loss of a placed batch")
 
 
 # States (issue 15)

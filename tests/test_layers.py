@@ -167,9 +167,12 @@ def test_stack_layout_shares_stacks_between_devices_and_never_between_leaves_of_
     for layers in device_layers:
         used = [k for li in layers for k in layout.places[li] if k >= 0]
         assert len(used) == len(set(used))
-    held = sum(int(np.prod(s)) for s in layout.shapes) * 4
-    assert layout.held_bytes() == held
-    assert held < sum(layout.needed_bytes()), "blocks of equal size on both devices must share stacks"
+    # What each device really holds (its row of every packed stack) and needs (its layers' leaves).
+    held = sum(a[0].nbytes for a in layout.to_stacks(params))
+    needed = [sum(np.asarray(leaf).nbytes for li in layers for leaf in jax.tree.leaves(params[li]))
+              for layers in device_layers]
+    assert layout.held_bytes() == held and layout.needed_bytes() == needed
+    assert held < sum(needed), "blocks of equal size on both devices must share stacks"
     assert all(o >= 1.0 for o in layout.overhead())
 
 

@@ -1,8 +1,8 @@
 """More pipe devices than layers: fractional cuts give every device rows of some layer.
 
-Equivalence against the single-device reference uses the tolerances of
-``test_balanced.py`` (losses rtol 2e-5; gradients of the first batch and
-parameters after 3 SGD momentum steps rtol 1e-4, atol 2e-6). The losses of
+Equivalence against the single-device reference (gradients of the first
+batch, losses, parameters after 3 SGD momentum steps) uses
+``reference.assert_matches_reference``'s float32 tolerances. The losses of
 steps 2 and 3 run on the split layers' parameter copies, so a copy that
 missed an update shows there.
 """
@@ -92,15 +92,15 @@ def test_seven_layer_lm_on_eight_devices_with_estimated_costs():
     assert _middle_pieces(pipe)
 
 
-@pytest.mark.parametrize("costs", [None, [1.0, 6.0, 1.0]], ids=["estimated", "heavy_middle"])
-def test_three_layers_on_two_by_four(costs):
-    pipe = _check(MLP3, mse, _mlp_batch, (2, 4), 4, 4, grads=costs is not None, schedule="balanced", costs=costs)
-    if costs is not None:
-        # Layer 1 (6 of 8 cost units, 2 per device) is on every device: the
-        # two middle ones hold only rows of it.
-        assert _holders(pipe, 1) == [0, 1, 2, 3]
-        assert pipe.stages[1] == (Piece(1, 1, 2),) and pipe.stages[2] == (Piece(1, 2, 3),)
-        assert pipe.partition == (1.25, 0.25, 0.25, 1.25)
+# Balanced on (2, 4) from estimated costs trains in test_balanced.py (the conv net); planning from
+# estimates with more devices than layers is checked above.
+def test_three_layers_on_two_by_four():
+    pipe = _check(MLP3, mse, _mlp_batch, (2, 4), 4, 4, schedule="balanced", costs=[1.0, 6.0, 1.0])
+    # Layer 1 (6 of 8 cost units, 2 per device) is on every device: the
+    # two middle ones hold only rows of it.
+    assert _holders(pipe, 1) == [0, 1, 2, 3]
+    assert pipe.stages[1] == (Piece(1, 1, 2),) and pipe.stages[2] == (Piece(1, 2, 3),)
+    assert pipe.partition == (1.25, 0.25, 0.25, 1.25)
 
 
 def test_auto_picks_a_fractional_plan_for_three_layers_on_four_devices():

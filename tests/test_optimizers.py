@@ -3,10 +3,9 @@
 Every optimizer below is compared with plain single-device training
 (``tests/reference.py``, optax on the list of per-layer ``nnx.State``) on a
 balanced plan with a split layer on mesh (1, 4) (a split layer's update
-happens once, not per copy), and adafactor also on (2, 4): losses rtol
-2e-5, parameters after 3 steps rtol 1e-4 / atol 2e-6 (the float32 tolerances
-of test_pipeline.py; the pipeline sums micro-batch gradients in another
-order). These optimizers look at leaf shapes (adafactor's factoring, Muon's
+happens once, not per copy), and adafactor also on (2, 4), within
+``reference.FLOAT32_LOSS`` and ``FLOAT32_PARAMS`` (the pipeline sums
+micro-batch gradients in another order). These optimizers look at leaf shapes (adafactor's factoring, Muon's
 matrices), whole leaves (LAMB's trust ratio), paths (masks) or couple all
 leaves (global-norm clipping); on the first, flat-row layout adafactor and
 LAMB lost by step 2 and a mask saw one ``[P, N]`` array.

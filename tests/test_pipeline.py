@@ -1,10 +1,10 @@
 """Every mesh and micro-batch count trains exactly like the single-device reference.
 
-Tolerances (float32): losses rtol 2e-5; gradients and parameters after 3 SGD
-momentum steps rtol 1e-4, atol 2e-6. The pipeline sums micro-batch losses in a
-different order than the reference's one big batch, which moves results by a
-few float32 ulps; a wrong gradient (missing micro-batch, wrong device, wrong
-scale) moves them by orders of magnitude more.
+Losses, gradients and parameters after 3 SGD momentum steps are compared
+within ``reference.FLOAT32_LOSS`` and ``FLOAT32_PARAMS``: the pipeline sums
+micro-batch losses in a different order than the reference's one big batch,
+which moves results by a few float32 ulps; a wrong gradient (missing
+micro-batch, wrong device, wrong scale) moves them by orders of magnitude more.
 """
 
 from __future__ import annotations

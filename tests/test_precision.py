@@ -11,7 +11,7 @@ default ``xla_allow_excess_precision``), and it fuses the pipeline's stages
 program. (With ``--xla_allow_excess_precision=false`` the transformer's first
 loss agrees to 1e-7 and its gradient to 0.3%; with the default, 1e-3 and
 3%.) Tolerances, from bfloat16's unit roundoff ``u = 2**-8 = 3.9e-3`` (8
-significant bits):
+significant bits; the values are ``reference.BFLOAT16_*``):
 
 * losses: rtol ``2e-2`` (~5u). The loss is a mean; each rounding moves it by
   at most u relatively, and steps 2-3 add the effect of parameters that
@@ -45,13 +45,17 @@ import optax
 import pytest
 from flax import nnx
 from models_for_tests import CASES, batches
-from reference import reference_run
+from reference import (
+    BFLOAT16_GRAD_L2,
+    BFLOAT16_LOSS,
+    BFLOAT16_PARAMS,
+    Tolerance,
+    assert_matches_reference,
+    reference_run,
+)
 
 import jaxpipe
 
-U = 2.0**-8
-LOSS_RTOL = 2e-2
-GRAD_RTOL = 16 * U
 LR, MOMENTUM = 0.05, 0.9
 OPTIMIZER = optax.sgd(LR, momentum=MOMENTUM)
 ROWS_PER_MICROBATCH = 2
@@ -61,6 +65,13 @@ ROWS_PER_MICROBATCH = 2
 def _reference(case_name, rows):
     case = CASES[case_name]
     return reference_run(case.model_fn, batches(case, rows), case.loss_fn, OPTIMIZER, compute_dtype=jnp.bfloat16)
+
+
+def _param_tolerance(rtol, grads):
+    """``rtol`` plus the gradient tolerance's share of 3 SGD-momentum updates as atol (module docstring)."""
+    momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
+    atol = LR * momentum_sum * BFLOAT16_GRAD_L2 * np.abs(_flat(grads)).max()
+    return Tolerance(rtol, atol, "each of 3 updates moves a parameter by lr x a gradient off by BFLOAT16_GRAD_L2")
 
 
 def _flat(trees):
@@ -147,14 +158,11 @@ def test_bfloat16_compute_matches_reference_with_same_casts(case_name, mesh, m, 
     no_casts = _float32_loss(case, data[0])
     closer = abs(losses[0] - ref_losses[0]) < abs(losses[0] - no_casts)
     assert case_name == "lm" or closer, f"first loss {losses[0]}: reference {ref_losses[0]}, no casts {no_casts}"
-    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
     got, want = _flat(grads), _flat(ref_grads)
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert error < GRAD_RTOL, f"first-step gradient relative L2 error {error:.4f} >= {GRAD_RTOL:.4f}"
-    momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
-    atol = LR * momentum_sum * GRAD_RTOL * np.abs(want).max()
-    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=0, atol=atol,
-                               err_msg="parameters")
+    assert error < BFLOAT16_GRAD_L2, f"first-step gradient relative L2 error {error:.4f} >= {BFLOAT16_GRAD_L2:.4f}"
+    assert_matches_reference(losses, ref_losses, _flat(pipe.from_stacks(state.params)), _flat(ref_params),
+                             loss_tolerance=BFLOAT16_LOSS, param_tolerance=_param_tolerance(0.0, ref_grads))
 
 
 def test_bfloat16_master_parameters_through_train():
@@ -179,11 +187,9 @@ def test_bfloat16_master_parameters_through_train():
     assert pipe.param_dtype == jnp.bfloat16 and pipe.compute_dtype is None
     assert {a.dtype for a in state.params} == {jnp.dtype(jnp.bfloat16)}
     assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state)} == {jnp.dtype(jnp.bfloat16)}
-    np.testing.assert_allclose(result.losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
-    momentum_sum = 1 + (1 + MOMENTUM) + (1 + MOMENTUM + MOMENTUM**2)
-    atol = LR * momentum_sum * GRAD_RTOL * np.abs(_flat(ref_grads)).max()
-    np.testing.assert_allclose(_flat(pipe.from_stacks(state.params)), _flat(ref_params), rtol=6 * U, atol=atol,
-                               err_msg="parameters")
+    assert_matches_reference(result.losses, ref_losses, _flat(pipe.from_stacks(state.params)), _flat(ref_params),
+                             loss_tolerance=BFLOAT16_LOSS,
+                             param_tolerance=_param_tolerance(BFLOAT16_PARAMS.rtol, ref_grads))
 
 
 def test_float32_compute_dtype_changes_nothing():

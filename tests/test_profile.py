@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import importlib
+import time
 
 import jax
 import numpy as np
@@ -57,7 +58,6 @@ def _check_costs(layers, sample, result):
     assert len(result.layers) == len(layers)
     for arr in (result.forward(), result.backward(), result.total()):
         assert arr.shape == (len(layers),) and np.all(np.isfinite(arr)) and np.all(arr > 0)
-    np.testing.assert_allclose(result.total(), result.forward() + result.backward())
     h = jax.tree.map(lambda a: jax.ShapeDtypeStruct((ROWS,) + a.shape[1:], a.dtype), sample)
     for i, (layer, cost) in enumerate(zip(layers, result.layers)):
         count = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(layer, nnx.Param)))
@@ -104,13 +104,34 @@ def test_model_fn_is_accepted():
     assert result.layers[0].param_bytes == 4 * (4 * 3 + 3)
 
 
-def test_wider_layer_costs_more():
-    def cost(width):
-        layers = [nnx.Linear(width, width, rngs=nnx.Rngs(0))]
-        sample = np.ones((256, width), np.float32)
-        return profile(layers, sample, 256, repeats=3, warmup=1).total()[0]
+def _timed_here(layer, x, repeats):
+    """Median seconds of the layer's jitted value and gradient (parameters and input), timed in this test."""
+    graphdef, params = nnx.split(layer)
+    fn = jax.jit(jax.value_and_grad(lambda p, x: nnx.merge(graphdef, p)(x).sum(), argnums=(0, 1)))
+    jax.block_until_ready(fn(params, x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params, x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
-    assert cost(1024) > cost(8)
+
+def test_profiled_times_agree_with_timing_the_layer_here():
+    """A 1024-wide layer's profiled forward + backward is within 2x of timing its value and gradient here.
+
+    A generous bound (the machine is shared), not a speed test: timing errors
+    (not waiting for the result, timing another function, seconds per row)
+    are off by 10x or more. A layer 8x narrower (1/64 the flops) costs less.
+    """
+    rows, width = 256, 1024
+    big = nnx.Linear(width, width, rngs=nnx.Rngs(0))
+    x = np.ones((rows, width), np.float32)
+    result = profile([big], x, rows, repeats=7, warmup=1)
+    both_s = _timed_here(big, x, repeats=7)
+    assert 0.5 < result.total()[0] / both_s < 2, (result.total()[0], both_s)
+    narrow = profile([nnx.Linear(width // 8, width // 8, rngs=nnx.Rngs(0))], x[:, : width // 8], rows, repeats=5)
+    assert narrow.total()[0] < result.total()[0]
 
 
 def test_save_load_round_trip(lm_run, tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slot_replay import replay_ticks
 
 from jaxpipe.schedule import BACKWARD, FORWARD, IDLE, make_schedule
 from jaxpipe.simulate import Costs, lockstep_time, simulate
@@ -67,39 +68,7 @@ def test_pack_keeps_order_and_dependencies(schedule):
 def test_buffers_replay(schedule, fuse):
     """Runs the slot plan like the executor: every read finds its own entry."""
     ticks = pack(schedule, fuse=fuse)
-    buffers = tick_buffers(ticks)
-    P, S = ticks.num_devices, ticks.num_stages
-    f_stage, b_stage = ticks.stage(ticks.forward_chunk), ticks.stage(ticks.backward_chunk)
-    acts, grads = [{} for _ in range(P)], [{} for _ in range(P)]
-    for t in range(ticks.num_ticks):
-        for p in range(P):
-            q, r = (p - 1) % P, (p + 1) % P
-            act = (int(ticks.forward[t - 1, q]), int(f_stage[t - 1, q]) + 1) if (
-                t > 0 and 0 <= f_stage[t - 1, q] < S - 1) else None
-            grad = (int(ticks.backward[t - 1, r]), int(b_stage[t - 1, r]) - 1) if (
-                t > 0 and b_stage[t - 1, r] > 0) else None
-            for store, recv, num, entry in ((acts, buffers.recv_act_slot, buffers.num_act_slots, act),
-                                            (grads, buffers.recv_grad_slot, buffers.num_grad_slots, grad)):
-                slot = recv[t, p]
-                if entry is None:
-                    assert slot == -1
-                    continue
-                assert 0 <= slot < num and slot not in store[p], (t, p, slot)
-                store[p][slot] = entry
-        for p in range(P):
-            if ticks.forward[t, p] >= 0:
-                key = (int(ticks.forward[t, p]), int(f_stage[t, p]))
-                slot = buffers.forward_slot[t, p]
-                if key[1] == 0:
-                    assert 0 <= slot < buffers.num_act_slots and slot not in acts[p]
-                    acts[p][slot] = key
-                assert acts[p][slot] == key
-            if ticks.backward[t, p] >= 0:
-                key = (int(ticks.backward[t, p]), int(b_stage[t, p]))
-                assert acts[p].pop(buffers.backward_slot[t, p]) == key
-                if key[1] < S - 1:
-                    assert grads[p].pop(buffers.grad_slot[t, p]) == key
-    assert all(not store for store in acts + grads)
+    replay_ticks(ticks, tick_buffers(ticks))
 
 
 @settings(max_examples=30, deadline=None)

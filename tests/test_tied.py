@@ -4,8 +4,8 @@ A GPT-style LM whose head computes its logits with the embedding's matrix
 (``models_for_tests.tied_lm``) must train like plain nnx training of the
 layer list as one model (``reference.shared_reference_run``: nnx shares the
 variable, so its gradient is the sum over both uses and it is updated once):
-losses (rtol 2e-5) and parameters after 3 SGD-momentum steps (rtol 1e-4,
-atol 2e-6, as ``test_pipeline.py``), with every linked leaf (tied leaves and
+losses and parameters after 3 SGD-momentum steps (within
+``reference.FLOAT32_LOSS`` and ``FLOAT32_PARAMS``), with every linked leaf (tied leaves and
 split-layer copies) bitwise equal to its owner after every step.
 
 Placements: (1, 1) with ``executor="autodiff"`` (both uses on one device,
@@ -24,13 +24,7 @@ import optax
 import pytest
 from flax import nnx
 from models_for_tests import _lm_batch, tied_lm
-from reference import (
-    LOSS_RTOL,
-    PARAM_ATOL,
-    PARAM_RTOL,
-    assert_trees_close,
-    shared_reference_run,
-)
+from reference import IDENTICAL, assert_close, assert_matches_reference, shared_reference_run
 
 import jaxpipe
 from jaxpipe import models
@@ -95,9 +89,7 @@ def test_tied_lm_trains_like_plain_nnx(config, tmp_path):
         _assert_linked_equal(pipe, state.params, step)
         if resume and step == 2:
             state = _save_and_resume(pipe, state, tmp_path)
-    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg="losses")
-    trained = pipe.from_stacks(state.params)
-    assert_trees_close(trained, ref_params, rtol=PARAM_RTOL, atol=PARAM_ATOL, what="parameters")
+    assert_matches_reference(losses, ref_losses, pipe.from_stacks(state.params), ref_params)
     layers = pipe.layers(state.params)
     if param:
         assert layers[-1].embedding is layers[0].tokens.embedding
@@ -121,7 +113,6 @@ def _save_and_resume(pipe, state, directory):
     loaded = jaxpipe.load_layers(tied_lm(), directory / "ckpt")
     assert loaded[-1].tokens is loaded[0].tokens
     _, joint, _ = nnx.split(loaded, nnx.Param, ...)
-    assert_trees_close([joint[i] if i in joint else nnx.State({}) for i in range(4)], saved, rtol=0, atol=0,
-                       what="loaded layers")
-    assert_trees_close(pipe.from_stacks(restored.params), saved, rtol=0, atol=0, what="restored parameters")
+    assert_close([joint[i] if i in joint else nnx.State({}) for i in range(4)], saved, IDENTICAL, "loaded layers")
+    assert_close(pipe.from_stacks(restored.params), saved, IDENTICAL, "restored parameters")
     return restored

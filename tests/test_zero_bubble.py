@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models_for_tests import CASES, batches
-from reference import assert_trains_like_reference
+from reference import SAME_MATH, SAME_MATH_LOSS, assert_close, assert_trains_like_reference
+from slot_replay import replay_ticks
 from test_pipeline import OPTIMIZER, ROWS_PER_MICROBATCH, _reference
 
 import jaxpipe
@@ -109,24 +110,7 @@ def test_split_ticks_replay(P, M):
     ticks = pack(make_schedule("zb_h1", P, M, fused=True))
     buffers = tick_buffers(ticks)
     assert ticks.split and buffers.num_weight_slots >= 1
-    b_stage, w_stage = ticks.stage(ticks.backward_chunk), ticks.stage(ticks.weight_chunk)
-    made, act_of, weights = {}, {}, [{} for _ in range(P)]
-    for t in range(ticks.num_ticks):
-        for p in range(P):
-            if ticks.backward[t, p] >= 0:
-                key = (int(ticks.backward[t, p]), int(b_stage[t, p]))
-                made[key], act_of[key] = (t, int(buffers.weight_out_slot[t, p])), int(buffers.backward_slot[t, p])
-        for p in range(P):
-            for key, (tick, slot) in list(made.items()):
-                if tick == t - 1 and key[1] % P == p:  # written at the start of the next tick
-                    assert 0 <= slot < buffers.num_weight_slots and slot not in weights[p], (t, p, slot)
-                    weights[p][slot] = key
-            if ticks.weight[t, p] >= 0:
-                key = (int(ticks.weight[t, p]), int(w_stage[t, p]))
-                assert made[key][0] < t
-                assert weights[p].pop(int(buffers.weight_slot[t, p])) == key
-                assert buffers.weight_act_slot[t, p] == act_of[key]
-    assert len(made) == M * P and all(not w for w in weights)
+    replay_ticks(ticks, buffers)
 
 
 def _split(pipe, case, data, remat):
@@ -174,10 +158,8 @@ def test_b_then_w_computes_the_whole_backward():
         return out
 
     for (g_trees, g_in, loss), (b_in, b_loss, w_leaves) in both(args):
-        np.testing.assert_allclose(b_in, g_in, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(b_loss, loss, rtol=1e-6)
-        for got, want in zip(w_leaves, jax.tree.leaves(g_trees), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert_close((b_in, w_leaves), (g_in, jax.tree.leaves(g_trees)), SAME_MATH, "B and W")
+        assert_close(b_loss, loss, SAME_MATH_LOSS, "B's loss")
 
 
 # A covering design within the test budget (each case compiles a pipeline):
