@@ -158,6 +158,7 @@ class Pipeline:
         self._evaluate = None
         self._loss_and_grad = jax.jit(self._value_and_grad)
         self._step = jax.jit(self._train_step, donate_argnums=0)
+
     def _train_step(
         self, state: TrainState, inputs: Any, targets: Any
     ) -> tuple[TrainState, jax.Array, jax.Array]:

@@ -20,7 +20,7 @@ def _lane(microbatch, op_is, stage):
 
 
 def replay_ticks(ticks, buffers):
-    """Replays ``ticks.tick_buffers``' plan on packed ticks (with a weight lane if split); returns the peak number of activations held."""
+    """Replays ``ticks.tick_buffers``' plan on packed ticks (a weight lane if split); returns the peak held."""
     slots = {name: getattr(buffers, name) for name in (
         "num_act_slots", "recv_act_slot", "forward_slot", "backward_slot", "num_grad_slots", "recv_grad_slot",
         "grad_slot", "weight_act_slot", "num_weight_slots", "weight_out_slot", "weight_slot")}
