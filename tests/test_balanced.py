@@ -175,7 +175,7 @@ def test_a_memory_limit_below_the_fastest_plan_changes_the_choice():
     tight = jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
                              max_memory_per_device=limit).plan
     assert (tight.chosen.label, tight.chosen.cut) != (free.label, free.cut)
-    assert tight.chosen.memory.max() <= limit and tight.chosen.step_time >= free.step
+    assert tight.chosen.memory.max() <= limit and tight.chosen.step_time >= free.step_time
     assert [c.fits for c in tight.candidates if (c.label, c.cut) == (free.label, free.cut)] == [False]
     with pytest.raises(ValueError, match=r"no schedule fits max_memory_per_device=1 bytes; the smallest needs"):
         jaxpipe.Pipeline(case.model_fn, (1, 4), case.loss_fn, OPTIMIZER, 8, batch, schedule="auto",
