@@ -75,8 +75,8 @@ def estimate_layer_costs(
     input gradient, its backward the rest. The first layer's backward leaves
     out the input gradient (``layer_flops``' ``input_grad``), which no
     executor computes; counting it made the first stage look heavier than it
-    runs (experiment 01 (a): a 3-layer MLP's first layer measured 0.7x of a
-    middle one, flops with the input gradient said 1x). If XLA gives no
+    runs (experiment 01 (a): a 3-layer MLP's first layer was profiled at 0.77x
+    of a middle one, flops with the input gradient said 1x). If XLA gives no
     estimate for some layer, every layer falls back to its parameter count
     (plus one), split a third forward, so costs stay comparable.
 
@@ -89,14 +89,13 @@ def estimate_layer_costs(
       ``([L], [L])`` float64 forward and backward costs.
     """
     cache: dict[Any, float | None] = {}
-    totals, firsts = [], None
-    for index, (spec, p, x) in enumerate(zip(specs, params, inputs)):
+    totals = []
+    for spec, p, x in zip(specs, params, inputs):
         key = (spec.name, spec.shapes, str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), x)), repr(spec.graphdef))
         if key not in cache:
             cache[key] = layer_flops(spec, p, x)
         totals.append(cache[key])
-        if index == 0:
-            firsts = layer_flops(spec, p, x, input_grad=False)
+    firsts = layer_flops(specs[0], params[0], inputs[0], input_grad=False)
     if all(f is not None for f in totals) and firsts is not None:
         total = np.asarray(totals, dtype=np.float64)
         forward = total / 3
