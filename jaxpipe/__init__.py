@@ -12,6 +12,7 @@ from .partition import Piece, fractional_partition, partition_layers
 from .pipeline import Pipeline, TrainState
 from .planner import Candidate, Plan, make_plan
 from .plot import plot_timeline
+from .calibrate import Calibration, calibrate
 from .profile import LayerCost, Profile, profile
 from .schedule import (
     Schedule,
@@ -29,6 +30,7 @@ from .train import NonFiniteError, TrainResult, plan, train
 __all__ = [
     "distributed",
     "ticks",
+    "Calibration",
     "Candidate",
     "CheckpointInfo",
     "CheckpointSaveError",
@@ -50,6 +52,7 @@ __all__ = [
     "Ticks",
     "TrainResult",
     "TrainState",
+    "calibrate",
     "data_shard",
     "fractional_partition",
     "gpipe",

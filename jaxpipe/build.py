@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from .autodiff import autodiff_gpipe_loss
+from .calibrate import Calibration
 from .config import PipelineConfig
 from .costs import layer_costs
 from .executor import scheduled_loss_and_grad
@@ -34,17 +35,16 @@ from .optimizer import LayerOptimizer, local_updates, whole_tree_update
 from .partition import (
     check_layer_ids,
     check_partition,
-    fractional_partition,
     partition_layers,
     pieces_from_counts,
 )
 from .placement import Placement, merge_copies, place_stages, sync_copies
-from .planner import Plan, describe_plan, make_plan
+from .planner import Plan, balanced_stages, describe_plan, make_plan, predict
 from .rng import draws
 from .row_mixing import mixing_layers
 from .schedule import Schedule, make_schedule
 from .ticks import TickBuffers, Ticks, pack, tick_buffers
-from .tracing import largest_activation_bytes, residual_bytes, trace_boundaries
+from .tracing import boundary_bytes, largest_activation_bytes, residual_bytes, trace_boundaries
 
 
 class Traced(NamedTuple):
@@ -94,6 +94,8 @@ class LayerCosts(NamedTuple):
       param_bytes: ``[L]`` master parameter bytes.
       residual_bytes: ``[L]`` bytes a forward saves for its backward, one micro-batch.
       message_bytes: bytes of the largest activation sent between stages.
+      boundary_bytes: ``[L + 1]`` bytes of each layer boundary (the model
+        input, each layer's output), one micro-batch.
     """
 
     forward: np.ndarray
@@ -103,6 +105,7 @@ class LayerCosts(NamedTuple):
     param_bytes: tuple
     residual_bytes: tuple
     message_bytes: float
+    boundary_bytes: tuple = ()
 
 
 class Choice(NamedTuple):
@@ -277,8 +280,26 @@ def cost_model(traced: Traced, config: PipelineConfig) -> LayerCosts:
         forward, backward, unit, tuple(spec.name for spec in traced.specs),
         tuple(spec.size * itemsize for spec in traced.specs),
         tuple(residual_bytes(traced.specs, traced.run_params, traced.structs)),
-        largest_activation_bytes(traced.structs),
+        largest_activation_bytes(traced.structs), tuple(boundary_bytes(traced.structs)),
     )
+
+
+def in_seconds(costs: LayerCosts, calibration: Calibration | None) -> LayerCosts:
+    """``costs`` in seconds when a calibration will price the plan (flops times ``calibration.flop_s``).
+
+    Raises:
+      ValueError: if the costs are neither seconds nor flops (given numbers
+        in an unknown unit cannot be added to seconds of overhead).
+    """
+    if calibration is None or costs.unit == "s":
+        return costs
+    if costs.unit != "flop":
+        raise ValueError(
+            f"calibration prices plans in seconds, but costs are given numbers (unit {costs.unit!r}); give "
+            "costs=jaxpipe.profile(...) or costs=None (flop estimates), or leave calibration=None"
+        )
+    scale = calibration.flop_s
+    return costs._replace(forward=costs.forward * scale, backward=costs.backward * scale, unit="s")
 
 
 def choose_stages(
@@ -287,7 +308,8 @@ def choose_stages(
     """The stages, order, V and remat to run, with the ``Plan`` that describes them.
 
     ``"auto"``: the planner's fastest candidate that fits. Otherwise the
-    config's order with its cut: ``fractional_partition`` (equal loads),
+    config's order with its cut: ``planner.balanced_stages`` (equal loads,
+    or the least predicted step with a calibration),
     ``config.partition``, or the min-max integer cut ``partition_layers``.
 
     Args:
@@ -301,10 +323,12 @@ def choose_stages(
       ValueError: for a partition that does not fit the layers and stages,
         or (``"auto"``) when no plan fits ``max_memory_per_device``.
     """
+    costs = in_seconds(costs, config.calibration)
     common = dict(
         forward=costs.forward, backward=costs.backward, num_devices=num_devices,
         num_microbatches=config.num_microbatches, rows=rows, param_bytes=list(costs.param_bytes),
         message_bytes=costs.message_bytes, residual_bytes=list(costs.residual_bytes),
+        calibration=config.calibration, boundary_bytes=list(costs.boundary_bytes) or None,
     )
     names, unsplittable = costs.layer_names, tuple(unsplittable)
     if config.schedule == "auto":
@@ -318,7 +342,12 @@ def choose_stages(
     virtual_stages = config.virtual_stages
     if config.cut == "fractional":
         splittable = [i not in unsplittable for i in range(num_layers)]
-        stages = fractional_partition(total, virtual_stages * num_devices, rows, splittable)
+        def step_time(stages):
+            return predict(stages, config.schedule, virtual_stages, "fractional", **common, max_memory=None,
+                           remat=bool(config.remat)).step_time
+
+        stages = balanced_stages(total, virtual_stages * num_devices, rows, splittable,
+                                 step_time if config.calibration is not None else None)
     else:
         counts = config.partition if config.partition is not None else partition_layers(total, virtual_stages * num_devices)
         stages = pieces_from_counts(check_partition(counts, num_layers, num_devices, virtual_stages), rows)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .calibrate import check_calibration
 from .layers import check_float_dtype
 from .schedule import SCHEDULE_NAMES
 
@@ -83,6 +84,12 @@ class PipelineConfig:
         (targets are not cast). No loss scaling: use ``bfloat16`` (float32's
         exponent range); ``float16`` gradients may underflow.
       seed: seed of the ``nnx.Rngs`` given to ``model_fn``.
+      calibration: the machine's executor overheads (``jaxpipe.calibrate``,
+        a ``Calibration`` or the path of a saved one): the planner then
+        predicts step times in seconds, pricing each tick's fixed time and
+        data movement, the weight-gradient adds and the update, and flop
+        estimates are converted with its measured matmul rate. ``None``:
+        predictions count compute only.
     """
 
     num_microbatches: int = 1
@@ -98,6 +105,7 @@ class PipelineConfig:
     param_dtype: Any = None
     compute_dtype: Any = None
     seed: int = 0
+    calibration: Any = None
 
     def __post_init__(self):
         _check_int(self.seed, "seed", minimum=None)
@@ -133,6 +141,7 @@ class PipelineConfig:
             compute_dtype=check_float_dtype(self.compute_dtype, "compute_dtype"),
             partition=_check_partition(self.partition, self.cut, self.schedule),
             costs=_check_costs(self.costs), unsplittable=_check_unsplittable(self.unsplittable),
+            calibration=check_calibration(self.calibration),
         )
 
     def _set(self, **values: Any) -> None:

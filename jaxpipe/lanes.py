@@ -24,7 +24,7 @@ from jax import lax
 
 from .placement import Placement
 from .layers import apply_layer, cast_floats, loss_precision
-from .tracing import vjp_residuals
+from .tracing import keep_costly, vjp_residuals
 
 
 def _rows(tree: Any, start: int, stop: int | None = None) -> Any:
@@ -120,7 +120,9 @@ def _stage_vjp(placement: Placement, s: int, trees, in_f, in_i, x, key, compute_
     """``(send_f, vjp, send_i)``: stage ``s``'s forward with its backward function.
 
     A stage that takes the loss of its rows early differentiates
-    ``(send_f, loss)``; its ``send_i`` is then ``(send_i, loss)``.
+    ``(send_f, loss)``; its ``send_i`` is then ``(send_i, loss)``. The
+    forward runs under ``tracing.keep_costly``: its backward function keeps
+    matmul, convolution and reduction outputs and recomputes elementwise ones.
     """
     if takes_loss_early(placement, s):
         def f(trees_, in_f_):
@@ -129,13 +131,13 @@ def _stage_vjp(placement: Placement, s: int, trees, in_f, in_i, x, key, compute_
             loss = partial_loss(placement, s, done, y, loss_of)
             return (send_f, loss), (send_i, loss)
 
-        (send_f, _), vjp, aux = jax.vjp(f, trees, in_f, has_aux=True)
+        (send_f, _), vjp, aux = jax.vjp(keep_costly(f), trees, in_f, has_aux=True)
         return send_f, vjp, aux
 
     def f(trees_, in_f_):
         return send(placement, s, *stage_apply(placement, s, trees_, in_f_, in_i, x, compute_dtype, key))
 
-    return jax.vjp(f, trees, in_f, has_aux=True)
+    return jax.vjp(keep_costly(f), trees, in_f, has_aux=True)
 
 
 def slot_offsets(shapes, dtypes, stored) -> tuple[int, ...]:

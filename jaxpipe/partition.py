@@ -131,13 +131,14 @@ def pieces_from_counts(counts: Sequence[int], rows: int) -> tuple[tuple[Piece, .
     )
 
 
-def _fractional_cuts(costs: np.ndarray, num_stages: int, rows: int, splittable: Sequence[bool]) -> list:
+def _fractional_cuts(costs: np.ndarray, num_stages: int, rows: int, splittable: Sequence[bool],
+                     shares: Sequence[float] | None = None) -> list:
     """``S + 1`` cut positions ``(layer, k)``: layer ``layer`` has finished rows ``[0, k)``."""
     prefix = np.concatenate([[0.0], np.cumsum(costs)])
     total = prefix[-1]
     cuts = [(0, 0)]
     for s in range(1, num_stages):
-        target = total * s / num_stages
+        target = total * (s / num_stages if shares is None else shares[s - 1])
         li = int(np.clip(np.searchsorted(prefix, target, side="right") - 1, 0, len(costs) - 1))
         if costs[li] > 0 and splittable[li]:
             # Half rows round up (not to even), so cuts at least a row apart
@@ -155,7 +156,8 @@ def _empty_stage(cuts: list) -> int | None:
 
 
 def fractional_partition(
-    costs: Sequence[float], num_stages: int, rows: int, splittable: Sequence[bool]
+    costs: Sequence[float], num_stages: int, rows: int, splittable: Sequence[bool],
+    shares: Sequence[float] | None = None,
 ) -> tuple[tuple[Piece, ...], ...]:
     """Cuts the cumulative cost line into ``S`` equal parts, splitting layers by rows.
 
@@ -172,6 +174,10 @@ def fractional_partition(
       num_stages: S.
       rows: B, rows per micro-batch.
       splittable: ``[L]`` whether each layer treats rows independently.
+      shares: ``[S - 1]`` increasing fractions of the total cost at which
+        the cuts fall (default ``s / S``: equal costs); the planner moves
+        them to balance predicted time rather than cost
+        (``planner.balance_shares``).
 
     Returns:
       ``[S]`` tuples of pieces, covering every row of every layer once; every
@@ -189,7 +195,11 @@ def fractional_partition(
         raise ValueError(f"layer costs must be finite and >= 0, got {costs.tolist()}")
     if rows < 1:
         raise ValueError(f"rows per micro-batch must be >= 1, got {rows}")
-    cuts = _fractional_cuts(costs, num_stages, rows, splittable)
+    if shares is not None:
+        shares = np.asarray(shares, np.float64)
+        if shares.shape != (num_stages - 1,) or np.any(np.diff(shares) < 0) or np.any((shares <= 0) | (shares >= 1)):
+            raise ValueError(f"shares must be {num_stages - 1} increasing fractions in (0, 1), got {shares.tolist()}")
+    cuts = _fractional_cuts(costs, num_stages, rows, splittable, shares)
     empty = _empty_stage(cuts)
     if empty is not None:
         # Cuts T / S apart inside a splittable layer fall at least B / S rows

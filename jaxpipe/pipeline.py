@@ -90,6 +90,8 @@ class Pipeline:
       config: the ``PipelineConfig`` built from the options.
       plan: the ``Plan`` run: per device its layers, loads, memory, the
         prediction and, for ``"auto"``, why it was chosen.
+      layer_costs: what the cuts and the planner know of each layer
+        (``build.LayerCosts``: costs, unit, parameter, residual and message bytes).
       schedule, cut, virtual_stages: the order, cut and V run (the planner's
         for ``"auto"``; ``"balanced"`` runs ``"1f1b"`` with fractional cuts).
       stages: ``[V * P]`` tuples of ``Piece``; ``partition`` their sizes.
@@ -135,9 +137,8 @@ class Pipeline:
         self.num_replicas, self.num_devices = self.mesh.devices.shape
         traced = trace_model(model_fn, loss_fn, example_batch, config, self.num_replicas, self.num_devices)
         self.unsplittable = unsplittable_layers(traced, config)
-        choice = choose_stages(
-            cost_model(traced, config), config, self.num_devices, traced.microbatch_rows, self.unsplittable
-        )
+        self.layer_costs = cost_model(traced, config)
+        choice = choose_stages(self.layer_costs, config, self.num_devices, traced.microbatch_rows, self.unsplittable)
         placed = place(traced, choice, config, loss_fn, self.num_devices)
         step = build_step(placed, choice, config, loss_fn, self.optimizer, self.mesh, _skip_idle)
 

@@ -26,6 +26,7 @@ from .partition import (
     stage_loads,
 )
 from .schedule import make_schedule
+from .calibrate import Calibration
 from .simulate import Costs
 from .ticks import pack, tick_buffers, tick_time
 
@@ -41,6 +42,19 @@ AUTO_ORDERS = ("1f1b", "gpipe", "interleaved")
 # and synced every step); in experiment 01 fractional plans measured 4 % and 12 % slower than
 # predicted relative to plain 1F1B (a 1.07x prediction measured 0.95x).
 FRACTIONAL_MARGIN = 1.10
+
+# Any other departure from plain 1F1B on integer cuts (GPipe, interleaved, remat) must be predicted
+# at least this much faster than plain: a prediction within a few percent is a tie, and the
+# extra ticks and slots of interleaving are priced only with a calibration (experiment 01 (c):
+# interleaved V=2 predicted 1.00x plain with one).
+ORDER_MARGIN = 1.03
+
+
+def departure_margin(candidate: Candidate, plain: Candidate | None) -> float:
+    """How much faster than plain ``candidate`` must be predicted for ``make_plan`` to choose it."""
+    if plain is None or candidate is plain:
+        return 1.0
+    return FRACTIONAL_MARGIN if candidate.cut == "fractional" else ORDER_MARGIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +80,7 @@ class Candidate:
         them for a timeline.
       remat: whether backwards recompute their stage's forward instead of
         reading saved residuals.
+      message_bytes: bytes of one message between its stages.
     """
 
     schedule: str
@@ -78,6 +93,7 @@ class Candidate:
     fits: bool
     costs: Costs
     remat: bool = False
+    message_bytes: float = 0.0
 
     @property
     def label(self) -> str:
@@ -200,10 +216,72 @@ def _split_costs(stages, forward, backward, num_devices, rows, remat=False):
     return tuple(a.reshape(1, num_devices).T for a in (fwd, own, weight))
 
 
+def balanced_stages(total, num_stages: int, rows: int, splittable, step_time=None) -> tuple:
+    """Fractional stages: equal costs, then (given ``step_time``) cuts moved to the least predicted step.
+
+    With a calibration the prediction prices what equal costs leave out (a
+    split layer's pieces each add a full-size weight gradient; the last
+    stage's folded forward; messages and ticks), so the best cut is not
+    always at equal costs. Each cut's share of the cost line moves by
+    steps of 8 % of a stage's share, halved down to 0.5 %, while the
+    prediction improves (coordinate descent).
+
+    Args:
+      total: ``[L]`` forward + backward cost per layer.
+      num_stages: S.
+      rows: B.
+      splittable: ``[L]`` whether each layer may be split by rows.
+      step_time: ``stages -> predicted seconds``, or ``None`` for equal costs.
+
+    Raises:
+      ValueError: as ``fractional_partition``, for the equal-cost cut.
+    """
+    stages = fractional_partition(total, num_stages, rows, splittable)
+    if step_time is None or num_stages < 2:
+        return stages
+    shares, best = np.arange(1, num_stages) / num_stages, step_time(stages)
+    for delta in (0.08, 0.04, 0.02, 0.01, 0.005):
+        for _ in range(4):
+            moved = False
+            for s in range(num_stages - 1):
+                for sign in (-1.0, 1.0):
+                    trial = shares.copy()
+                    trial[s] += sign * delta / num_stages
+                    try:
+                        candidate = fractional_partition(total, num_stages, rows, splittable, trial)
+                    except ValueError:
+                        continue
+                    if candidate == stages:
+                        continue
+                    time = step_time(candidate)
+                    if time < best * (1 - 1e-9):
+                        shares, stages, best, moved = trial, candidate, time, True
+            if not moved:
+                break
+    return stages
+
+
+def crossing_bytes(stages, boundary_bytes) -> float:
+    """Bytes of the message the executor sends for these stages: the largest boundary that crosses.
+
+    As ``placement.place_stages`` decides: a stage's input crosses, and when
+    the stage starts inside a layer (a split layer) that layer's output too,
+    except the model output, whose pieces take their own rows' loss.
+    """
+    last = len(boundary_bytes) - 2
+    needed = set()
+    for stage in stages[1:]:
+        first = stage[0]
+        needed.add(first.layer)
+        if first.start and first.layer != last:
+            needed.add(first.layer + 1)
+    return float(max((boundary_bytes[i] for i in needed), default=0.0))
+
+
 def predict(
     stages, schedule: str, virtual_stages: int, cut: str, forward, backward, num_devices: int,
     num_microbatches: int, rows: int, param_bytes, message_bytes: float, max_memory: float | None,
-    residual_bytes=None, remat: bool = False,
+    residual_bytes=None, remat: bool = False, calibration: Calibration | None = None, boundary_bytes=None,
 ) -> Candidate:
     """Predicts one configuration's step time and memory.
 
@@ -227,6 +305,16 @@ def predict(
       residual_bytes: ``[L]`` bytes of residuals a layer's forward saves for
         its backward, per micro-batch of B rows (``None``: not counted).
       remat: backwards recompute their forward instead (no residuals kept).
+      calibration: the machine's executor overheads (``calibrate.py``), with
+        ``forward`` and ``backward`` in seconds: each backward (W, split)
+        also adds its pieces' weight gradients, and the step pays every tick's fixed time and
+        data movement, the optimizer update and the merge and sync of
+        split layers' parameter copies. The step time is then seconds on
+        that machine. ``None``: compute only.
+      boundary_bytes: ``[L + 1]`` bytes of each layer boundary (the model
+        input, each layer's output) for one micro-batch; when given, the
+        message is the largest boundary these stages send
+        (``crossing_bytes``) instead of ``message_bytes``.
 
     Returns:
       The ``Candidate``.
@@ -236,17 +324,33 @@ def predict(
         fwd, bwd, weight = _split_costs(stages, forward, backward, num_devices, rows, remat)
     else:
         (fwd, bwd), weight = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat), 0.0
-    costs = Costs(forward=fwd, backward=bwd, weight=weight)
-    ticks = pack(table)
-    step_time = tick_time(ticks, fwd, bwd, weight=weight)
-    buffers = tick_buffers(ticks)
-    memory = np.zeros(num_devices)
-    for s, stage in enumerate(stages):
-        memory[s % num_devices] += 4 * sum(param_bytes[p.layer] for p in stage)
-    memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
+    if boundary_bytes is not None:
+        message_bytes = crossing_bytes(stages, boundary_bytes)
+    held = np.asarray([sum(param_bytes[p.layer] for p in stage) for stage in stages], np.float64)
     saved = np.zeros(len(stages))
     if residual_bytes is not None:
         saved = stage_loads(np.asarray(residual_bytes, float), stages, rows)
+    overhead = 0.0
+    ticks = pack(table)
+    if calibration is not None:
+        accumulate = calibration.accumulate(held).reshape(virtual_stages, num_devices).T
+        if table.split:
+            weight = weight + accumulate
+        else:
+            bwd = bwd + accumulate
+        slot = 0.0 if remat else float(np.max(saved[:-1], initial=0.0))
+        device_bytes = held.reshape(virtual_stages, num_devices).sum(axis=0)
+        copies = sum(param_bytes[p.layer] for stage in stages for p in stage) - sum(
+            param_bytes[layer] for layer in {p.layer for stage in stages for p in stage})
+        overhead = calibration.step_overhead(ticks.num_ticks, message_bytes, slot, float(np.max(device_bytes)),
+                                              num_devices, copies)
+    costs = Costs(forward=fwd, backward=bwd, weight=weight)
+    step_time = tick_time(ticks, fwd, bwd, weight=weight) + overhead
+    buffers = tick_buffers(ticks)
+    memory = np.zeros(num_devices)
+    for s, stage_bytes in enumerate(held):
+        memory[s % num_devices] += 4 * stage_bytes
+    memory += (buffers.num_act_slots + buffers.num_grad_slots) * message_bytes
     if not remat:
         kept = saved.copy()
         kept[-1] = 0.0
@@ -257,7 +361,7 @@ def predict(
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
     return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step_time), memory, fits, costs,
-                     bool(remat))
+                     bool(remat), float(message_bytes))
 
 
 def describe_plan(stages, schedule: str, virtual_stages: int, cut: str, *, layer_names, unsplittable=(), unit="flop", **common) -> Plan:
@@ -305,6 +409,8 @@ def make_plan(
     unit: str = "flop",
     residual_bytes: Sequence[float] | None = None,
     remat: bool | None = None,
+    calibration: Calibration | None = None,
+    boundary_bytes: Sequence[float] | None = None,
 ) -> Plan:
     """Predicts every candidate and picks the fastest that fits in memory.
 
@@ -315,8 +421,10 @@ def make_plan(
     order (integer before fractional, 1F1B first, saved residuals before
     remat). Fractional cuts with ZB-H1 are "balanced + zero bubble". ZB-H1
     candidates are predicted and listed but chosen only when nothing else
-    fits (``AUTO_ORDERS``). A fractional candidate is chosen over the
-    integer ones only when predicted ``FRACTIONAL_MARGIN`` (1.10x) faster.
+    fits (``AUTO_ORDERS``). A candidate other than plain 1F1B is chosen
+    only when predicted ``departure_margin`` faster than plain: 1.10x for a
+    fractional cut (``FRACTIONAL_MARGIN``), 1.03x for another order or remat
+    on integer cuts (``ORDER_MARGIN``).
     With fewer layers than pipe devices (``L < P``) only fractional cuts
     exist: each device gets rows of some layer, and ``Plan.plain`` is
     ``None``.
@@ -337,6 +445,11 @@ def make_plan(
         the memory prediction.
       remat: force recomputation on (True) or off (False); ``None`` tries
         both when ``max_memory_per_device`` is given, else off.
+      calibration: the machine's executor overheads; with it the costs must
+        be seconds and every prediction is a step time in seconds
+        (``predict``).
+      boundary_bytes: ``[L + 1]`` bytes of each layer boundary; each
+        candidate's message is then the largest boundary it sends.
 
     Returns:
       The ``Plan``.
@@ -348,6 +461,7 @@ def make_plan(
         message says which).
     """
     forward, backward = np.asarray(forward, float), np.asarray(backward, float)
+    unit = "s" if calibration is not None else unit
     sizes = {"forward": len(forward), "backward": len(backward), "layer_names": len(layer_names),
              "param_bytes": len(param_bytes)}
     if residual_bytes is not None:
@@ -360,7 +474,7 @@ def make_plan(
     common = dict(forward=forward, backward=backward, num_devices=num_devices,
                   num_microbatches=num_microbatches, rows=rows, param_bytes=param_bytes,
                   message_bytes=message_bytes, max_memory=max_memory_per_device,
-                  residual_bytes=residual_bytes)
+                  residual_bytes=residual_bytes, calibration=calibration, boundary_bytes=boundary_bytes)
     remats = [bool(remat)] if remat is not None else [False] + ([True] if max_memory_per_device else [])
     splittable = [i not in set(unsplittable) for i in range(num_layers)]
     orders = [("1f1b", 1), ("gpipe", 1), ("zb_h1", 1)]
@@ -382,8 +496,12 @@ def make_plan(
                 if cut == "integer":
                     stages = pieces_from_counts(partition_layers(total, v * num_devices), rows)
                 else:
+                    def step_time(st, order=order, v=v, again=again):
+                        return predict(st, order, v, "fractional", **common, remat=again).step_time
+
                     try:
-                        stages = fractional_partition(total, v * num_devices, rows, splittable)
+                        stages = balanced_stages(total, v * num_devices, rows, splittable,
+                                                 step_time if calibration is not None else None)
                     except ValueError:
                         continue
                 candidates.append(predict(stages, order, v, cut, **common, remat=again))
@@ -396,8 +514,7 @@ def make_plan(
             "limit, use more pipe devices, or smaller micro-batches"
         )
     eligible = [c for c in fitting if c.schedule in AUTO_ORDERS] or fitting
-    margin = FRACTIONAL_MARGIN if any(c.cut == "integer" for c in eligible) else 1.0
-    chosen = min(eligible, key=lambda c: c.step_time * (margin if c.cut == "fractional" else 1.0))
+    chosen = min(eligible, key=lambda c: c.step_time * departure_margin(c, plain))
     if plain is None:
         reason = (
             f"no integer cut exists ({num_layers} layers < {num_devices} pipe devices); "
@@ -406,10 +523,12 @@ def make_plan(
     elif chosen is plain:
         reason = "integer cuts with 1F1B are already the fastest predicted plan"
         best = min(eligible, key=lambda c: c.step_time)
-        if best.cut == "fractional" and best.step_time < plain.step_time:
+        if best.step_time < plain.step_time:
+            why = ("a fractional cut must clear (split layers cost more than their share of flops)"
+                   if best.cut == "fractional" else "another order must clear (closer predictions are ties)")
             reason = (f"integer cuts with 1F1B are chosen: {best.label} is predicted only "
-                      f"{plain.step_time / best.step_time:.2f}x faster, under the {FRACTIONAL_MARGIN:.2f}x a "
-                      "fractional cut must clear (split layers cost more than their share of flops)")
+                      f"{plain.step_time / best.step_time:.2f}x faster, under the "
+                      f"{departure_margin(best, plain):.2f}x {why}")
     else:
         reason = (
             f"{chosen.label} is predicted {plain.step_time / chosen.step_time:.2f}x faster than plain 1F1B"

@@ -29,7 +29,7 @@ from flax import nnx
 
 from .costs import layer_flops
 from .layers import LayerSpec, apply_layer, split_layers
-from .tracing import trace_boundaries
+from .tracing import keep_costly, trace_boundaries
 
 
 PROFILE_FORMAT = 2  # 2: the first layer's backward is its parameter gradient only
@@ -69,11 +69,15 @@ class Profile:
       layers: one ``LayerCost`` per layer, in order.
       microbatch_rows: rows per micro-batch the costs were measured with.
       device: the device kind measured on, e.g. ``"cpu"`` or ``"NVIDIA H100 80GB HBM3"``.
+      with_loss: whether the last layer's backward includes the loss and
+        its gradient (``profile(..., loss_fn=...)``), as the executor's
+        last stage runs them.
     """
 
     layers: tuple[LayerCost, ...]
     microbatch_rows: int
     device: str
+    with_loss: bool = False
 
     def forward(self) -> np.ndarray:
         """``[L]`` forward seconds per layer."""
@@ -92,7 +96,7 @@ class Profile:
         layers = [dataclasses.asdict(c) for c in self.layers]
         with open(path, "w") as f:
             json.dump({"format": PROFILE_FORMAT, "microbatch_rows": self.microbatch_rows, "device": self.device,
-                       "layers": layers}, f, indent=1)
+                       "with_loss": self.with_loss, "layers": layers}, f, indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
@@ -106,7 +110,8 @@ class Profile:
             try:
                 data = json.load(f)
                 layers = tuple(LayerCost(**c) for c in data["layers"])
-                profile = cls(layers, int(data["microbatch_rows"]), str(data["device"]))
+                profile = cls(layers, int(data["microbatch_rows"]), str(data["device"]),
+                              bool(data.get("with_loss", False)))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{os.fspath(path)} is not a saved jaxpipe Profile: {err}") from err
         if data.get("format", 1) != PROFILE_FORMAT:
@@ -183,12 +188,25 @@ def _compile(spec: LayerSpec, x: Any, input_grad: bool) -> tuple[Callable, Calla
             return [o for o in jax.tree.leaves(apply_layer(spec, p, merged(f, ints))) if _is_float(o)]
 
         if input_grad:
-            return jax.vjp(float_out, params, floats)
-        return jax.vjp(lambda p: float_out(p, floats), params)
+            return jax.vjp(keep_costly(float_out), params, floats)
+        return jax.vjp(keep_costly(lambda p: float_out(p, floats)), params)
 
     forward = jax.jit(lambda p, x_: apply_layer(spec, p, x_))
     backward = jax.jit(lambda vjp, cotangents: vjp(cotangents))
     return forward, jax.jit(residuals), backward
+
+
+def _fused_last(spec: LayerSpec, loss_fn: Callable, input_grad: bool) -> Callable:
+    """Jitted ``(params, x, targets) -> gradients`` of the loss through the last layer, as one program."""
+    def loss(p, x, targets):
+        return loss_fn(apply_layer(spec, p, x), targets)
+
+    def grads(p, x, targets):
+        if input_grad:
+            return jax.grad(keep_costly(loss), argnums=(0, 1))(p, x, targets)
+        return jax.grad(keep_costly(loss))(p, x, targets)
+
+    return jax.jit(grads)
 
 
 def _check(microbatch_rows: int, sample: Any, repeats: int, warmup: int) -> None:
@@ -219,6 +237,8 @@ def profile(
     warmup: int = 2,
     cache: str | os.PathLike | None = None,
     seed: int = 0,
+    loss_fn: Callable | None = None,
+    sample_targets: Any = None,
 ) -> Profile:
     """Measures each layer's forward and backward time on one micro-batch.
 
@@ -227,8 +247,9 @@ def profile(
     realistic and integer inputs stay integers. Its forward ``(params, x) ->
     out`` and its backward (the vjp of its float outputs with respect to its
     parameters and float inputs, cotangent ones, given the forward's
-    residuals; the first layer's with respect to its parameters only, since
-    no executor computes the model input's gradient) are jitted and timed on the default device: ``warmup`` untimed
+    residuals saved under the executors' ``tracing.keep_costly`` policy; the
+    first layer's with respect to its parameters only, since no executor
+    computes the model input's gradient) are jitted and timed on the default device: ``warmup`` untimed
     calls, then the median of ``repeats`` timed ones. Layers with the same
     class, code, parameter shapes, constant state and input shapes are
     measured once and share their costs.
@@ -246,6 +267,11 @@ def profile(
         (names, parameter and output bytes), rows and device kind, it is
         returned without measuring; otherwise the new profile is saved there.
       seed: seed for ``model_fn``'s ``nnx.Rngs`` when ``layers`` is one.
+      loss_fn: ``(outputs, targets) -> []``; with ``sample_targets`` (the
+        targets of ``sample_inputs``' rows), the last layer's backward is
+        timed as the executor's last stage runs it: its forward, the loss
+        and both gradients in one program, less its forward time.
+      sample_targets: targets for ``loss_fn``, ``[rows, ...]`` leaves.
 
     Returns:
       The ``Profile``: per-layer seconds, flops, parameter and output bytes.
@@ -281,6 +307,7 @@ def profile(
             cached = None
         if cached is not None and (
             cached.microbatch_rows == microbatch_rows
+            and cached.with_loss == (loss_fn is not None)
             and cached.device == device
             and [(c.name, c.param_bytes, c.activation_bytes) for c in cached.layers]
             == [(s.name, pb, ab) for s, pb, ab in zip(specs, param_bytes, act_bytes)]
@@ -308,8 +335,18 @@ def profile(
         # An identical layer's compiled forward serves: same code and constants.
         forward, fwd_s, bwd_s, flops = measured[key]
         costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab))
-        x = forward(p, x)
-    result = Profile(tuple(costs), microbatch_rows, device)
+        x_last, x = x, forward(p, x)
+    with_loss = loss_fn is not None
+    if with_loss:
+        if sample_targets is None:
+            raise ValueError("profile(loss_fn=...) needs sample_targets, the targets of sample_inputs' rows")
+        targets = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:microbatch_rows]), sample_targets)
+        spec, p = specs[-1], params[-1]
+        fused = _fused_last(spec, loss_fn, input_grad=len(specs) > 1)
+        last = costs[-1]
+        fused_s = _time(fused, (p, x_last, targets), warmup, repeats)
+        costs[-1] = dataclasses.replace(last, backward_s=max(fused_s - last.forward_s, 0.0))
+    result = Profile(tuple(costs), microbatch_rows, device, with_loss)
     if cache is not None:
         result.save(cache)
     return result

@@ -18,7 +18,7 @@ dataflow, as JaxPP splits its backward jaxprs:
 W reads the stage's own inputs again (weights, its activation slot with the
 message and saved residuals, the micro-batch), so nothing is copied twice
 and no equation runs in both: W does not redo B's work (``count`` shows it,
-``tests/test_zero_bubble.py`` pins it). Calls (``pjit``, ``closed_call``)
+``tests/test_zero_bubble.py`` pins it). Calls (``pjit``, ``closed_call``, ``remat2``)
 are inlined first so that a call computing both kinds of outputs is split
 too; a call that closes over constants of its own is kept whole and goes to
 B, and the outputs W needs cross.
@@ -40,7 +40,9 @@ from jax.extend import core as jcore
 
 from .lanes import slot_vectors, read_slot, slot_offsets
 
-_CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr"}
+# Call-like primitives and the parameter holding their body; "remat2" is ``jax.checkpoint``
+# (the stage forward's ``tracing.keep_costly``), whose recompute B and W then share out.
+_CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
 def _inline(jaxpr) -> tuple[list, dict]:

@@ -6,7 +6,8 @@ layers for one micro-batch (``trace_boundaries``), the same at another row
 count to prove each leaf's first dimension is the rows (``trace_at_rows``,
 ``check_rows_follow``), the largest activation (``largest_activation_bytes``),
 and what ``jax.vjp`` keeps for a backward (``vjp_residuals``,
-``residual_bytes``).
+``residual_bytes``), under the policy every executor saves by
+(``keep_costly``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from .layers import LayerSpec, apply_layer, cast_floats
+
+
+# Primitives whose outputs a stage's forward does not save for its backward: elementwise and
+# shape operations, which the backward recomputes from a saved matmul, convolution or reduction
+# output (or from the stage's inputs) for about the cost of reading them back. A GELU MLP layer
+# otherwise saves five activation-sized intermediates besides its matmul output.
+RECOMPUTED = frozenset({
+    "abs", "add", "add_any", "and", "broadcast_in_dim", "ceil", "clamp", "convert_element_type", "copy",
+    "cos", "div", "eq", "erf", "erf_inv", "exp", "exp2", "expand_dims", "expm1", "floor", "ge", "gt",
+    "integer_pow", "is_finite", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg",
+    "not", "or", "pow", "reshape", "round", "rsqrt", "select_n", "sign", "sin", "sqrt", "square",
+    "squeeze", "stop_gradient", "sub", "tan", "tanh", "transpose",
+})
+
+
+def _costly(prim: Any, *_: Any, **__: Any) -> bool:
+    return prim.name not in RECOMPUTED
+
+
+def keep_costly(fn: Callable) -> Callable:
+    """``fn`` under ``jax.checkpoint`` saving every value but those of ``RECOMPUTED`` primitives.
+
+    Each stage's forward runs under it, so a stage's residual buffer slot holds
+    the outputs of its matmuls, convolutions, reductions and gathers, and the
+    backward recomputes the elementwise chains in between (no matmul twice).
+    """
+    return jax.checkpoint(fn, policy=_costly, prevent_cse=False)
 
 
 def _struct(tree: Any) -> Any:
@@ -121,11 +149,14 @@ def trace_at_rows(specs: Sequence[LayerSpec], params: Sequence[Any], x: Any, row
         return None
 
 
+def boundary_bytes(structs: Sequence[Any]) -> list[float]:
+    """``[L + 1]`` bytes of each activation between layers (and the model's input and output), one micro-batch."""
+    return [float(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s))) for s in structs]
+
+
 def largest_activation_bytes(structs: Sequence[Any]) -> float:
     """Bytes of the largest activation between layers, one micro-batch."""
-    return float(max(
-        sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(s)) for s in structs
-    ))
+    return max(boundary_bytes(structs))
 
 
 def vjp_residuals(backward_fn: Callable, *args: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], Any, int], ...]]:
@@ -157,7 +188,8 @@ def residual_bytes(specs: Sequence[LayerSpec], params: Sequence[Any], structs: S
     """``[L]`` bytes each layer's forward saves for its backward, one micro-batch.
 
     The residuals of ``jax.vjp`` with respect to the layer's parameters,
-    leaving out those that are the layer's own inputs (its parameters and its
+    under the executors' ``keep_costly`` policy, leaving out those that are
+    the layer's own inputs (its parameters and its
     input activation, which are held anyway). Traced abstractly: no compute.
 
     Args:
@@ -171,7 +203,7 @@ def residual_bytes(specs: Sequence[LayerSpec], params: Sequence[Any], structs: S
     out = []
     for spec, tree, struct in zip(specs, params, structs):
         def backward_fn(p, x, spec=spec):
-            return jax.vjp(lambda p_: apply_layer(spec, p_, x), p)[1]
+            return jax.vjp(keep_costly(lambda p_: apply_layer(spec, p_, x)), p)[1]
 
         _, residuals = vjp_residuals(backward_fn, tree, struct)
         out.append(float(sum(

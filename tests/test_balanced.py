@@ -20,7 +20,7 @@ from reference import assert_matches_reference, reference_run
 import jaxpipe
 from jaxpipe import models
 from jaxpipe.partition import Piece, fractional_partition, stage_loads
-from jaxpipe.planner import AUTO_ORDERS, FRACTIONAL_MARGIN, make_plan
+from jaxpipe.planner import AUTO_ORDERS, FRACTIONAL_MARGIN, departure_margin, make_plan
 
 OPTIMIZER = optax.sgd(0.05, momentum=0.9)
 SIX = models.mlp([8] * 7)  # 6 equal blocks
@@ -156,9 +156,7 @@ def test_auto_trains_to_the_reference_and_explains_its_choice():
     text = str(pipe.plan)
     assert pipe.plan.chosen.step_time <= pipe.plan.plain.step_time
     eligible = [c for c in pipe.plan.candidates if c.fits and c.schedule in AUTO_ORDERS]
-    assert pipe.plan.chosen is min(
-        eligible, key=lambda c: c.step_time * (FRACTIONAL_MARGIN if c.cut == "fractional" else 1.0)
-    )
+    assert pipe.plan.chosen is min(eligible, key=lambda c: c.step_time * departure_margin(c, pipe.plan.plain))
     if any(c.schedule == "zb_h1" and c.step_time < pipe.plan.chosen.step_time for c in pipe.plan.candidates):
         assert "schedule='zb_h1'" in text
     for needle in ("plan:", "device 0:", "device 3:", "predicted step", "reason:", "candidates:"):

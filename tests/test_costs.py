@@ -78,3 +78,29 @@ def test_first_layer_backward_leaves_out_the_input_gradient():
     assert_close(forward[0], forward[1], FLOAT_SUMS, "forward flops of identical layers")
     assert_close(backward[1], backward[2], FLOAT_SUMS, "backward flops of identical layers")
     assert 0.4 < backward[0] / backward[1] < 0.75, backward
+
+
+def test_a_stage_saves_its_matmul_outputs_only():
+    """3 GELU Dense layers of width 64 (the last without GELU) on 2 devices, 8 rows: a stage's residual
+    slot holds each GELU layer's pre-activation, ``[8, 64]`` floats, and nothing for the linear last
+    layer, whose backward needs only its input and weights. Saving what ``jax.vjp`` keeps by default
+    would add the GELU's elementwise intermediates (several activations per layer)."""
+    import optax
+
+    import jaxpipe
+    from jaxpipe import models
+    from jaxpipe.lanes import make_lanes
+    from jaxpipe.tracing import residual_bytes
+
+    rows, width = 8, 64
+    batch = tuple(np.ones((2 * rows, width), np.float32) for _ in range(2))
+    pipe = jaxpipe.Pipeline(models.mlp([width] * 4), (1, 2), lambda o, t: ((o - t) ** 2).mean(), optax.sgd(0.1),
+                            2, batch, schedule="1f1b", partition=(2, 1))
+    saved = residual_bytes(pipe.placement.specs[:3], pipe._host_params, pipe._structs)
+    assert saved == [4.0 * rows * width] * 2 + [0.0]
+    weights = tuple(a[0] for a in pipe.init().params)
+    zero_f, zero_i = pipe.placement.carrier.zeros()
+    x = batch[0][:rows]
+    lanes = make_lanes(pipe.placement, lambda o, t: ((o - t) ** 2).mean(), 0.5, False, None,
+                       (weights, zero_f, zero_i, x, x, None))
+    assert sum(lanes.res_sizes) == 2 * rows * width

@@ -216,3 +216,19 @@ def test_layer_failing_on_its_input_is_named():
     layers = [nnx.Linear(6, 3, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(0))]
     with pytest.raises(ValueError, match=r"layer 1 \(Linear\) fails"):
         profile(layers, np.ones((2, 6), np.float32), 2)
+
+
+def test_a_profile_with_the_loss_times_the_last_layer_with_it(tmp_path, timed):
+    """``loss_fn`` adds one timing, the last layer's forward, loss and gradients fused; its backward is
+    that less its forward. A cached profile without the loss is not reused for one with it."""
+    layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(2)]
+    sample, targets = np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32)
+    path = tmp_path / "costs.json"
+    plain = profile(layers, sample, 2, repeats=1, warmup=0, cache=path)
+    timed.clear()
+    fused = profile(layers, sample, 2, repeats=1, warmup=0, cache=path,
+                    loss_fn=lambda o, t: ((o - t) ** 2).mean(), sample_targets=targets)
+    assert len(timed) == 5 and fused.with_loss and not plain.with_loss
+    assert Profile.load(path) == fused
+    with pytest.raises(ValueError, match="sample_targets"):
+        profile(layers, sample, 2, loss_fn=lambda o, t: o.mean())
