@@ -11,9 +11,12 @@ In one run both pipelines are built in the same two processes, warmed up,
 then timed alternately step by step (so machine drift hits both alike);
 per plan the median step time over ``STEPS`` steps, the ratio plain /
 balanced taken within the run, ``REPEATS`` fresh runs. Beside it the
-planner's prediction of the same ratio (per-layer costs from XLA's flop
-estimate, which also set the cuts: deterministic, so both processes and
-every repeat cut the same way).
+planner's prediction of the same ratio and of each step in seconds
+(per-layer costs from XLA's flop estimate, which also set the cuts:
+deterministic, so both processes and every repeat cut the same way; turned
+into seconds, with the executor's per-tick, per-byte and per-piece
+overheads, by the machine's calibration, ``jaxpipe.calibrate``, cached in
+``results/calibration_cpu_p2.json`` and shared with experiment 07).
 
 Configurations: (a) 3 equal 2048-wide blocks on 2 devices (ideal 1.33x),
 M = 8 micro-batches of ``ROWS = 256`` rows (a micro-batch of fewer rows than
@@ -33,6 +36,7 @@ import sys
 
 M, ROWS, STEPS, WARMUP, REPEATS = 8, 256, 10, 3, 3
 RESULTS = pathlib.Path(__file__).parent / "results"
+CALIBRATION = RESULTS / "calibration_cpu_p2.json"  # shared with experiment 07
 CONFIGS = {
     "a": "(a) 3 equal blocks, 2 devices",
     "b": "(b) LM with a heavy output layer",
@@ -66,8 +70,14 @@ def worker(config: str) -> None:
     import jax
     import optax
 
+    from jaxpipe.calibrate import predicted_step
+
+    calibration = jaxpipe.calibrate((1, 2), cache=CALIBRATION)
     model_fn, loss_fn, batch = _model(config)
-    pipes = {name: jaxpipe.Pipeline(model_fn, (1, 2), loss_fn, optax.sgd(1e-4), M, batch, schedule=schedule)
+    rows = len(jax.tree.leaves(batch)[0]) // M
+    profile = jaxpipe.profile(model_fn, batch[0], rows, loss_fn=loss_fn, sample_targets=batch[1])
+    pipes = {name: jaxpipe.Pipeline(model_fn, (1, 2), loss_fn, optax.sgd(1e-4), M, batch, schedule=schedule,
+                                    calibration=calibration)
              for name, schedule in (("plain", "1f1b"), ("balanced", "balanced"))}
     states = {name: pipe.init() for name, pipe in pipes.items()}
     placed = {name: pipe.shard_batch(batch) for name, pipe in pipes.items()}
@@ -82,6 +92,7 @@ def worker(config: str) -> None:
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step_time,
+                   "predicted_profiled": predicted_step(pipe, calibration, profile),
                    "partition": pipe.partition, "loads": pipe.plan.chosen.loads.tolist()}
             for name, pipe in pipes.items()
         }))
@@ -133,11 +144,23 @@ def main() -> None:
             "balanced_step_ms": [1e3 * r["balanced"]["step_s"] for r in runs],
             "measured_speedups": ratios, "measured_speedup": measured, "predicted_speedup": predicted,
             "prediction_error": predicted / measured - 1.0,
+            "plain_predicted_ms": 1e3 * plain["predicted"], "balanced_predicted_ms": 1e3 * balanced["predicted"],
+            "plain_profiled_ms": 1e3 * plain["predicted_profiled"],
+            "balanced_profiled_ms": 1e3 * balanced["predicted_profiled"],
         })
         print(f"{name}: plain {plain['partition']} {statistics.median(rows[-1]['plain_step_ms']):.1f} ms, "
               f"balanced {balanced['partition']} {statistics.median(rows[-1]['balanced_step_ms']):.1f} ms; "
               f"measured {measured:.3f}x (runs {', '.join(f'{x:.3f}' for x in ratios)}), "
-              f"predicted {predicted:.3f}x ({100 * rows[-1]['prediction_error']:+.1f}%)", flush=True)
+              f"predicted {predicted:.3f}x ({100 * rows[-1]['prediction_error']:+.1f}%); step predicted "
+              f"plain {rows[-1]['plain_predicted_ms']:.1f} ms "
+              f"({rows[-1]['plain_predicted_ms'] / statistics.median(rows[-1]['plain_step_ms']) - 1:+.1%}), balanced "
+              f"{rows[-1]['balanced_predicted_ms']:.1f} ms "
+              f"({rows[-1]['balanced_predicted_ms'] / statistics.median(rows[-1]['balanced_step_ms']) - 1:+.1%}); "
+              f"from the profile plain {rows[-1]['plain_profiled_ms']:.1f} ms "
+              f"({rows[-1]['plain_profiled_ms'] / statistics.median(rows[-1]['plain_step_ms']) - 1:+.1%}), balanced "
+              f"{rows[-1]['balanced_profiled_ms']:.1f} ms "
+              f"({rows[-1]['balanced_profiled_ms'] / statistics.median(rows[-1]['balanced_step_ms']) - 1:+.1%})",
+              flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"mesh": [1, 2], "processes": 2, "M": M, "mlp_rows_per_microbatch": ROWS, "steps": STEPS,
             "warmup": WARMUP, "repeats": REPEATS}
