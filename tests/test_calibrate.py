@@ -53,7 +53,9 @@ def test_fit_recovers_the_overheads_the_steps_were_made_with():
                         process_count=1)
     rng = np.random.default_rng(0)
     runs = []
-    for name, (model_fn, rows, width, schedule) in _probes(2).items():
+    # Three probes (ticks, messages, weights) separate the three fitted constants.
+    for name in ("ticks", "messages", "weights"):
+        model_fn, rows, width, schedule = _probes(2)[name]
         batch = tuple(rng.normal(size=(4 * rows, width)).astype(np.float32) for _ in range(2))
         pipe = jaxpipe.Pipeline(model_fn, (1, 2), _mse, optax.sgd(0.1), 4, batch, schedule=schedule,
                                 calibration=truth)
