@@ -38,7 +38,8 @@ from flax import nnx  # noqa: E402
 import jaxpipe  # noqa: E402
 from jaxpipe import models  # noqa: E402
 from jaxpipe.partition import fractional_partition, partition_layers, pieces_from_counts  # noqa: E402
-from jaxpipe.planner import _stage_costs, make_plan  # noqa: E402
+from jaxpipe.planner import make_plan  # noqa: E402
+from jaxpipe.prediction import _stage_costs  # noqa: E402
 from jaxpipe.schedule import make_schedule  # noqa: E402
 from jaxpipe.simulate import Costs, simulate  # noqa: E402
 

@@ -39,7 +39,8 @@ from .partition import (
     pieces_from_counts,
 )
 from .placement import Placement, merge_copies, place_stages, sync_copies
-from .planner import Plan, balanced_stages, describe_plan, make_plan, predict
+from .planner import Plan, balanced_stages, describe_plan, make_plan
+from .prediction import predict
 from .rng import draws
 from .row_mixing import mixing_layers
 from .schedule import Schedule, make_schedule

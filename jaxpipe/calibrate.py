@@ -290,7 +290,7 @@ def predicted_step(pipe: Any, calibration: Calibration, profile: Any = None) -> 
       profile: a ``Profile`` of the same layers to price them by, instead
         of the costs the pipeline was cut with (e.g. flop estimates).
     """
-    from .planner import predict
+    from .prediction import predict
 
     chosen, costs = pipe.plan.chosen, pipe.layer_costs
     if profile is not None:
