@@ -2,7 +2,7 @@
 
 Per-layer costs (a ``Profile``, or XLA's flop estimate) price the compute.
 A step on real processes also pays for what the table executor does around
-it (``executor.py``), which the planner prices with two measured constants:
+it (``executor.py``), which the planner prices with three measured constants:
 
 * ``tick_s``, a fixed time per tick: the scan step, the lane switches, the
   sends' latency;
@@ -25,12 +25,12 @@ it trains six small probe pipelines (many cheap ticks; wide cheap messages;
 wide weights at few rows; compute; saved residuals; a split layer),
 profiles their layers, and fits ``tick_s``, ``send_s`` and ``byte_s`` to
 their measured steps through the planner's own
-prediction (``planner.predict``), so the fit and the plan price alike;
+prediction (``prediction.predict``), so the fit and the plan price alike;
 each probe's remaining error is kept (``Calibration.residual``).
 Compute is priced as profiled: a layer's forward and backward inside a
-scan and a ``lax.switch`` measured as fast as the same jitted alone
-(0.84-0.95x of its time on CPU). ``flop_s`` converts flop estimates into seconds. The result is
-cached as JSON, like a ``Profile``.
+scan, a ``lax.switch`` and an accumulator ran 1.01-1.05x of its time jitted
+alone on CPU (experiment 10). A fourth constant, ``flop_s``, converts flop
+estimates into seconds. The result is cached as JSON, like a ``Profile``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
+from .profile import _time as median_seconds
 
 CALIBRATION_FORMAT = 1
 
@@ -179,23 +180,7 @@ def matmul_seconds_per_flop(size: int = 512, repeats: int = 5) -> float:
     def step(w, x):
         return jax.grad(lambda w_, x_: jnp.sum(jnp.tanh(x_ @ w_)), argnums=(0, 1))(w, x)
 
-    jax.block_until_ready(step(a, a))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(a, a))
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times)) / (3 * 2 * size**3)
-
-
-def _median_seconds(fn: Callable, *args: Any, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
+    return median_seconds(step, (a, a), 1, repeats) / (3 * 2 * size**3)
 
 
 def moved_seconds_per_byte(mbytes: int = 16, loops: int = 8) -> float:
@@ -207,7 +192,7 @@ def moved_seconds_per_byte(mbytes: int = 16, loops: int = 8) -> float:
     def run(acc, grad):
         return lax.scan(lambda a, i: (a + grad * i, None), acc, jnp.arange(loops, dtype=jnp.float32))[0]
 
-    return _median_seconds(run, acc, grad) / (3 * 4 * n * loops)  # read acc, read grad, write acc
+    return median_seconds(run, (acc, grad), 1, 5) / (3 * 4 * n * loops)  # read acc, read grad, write acc
 
 
 def sent_seconds_per_byte(mesh: Any, mbytes: int = 4, loops: int = 8) -> float:
@@ -229,7 +214,7 @@ def sent_seconds_per_byte(mesh: Any, mbytes: int = 4, loops: int = 8) -> float:
     run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
     x = jax.device_put(np.ones((mesh.devices.shape[0], n * num_devices), np.float32),
                        jax.sharding.NamedSharding(mesh, spec))
-    return _median_seconds(run, x) / (4 * n * loops)
+    return median_seconds(run, (x,), 1, 5) / (4 * n * loops)
 
 
 class _Scale(nnx.Module):
@@ -290,16 +275,14 @@ def predicted_step(pipe: Any, calibration: Calibration, profile: Any = None) -> 
       profile: a ``Profile`` of the same layers to price them by, instead
         of the costs the pipeline was cut with (e.g. flop estimates).
     """
+    from .build import in_seconds
     from .prediction import predict
 
     chosen, costs = pipe.plan.chosen, pipe.layer_costs
     if profile is not None:
         forward, backward = np.asarray(profile.forward()), np.asarray(profile.backward())
-    elif costs.unit in ("s", "flop"):
-        scale = calibration.flop_s if costs.unit == "flop" else 1.0
-        forward, backward = costs.forward * scale, costs.backward * scale
     else:
-        raise ValueError(f"a prediction in seconds needs costs in seconds or flops, the pipeline has {costs.unit!r}")
+        forward, backward = in_seconds(costs, calibration)[:2]
     return predict(
         chosen.stages, chosen.schedule, chosen.virtual_stages, chosen.cut, forward,
         backward, pipe.num_devices, pipe.num_microbatches, pipe.microbatch_rows,

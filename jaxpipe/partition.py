@@ -177,7 +177,7 @@ def fractional_partition(
       shares: ``[S - 1]`` increasing fractions of the total cost at which
         the cuts fall (default ``s / S``: equal costs); the planner moves
         them to balance predicted time rather than cost
-        (``planner.balance_shares``).
+        (``planner.balanced_stages``).
 
     Returns:
       ``[S]`` tuples of pieces, covering every row of every layer once; every
