@@ -293,6 +293,9 @@ def profile(
     if not layers:
         raise ValueError("layers is empty; give the model's non-empty list of nnx.Module layers")
     _check(microbatch_rows, sample_inputs, repeats, warmup)
+    with_loss = loss_fn is not None
+    if with_loss and sample_targets is None:
+        raise ValueError("profile(loss_fn=...) needs sample_targets, the targets of sample_inputs' rows")
     specs, params, _ = split_layers(layers)
     x = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:microbatch_rows]), sample_inputs)
     structs = trace_boundaries(specs, params, x)
@@ -307,7 +310,7 @@ def profile(
             cached = None
         if cached is not None and (
             cached.microbatch_rows == microbatch_rows
-            and cached.with_loss == (loss_fn is not None)
+            and cached.with_loss == with_loss
             and cached.device == device
             and [(c.name, c.param_bytes, c.activation_bytes) for c in cached.layers]
             == [(s.name, pb, ab) for s, pb, ab in zip(specs, param_bytes, act_bytes)]
@@ -336,10 +339,7 @@ def profile(
         forward, fwd_s, bwd_s, flops = measured[key]
         costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab))
         x_last, x = x, forward(p, x)
-    with_loss = loss_fn is not None
     if with_loss:
-        if sample_targets is None:
-            raise ValueError("profile(loss_fn=...) needs sample_targets, the targets of sample_inputs' rows")
         targets = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:microbatch_rows]), sample_targets)
         spec, p = specs[-1], params[-1]
         fused = _fused_last(spec, loss_fn, input_grad=len(specs) > 1)
