@@ -189,8 +189,7 @@ def predict(
             bwd = bwd + accumulate
         slot = 0.0 if remat else float(np.max(saved[:-1], initial=0.0))
         device_bytes = held.reshape(virtual_stages, num_devices).sum(axis=0)
-        copies = sum(param_bytes[p.layer] for stage in stages for p in stage) - sum(
-            param_bytes[layer] for layer in {p.layer for stage in stages for p in stage})
+        copies = float(held.sum()) - sum(param_bytes[layer] for layer in {p.layer for stage in stages for p in stage})
         overhead = calibration.step_overhead(ticks.num_ticks, message_bytes, slot, float(np.max(device_bytes)),
                                               num_devices, copies)
     costs = Costs(forward=fwd, backward=bwd, weight=weight)
