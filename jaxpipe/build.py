@@ -97,6 +97,9 @@ class LayerCosts(NamedTuple):
       message_bytes: bytes of the largest activation sent between stages.
       boundary_bytes: ``[L + 1]`` bytes of each layer boundary (the model
         input, each layer's output), one micro-batch.
+      piece_scale: ``([L, B + 1], [L, B + 1])`` measured forward and backward
+        fraction of a layer's cost at each row count (``Profile.piece_scale``),
+        or ``None`` (a piece costs its share of rows).
     """
 
     forward: np.ndarray
@@ -107,6 +110,7 @@ class LayerCosts(NamedTuple):
     residual_bytes: tuple
     message_bytes: float
     boundary_bytes: tuple = ()
+    piece_scale: tuple | None = None
 
 
 class Choice(NamedTuple):
@@ -271,17 +275,23 @@ def cost_model(traced: Traced, config: PipelineConfig) -> LayerCosts:
     costs, so that every process cuts (and packs) alike.
     """
     forward, backward, unit = layer_costs(config.costs, traced.specs, traced.run_params, traced.structs)
+    piece_scale = None
+    if getattr(config.costs, "piece_rows", ()) and config.costs.microbatch_rows == traced.microbatch_rows:
+        piece_scale = config.costs.piece_scale()
     if jax.process_count() > 1:
-        forward, backward = (
-            np.asarray(a, np.float64)
-            for a in multihost_utils.broadcast_one_to_all((forward.astype(np.float32), backward.astype(np.float32)))
+        forward, backward, *piece_scale = (
+            np.asarray(a, np.float64) for a in multihost_utils.broadcast_one_to_all(
+                (forward.astype(np.float32), backward.astype(np.float32),
+                 *(a.astype(np.float32) for a in piece_scale or ()))
+            )
         )
+        piece_scale = tuple(piece_scale) or None
     itemsize = jnp.dtype(traced.param_dtype).itemsize
     return LayerCosts(
         forward, backward, unit, tuple(spec.name for spec in traced.specs),
         tuple(spec.size * itemsize for spec in traced.specs),
         tuple(residual_bytes(traced.specs, traced.run_params, traced.structs)),
-        largest_activation_bytes(traced.structs), tuple(boundary_bytes(traced.structs)),
+        largest_activation_bytes(traced.structs), tuple(boundary_bytes(traced.structs)), piece_scale,
     )
 
 
@@ -310,7 +320,7 @@ def choose_stages(
 
     ``"auto"``: the planner's fastest candidate that fits. Otherwise the
     config's order with its cut: ``planner.balanced_stages`` (equal loads,
-    or the least predicted step with a calibration),
+    or the least predicted step with a calibration or measured piece costs),
     ``config.partition``, or the min-max integer cut ``partition_layers``.
 
     Args:
@@ -330,6 +340,7 @@ def choose_stages(
         num_microbatches=config.num_microbatches, rows=rows, param_bytes=list(costs.param_bytes),
         message_bytes=costs.message_bytes, residual_bytes=list(costs.residual_bytes),
         calibration=config.calibration, boundary_bytes=list(costs.boundary_bytes) or None,
+        piece_scale=costs.piece_scale,
     )
     names, unsplittable = costs.layer_names, tuple(unsplittable)
     if config.schedule == "auto":
@@ -347,8 +358,8 @@ def choose_stages(
             return predict(stages, config.schedule, virtual_stages, "fractional", **common, max_memory=None,
                            remat=bool(config.remat)).step_time
 
-        stages = balanced_stages(total, virtual_stages * num_devices, rows, splittable,
-                                 step_time if config.calibration is not None else None)
+        descend = config.calibration is not None or costs.piece_scale is not None
+        stages = balanced_stages(total, virtual_stages * num_devices, rows, splittable, step_time if descend else None)
     else:
         counts = config.partition if config.partition is not None else partition_layers(total, virtual_stages * num_devices)
         stages = pieces_from_counts(check_partition(counts, num_layers, num_devices, virtual_stages), rows)

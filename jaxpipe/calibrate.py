@@ -281,13 +281,14 @@ def predicted_step(pipe: Any, calibration: Calibration, profile: Any = None) -> 
     chosen, costs = pipe.plan.chosen, pipe.layer_costs
     if profile is not None:
         forward, backward = np.asarray(profile.forward()), np.asarray(profile.backward())
+        piece_scale = profile.piece_scale() if profile.piece_rows else None
     else:
-        forward, backward = in_seconds(costs, calibration)[:2]
+        (forward, backward), piece_scale = in_seconds(costs, calibration)[:2], costs.piece_scale
     return predict(
         chosen.stages, chosen.schedule, chosen.virtual_stages, chosen.cut, forward,
         backward, pipe.num_devices, pipe.num_microbatches, pipe.microbatch_rows,
         list(costs.param_bytes), costs.message_bytes, None, list(costs.residual_bytes), chosen.remat,
-        calibration=calibration, boundary_bytes=list(costs.boundary_bytes) or None,
+        calibration=calibration, boundary_bytes=list(costs.boundary_bytes) or None, piece_scale=piece_scale,
     ).step_time
 
 

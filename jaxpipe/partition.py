@@ -234,12 +234,18 @@ def fractional_partition(
     return tuple(stages)
 
 
-def stage_loads(costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows: int) -> np.ndarray:
-    """``[S]`` cost of each stage: its pieces' layer costs times their row fraction."""
+def stage_loads(
+    costs: Sequence[float], stages: Sequence[Sequence[Piece]], rows: int, scale: np.ndarray | None = None
+) -> np.ndarray:
+    """``[S]`` cost of each stage: its pieces' layer costs times their row fraction.
+
+    ``scale``: ``[L, rows + 1]`` measured fraction of a layer's cost that a
+    piece of ``r`` rows costs (``Profile.piece_scale``), instead of ``r / rows``.
+    """
     costs = np.asarray(costs, dtype=np.float64)
-    return np.asarray(
-        [sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages]
-    )
+    if scale is None:
+        return np.asarray([sum(costs[p.layer] * (p.stop - p.start) / rows for p in stage) for stage in stages])
+    return np.asarray([sum(costs[p.layer] * scale[p.layer, p.stop - p.start] for p in stage) for stage in stages])
 
 
 def check_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -128,10 +128,11 @@ def _piece_text(piece: Piece, names: Sequence[str], rows: int) -> str:
 def balanced_stages(total, num_stages: int, rows: int, splittable, step_time=None) -> tuple:
     """Fractional stages: equal costs, then (given ``step_time``) cuts moved to the least predicted step.
 
-    With a calibration the prediction prices what equal costs leave out (a
-    split layer's pieces each add a full-size weight gradient; the last
-    stage's folded forward; messages and ticks), so the best cut is not
-    always at equal costs. Each cut's share of the cost line moves by
+    With a calibration or measured piece costs the prediction prices what
+    equal costs leave out (a piece runs fewer rows less efficiently; a split
+    layer's pieces each add a full-size weight gradient; the last stage's
+    folded forward; messages and ticks), so the best cut is not always at
+    equal costs. Each cut's share of the cost line moves by
     steps of 8 % of a stage's share, halved down to 0.5 %, while the
     prediction improves (coordinate descent).
 
@@ -219,6 +220,7 @@ def make_plan(
     remat: bool | None = None,
     calibration: Calibration | None = None,
     boundary_bytes: Sequence[float] | None = None,
+    piece_scale: tuple | None = None,
 ) -> Plan:
     """Predicts every candidate and picks the fastest that fits in memory.
 
@@ -258,6 +260,10 @@ def make_plan(
         (``predict``).
       boundary_bytes: ``[L + 1]`` bytes of each layer boundary; each
         candidate's message is then the largest boundary it sends.
+      piece_scale: measured cost of a split layer's pieces at their rows
+        (``Profile.piece_scale``; ``None``: their share of rows); with it
+        or a calibration, fractional cuts move to the least predicted step
+        (``balanced_stages``).
 
     Returns:
       The ``Plan``.
@@ -282,7 +288,9 @@ def make_plan(
     common = dict(forward=forward, backward=backward, num_devices=num_devices,
                   num_microbatches=num_microbatches, rows=rows, param_bytes=param_bytes,
                   message_bytes=message_bytes, max_memory=max_memory_per_device,
-                  residual_bytes=residual_bytes, calibration=calibration, boundary_bytes=boundary_bytes)
+                  residual_bytes=residual_bytes, calibration=calibration, boundary_bytes=boundary_bytes,
+                  piece_scale=piece_scale)
+    descend = calibration is not None or piece_scale is not None
     remats = [bool(remat)] if remat is not None else [False] + ([True] if max_memory_per_device else [])
     splittable = [i not in set(unsplittable) for i in range(num_layers)]
     orders = [("1f1b", 1), ("gpipe", 1), ("zb_h1", 1)]
@@ -309,7 +317,7 @@ def make_plan(
 
                     try:
                         stages = balanced_stages(total, v * num_devices, rows, splittable,
-                                                 step_time if calibration is not None else None)
+                                                 step_time if descend else None)
                     except ValueError:
                         continue
                 candidates.append(predict(stages, order, v, cut, **common, remat=again))

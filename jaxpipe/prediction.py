@@ -74,21 +74,22 @@ class Candidate:
         ) + (" remat" if self.remat else "")
 
 
-def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat=False):
+def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat=False, piece_scale=None):
     """``[P, V]`` forward and backward costs as the table executor pays them.
 
     The last stage's forward is folded into its backward; with ``remat`` every
     other backward recomputes its stage's forward too.
     """
     shape = (virtual_stages, num_devices)
-    fwd = stage_loads(forward, stages, rows)
-    bwd = stage_loads(backward, stages, rows) + (fwd if remat else 0.0)
+    fwd_scale, bwd_scale = piece_scale or (None, None)
+    fwd = stage_loads(forward, stages, rows, fwd_scale)
+    bwd = stage_loads(backward, stages, rows, bwd_scale) + (fwd if remat else 0.0)
     bwd[-1] += 0.0 if remat else fwd[-1]
     fwd[-1] = 0.0
     return fwd.reshape(shape).T, bwd.reshape(shape).T
 
 
-def _split_costs(stages, forward, backward, num_devices, rows, remat=False):
+def _split_costs(stages, forward, backward, num_devices, rows, remat=False, piece_scale=None):
     """``[P, 1]`` forward, B and W costs for a split (zero-bubble) table.
 
     Per-layer costs give no split of the backward, so half of each stage's
@@ -97,8 +98,9 @@ def _split_costs(stages, forward, backward, num_devices, rows, remat=False):
     never needed, so all its backward (and, with ``remat``, its recompute)
     is W and its B is empty; the last stage's B holds its folded forward.
     """
-    fwd = stage_loads(forward, stages, rows)
-    bwd = stage_loads(backward, stages, rows)
+    fwd_scale, bwd_scale = piece_scale or (None, None)
+    fwd = stage_loads(forward, stages, rows, fwd_scale)
+    bwd = stage_loads(backward, stages, rows, bwd_scale)
     weight = bwd / 2
     own = bwd / 2 + (fwd if remat else 0.0)
     own[-1] = bwd[-1] / 2 + fwd[-1]
@@ -131,6 +133,7 @@ def predict(
     stages, schedule: str, virtual_stages: int, cut: str, forward, backward, num_devices: int,
     num_microbatches: int, rows: int, param_bytes, message_bytes: float, max_memory: float | None,
     residual_bytes=None, remat: bool = False, calibration: Calibration | None = None, boundary_bytes=None,
+    piece_scale=None,
 ) -> Candidate:
     """Predicts one configuration's step time and memory.
 
@@ -164,15 +167,19 @@ def predict(
         input, each layer's output) for one micro-batch; when given, the
         message is the largest boundary these stages send
         (``crossing_bytes``) instead of ``message_bytes``.
+      piece_scale: ``([L, B + 1], [L, B + 1])`` measured forward and
+        backward fraction of a layer's cost that a piece of ``r`` rows
+        costs (``Profile.piece_scale``); ``None``: ``r / B``.
 
     Returns:
       The ``Candidate``.
     """
     table = make_schedule(schedule, num_devices, num_microbatches, virtual_stages, fused=True)
     if table.split:
-        fwd, bwd, weight = _split_costs(stages, forward, backward, num_devices, rows, remat)
+        fwd, bwd, weight = _split_costs(stages, forward, backward, num_devices, rows, remat, piece_scale)
     else:
-        (fwd, bwd), weight = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat), 0.0
+        (fwd, bwd), weight = _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat,
+                                          piece_scale), 0.0
     if boundary_bytes is not None:
         message_bytes = crossing_bytes(stages, boundary_bytes)
     held = np.asarray([sum(param_bytes[p.layer] for p in stage) for stage in stages], np.float64)
@@ -205,7 +212,8 @@ def predict(
         memory += buffers.num_act_slots * kept.reshape(virtual_stages, num_devices).max(axis=0)
     # A W input (what B computed for W) is estimated as one message plus the stage's residual bytes.
     memory += buffers.num_weight_slots * (message_bytes + saved.reshape(virtual_stages, num_devices).max(axis=0))
-    loads = stage_loads(np.asarray(forward) + np.asarray(backward), stages, rows)
+    fwd_scale, bwd_scale = piece_scale or (None, None)
+    loads = stage_loads(forward, stages, rows, fwd_scale) + stage_loads(backward, stages, rows, bwd_scale)
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
     return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step_time), memory, fits, costs,

@@ -7,6 +7,10 @@ layer on a real micro-batch (the outputs of the layers before it), times a
 jitted forward and a jitted backward (the vjp given the forward's residuals)
 with ``warmup`` untimed calls then the median of ``repeats`` timed ones, and
 records XLA's flop estimate, parameter bytes and output bytes beside them.
+It times each layer again at fewer rows (``piece_fractions`` of a
+micro-batch), since a fractional cut runs a split layer's pieces on part of
+the rows and a matmul on fewer rows is less efficient per row
+(``Profile.piece_scale``).
 Identical layers are measured once. A ``Profile`` saves to and loads from
 JSON, so costs can be cached and reused.
 """
@@ -32,7 +36,8 @@ from .layers import LayerSpec, apply_layer, split_layers
 from .tracing import keep_costly, trace_boundaries
 
 
-PROFILE_FORMAT = 2  # 2: the first layer's backward is its parameter gradient only
+PROFILE_FORMAT = 3  # 3: piece rows timed; the loss's own time added to the last backward
+PIECE_FRACTIONS = (0.25, 0.5, 0.75)  # of a micro-batch's rows, for the pieces of split layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,9 @@ class LayerCost:
       flops: XLA's estimate of forward + backward flops, or ``None``.
       param_bytes: bytes of the layer's parameters.
       activation_bytes: bytes of the layer's output for one micro-batch.
+      piece_forward_s: forward seconds at each of ``Profile.piece_rows``
+        rows (empty: not measured, e.g. outputs without rows first).
+      piece_backward_s: backward seconds at each of them.
     """
 
     index: int
@@ -59,6 +67,8 @@ class LayerCost:
     flops: float | None
     param_bytes: int
     activation_bytes: int
+    piece_forward_s: tuple[float, ...] = ()
+    piece_backward_s: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +82,14 @@ class Profile:
       with_loss: whether the last layer's backward includes the loss and
         its gradient (``profile(..., loss_fn=...)``), as the executor's
         last stage runs them.
+      piece_rows: the fewer row counts each layer was timed at, ascending.
     """
 
     layers: tuple[LayerCost, ...]
     microbatch_rows: int
     device: str
     with_loss: bool = False
+    piece_rows: tuple[int, ...] = ()
 
     def forward(self) -> np.ndarray:
         """``[L]`` forward seconds per layer."""
@@ -91,12 +103,32 @@ class Profile:
         """``[L]`` forward + backward seconds per layer."""
         return self.forward() + self.backward()
 
+    def piece_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        """``[L, B + 1]`` forward and backward cost of a piece of ``r`` rows, as a fraction of the layer's.
+
+        Linear between the measured row counts (``piece_rows`` and B) and
+        through zero below the smallest; ``r / B`` for a layer without
+        piece times. A fractional cut prices a piece by it instead of by
+        its share of rows (``partition.stage_loads``).
+        """
+        B = self.microbatch_rows
+        r = np.arange(B + 1, dtype=np.float64)
+
+        def scale(full: float, pieces: tuple) -> np.ndarray:
+            if len(pieces) != len(self.piece_rows) or not pieces or full <= 0:
+                return r / B
+            return np.interp(r, [0.0, *self.piece_rows, B], [0.0, *(t / full for t in pieces), 1.0])
+
+        return (np.stack([scale(c.forward_s, c.piece_forward_s) for c in self.layers]),
+                np.stack([scale(c.backward_s, c.piece_backward_s) for c in self.layers]))
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the profile to ``path`` as JSON."""
         layers = [dataclasses.asdict(c) for c in self.layers]
         with open(path, "w") as f:
             json.dump({"format": PROFILE_FORMAT, "microbatch_rows": self.microbatch_rows, "device": self.device,
-                       "with_loss": self.with_loss, "layers": layers}, f, indent=1)
+                       "with_loss": self.with_loss, "piece_rows": list(self.piece_rows), "layers": layers},
+                      f, indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
@@ -109,16 +141,21 @@ class Profile:
         with open(path) as f:
             try:
                 data = json.load(f)
-                layers = tuple(LayerCost(**c) for c in data["layers"])
+                layers = tuple(
+                    LayerCost(**{**c, "piece_forward_s": tuple(c.get("piece_forward_s", ())),
+                                 "piece_backward_s": tuple(c.get("piece_backward_s", ()))})
+                    for c in data["layers"]
+                )
                 profile = cls(layers, int(data["microbatch_rows"]), str(data["device"]),
-                              bool(data.get("with_loss", False)))
+                              bool(data.get("with_loss", False)), tuple(int(r) for r in data.get("piece_rows", ())))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{os.fspath(path)} is not a saved jaxpipe Profile: {err}") from err
         if data.get("format", 1) != PROFILE_FORMAT:
             raise ValueError(
                 f"{os.fspath(path)} holds a profile of format {data.get('format', 1)}, this jaxpipe reads "
-                f"format {PROFILE_FORMAT} (since format 2 the first layer's backward is timed without the "
-                "input gradient); profile the model again"
+                f"format {PROFILE_FORMAT} (format 3 times pieces at fewer rows and adds the loss's own "
+                "time to the last backward; format 2 the first layer's backward without the input gradient); "
+                "profile the model again"
             )
         return profile
 
@@ -196,17 +233,26 @@ def _compile(spec: LayerSpec, x: Any, input_grad: bool) -> tuple[Callable, Calla
     return forward, jax.jit(residuals), backward
 
 
-def _fused_last(spec: LayerSpec, loss_fn: Callable, input_grad: bool) -> Callable:
-    """Jitted ``(params, x, targets) -> gradients`` of the loss through the last layer, as one program."""
-    def loss(p, x, targets):
-        return loss_fn(apply_layer(spec, p, x), targets)
+def _loss_grad(loss_fn: Callable) -> Callable:
+    """Jitted ``(outputs, targets) -> (loss, d outputs)``: what the last stage adds to its layer's backward."""
+    return jax.jit(jax.value_and_grad(loss_fn, allow_int=True))
 
-    def grads(p, x, targets):
-        if input_grad:
-            return jax.grad(keep_costly(loss), argnums=(0, 1))(p, x, targets)
-        return jax.grad(keep_costly(loss))(p, x, targets)
 
-    return jax.jit(grads)
+def _rows(tree: Any, rows: int) -> Any:
+    return jax.tree.map(lambda a: a[:rows], tree)
+
+
+def _has_rows(tree: Any, rows: int) -> bool:
+    return all(np.ndim(a) > 0 and np.shape(a)[0] == rows for a in jax.tree.leaves(tree))
+
+
+def _measure(compiled: tuple, params: Any, x: Any, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median forward and backward seconds of a layer (``_compile``'s functions) on input ``x``."""
+    forward, residuals, backward = compiled
+    leaves = jax.tree.leaves(x)
+    outs, vjp = residuals(params, [a for a in leaves if _is_float(a)], [a for a in leaves if not _is_float(a)])
+    cotangents = [jnp.asarray(np.ones(o.shape, o.dtype)) for o in outs]
+    return _time(forward, (params, x), warmup, repeats), _time(backward, (vjp, cotangents), warmup, repeats)
 
 
 def _check(microbatch_rows: int, sample: Any, repeats: int, warmup: int) -> None:
@@ -239,6 +285,7 @@ def profile(
     seed: int = 0,
     loss_fn: Callable | None = None,
     sample_targets: Any = None,
+    piece_fractions: Sequence[float] = PIECE_FRACTIONS,
 ) -> Profile:
     """Measures each layer's forward and backward time on one micro-batch.
 
@@ -268,10 +315,13 @@ def profile(
         returned without measuring; otherwise the new profile is saved there.
       seed: seed for ``model_fn``'s ``nnx.Rngs`` when ``layers`` is one.
       loss_fn: ``(outputs, targets) -> []``; with ``sample_targets`` (the
-        targets of ``sample_inputs``' rows), the last layer's backward is
-        timed as the executor's last stage runs it: its forward, the loss
-        and both gradients in one program, less its forward time.
+        targets of ``sample_inputs``' rows), the time of the loss and its
+        gradient with respect to the outputs is added to the last layer's
+        backward, as the executor's last stage runs them.
       sample_targets: targets for ``loss_fn``, ``[rows, ...]`` leaves.
+      piece_fractions: fractions of ``microbatch_rows`` to time every layer
+        at again (rounded, at least one row; ``()``: none), for the pieces
+        a fractional cut runs (``Profile.piece_scale``).
 
     Returns:
       The ``Profile``: per-layer seconds, flops, parameter and output bytes.
@@ -279,8 +329,8 @@ def profile(
     Raises:
       TypeError: if ``layers`` is neither a list of ``nnx.Module`` nor a
         ``model_fn``, or an integer argument is not an int.
-      ValueError: if there are no layers, ``microbatch_rows``, ``repeats`` or
-        ``warmup`` is out of range, the sample has fewer rows than
+      ValueError: if there are no layers, ``microbatch_rows``, ``repeats``,
+        ``warmup`` or a piece fraction (in (0, 1)) is out of range, the sample has fewer rows than
         ``microbatch_rows``, or a layer fails on its input.
     """
     if callable(layers) and not isinstance(layers, (nnx.Module, Sequence)):
@@ -293,6 +343,10 @@ def profile(
     if not layers:
         raise ValueError("layers is empty; give the model's non-empty list of nnx.Module layers")
     _check(microbatch_rows, sample_inputs, repeats, warmup)
+    bad = [f for f in piece_fractions if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1]
+    if bad:
+        raise ValueError(f"piece_fractions={tuple(piece_fractions)}: {bad} are not in (0, 1); e.g. (0.25, 0.5)")
+    piece_rows = tuple(sorted({max(1, round(f * microbatch_rows)) for f in piece_fractions} - {microbatch_rows}))
     with_loss = loss_fn is not None
     if with_loss and sample_targets is None:
         raise ValueError("profile(loss_fn=...) needs sample_targets, the targets of sample_inputs' rows")
@@ -309,44 +363,40 @@ def profile(
         except ValueError:
             cached = None
         if cached is not None and (
-            cached.microbatch_rows == microbatch_rows
-            and cached.with_loss == with_loss
-            and cached.device == device
+            (cached.microbatch_rows, cached.with_loss, cached.device, cached.piece_rows)
+            == (microbatch_rows, with_loss, device, piece_rows)
             and [(c.name, c.param_bytes, c.activation_bytes) for c in cached.layers]
             == [(s.name, pb, ab) for s, pb, ab in zip(specs, param_bytes, act_bytes)]
         ):
             return cached
 
-    measured: dict[tuple, tuple[Callable, float, float, float | None]] = {}
+    measured: dict[tuple, tuple] = {}
     costs = []
     for index, (spec, p, struct, pb, ab) in enumerate(zip(specs, params, structs, param_bytes, act_bytes)):
         input_grad = index > 0
         key = (*_layer_key(spec, p, struct), input_grad)
         if key not in measured:
-            forward, residuals, backward = _compile(spec, struct, input_grad)
-            leaves = jax.tree.leaves(x)
-            floats = [leaf for leaf in leaves if _is_float(leaf)]
-            ints = [leaf for leaf in leaves if not _is_float(leaf)]
-            outs, vjp = residuals(p, floats, ints)
-            cotangents = [jnp.asarray(np.ones(o.shape, o.dtype)) for o in outs]
-            measured[key] = (
-                forward,
-                _time(forward, (p, x), warmup, repeats),
-                _time(backward, (vjp, cotangents), warmup, repeats),
-                layer_flops(spec, p, struct, input_grad),
-            )
+            compiled = _compile(spec, struct, input_grad)
+            fwd_s, bwd_s = _measure(compiled, p, x, warmup, repeats)
+            pieces = [_measure(compiled, p, _rows(x, r), warmup, repeats) for r in piece_rows] \
+                if _has_rows(x, microbatch_rows) else []
+            measured[key] = (compiled[0], fwd_s, bwd_s, layer_flops(spec, p, struct, input_grad), pieces)
         # An identical layer's compiled forward serves: same code and constants.
-        forward, fwd_s, bwd_s, flops = measured[key]
-        costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab))
-        x_last, x = x, forward(p, x)
+        forward, fwd_s, bwd_s, flops, pieces = measured[key]
+        costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab,
+                               tuple(f for f, _ in pieces), tuple(b for _, b in pieces)))
+        x = forward(p, x)
     if with_loss:
         targets = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:microbatch_rows]), sample_targets)
-        spec, p = specs[-1], params[-1]
-        fused = _fused_last(spec, loss_fn, input_grad=len(specs) > 1)
-        last = costs[-1]
-        fused_s = _time(fused, (p, x_last, targets), warmup, repeats)
-        costs[-1] = dataclasses.replace(last, backward_s=max(fused_s - last.forward_s, 0.0))
-    result = Profile(tuple(costs), microbatch_rows, device, with_loss)
+        loss_grad, last = _loss_grad(loss_fn), costs[-1]
+        loss_s = _time(loss_grad, (x, targets), warmup, repeats)
+        piece_loss_s = [_time(loss_grad, (_rows(x, r), _rows(targets, r)), warmup, repeats)
+                        for r in piece_rows] if last.piece_backward_s else []
+        costs[-1] = dataclasses.replace(
+            last, backward_s=last.backward_s + loss_s,
+            piece_backward_s=tuple(b + s for b, s in zip(last.piece_backward_s, piece_loss_s)),
+        )
+    result = Profile(tuple(costs), microbatch_rows, device, with_loss, piece_rows)
     if cache is not None:
         result.save(cache)
     return result

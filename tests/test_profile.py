@@ -48,7 +48,7 @@ def lm_run():
         calls = []
         original = prof._time
         mp.setattr(prof, "_time", lambda *a: calls.append(a[0]) or original(*a))
-        result = profile(layers, sample, ROWS, repeats=2, warmup=1)
+        result = profile(layers, sample, ROWS, repeats=2, piece_fractions=(), warmup=1)
     return layers, sample, result, len(calls)
 
 
@@ -77,7 +77,7 @@ def test_lm_costs_are_measured_and_sized(lm_run):
 def test_costs_are_measured_and_sized(name):
     case = CASES[name]
     layers, sample = case.model_fn(nnx.Rngs(0)), _sample(case)
-    _check_costs(layers, sample, profile(layers, sample, ROWS, repeats=2, warmup=1))
+    _check_costs(layers, sample, profile(layers, sample, ROWS, repeats=2, piece_fractions=(), warmup=1))
 
 
 def test_identical_layers_are_measured_once(lm_run):
@@ -94,12 +94,12 @@ def test_identical_layers_are_measured_once(lm_run):
 def test_layers_differing_in_code_are_measured_separately(timed):
     # Same class and shapes; only the static ``activate`` flag differs.
     layers = [models.Dense(4, 4, activate=True, rngs=nnx.Rngs(0)), models.Dense(4, 4, activate=False, rngs=nnx.Rngs(1))]
-    profile(layers, np.ones((2, 4), np.float32), 2, repeats=1, warmup=0)
+    profile(layers, np.ones((2, 4), np.float32), 2, repeats=1, piece_fractions=(), warmup=0)
     assert len(timed) == 2 * 2
 
 
 def test_model_fn_is_accepted():
-    result = profile(models.mlp([4, 3]), np.ones((2, 4), np.float32), 2, repeats=1, warmup=0, seed=3)
+    result = profile(models.mlp([4, 3]), np.ones((2, 4), np.float32), 2, repeats=1, piece_fractions=(), warmup=0, seed=3)
     assert [c.name for c in result.layers] == ["Dense"]
     assert result.layers[0].param_bytes == 4 * (4 * 3 + 3)
 
@@ -131,10 +131,10 @@ def test_profiled_times_agree_with_timing_the_layer_here():
     rows, width = 256, 1024
     big = nnx.Linear(width, width, rngs=nnx.Rngs(0))
     x = np.ones((rows, width), np.float32)
-    result = profile([big], x, rows, repeats=7, warmup=1)
+    result = profile([big], x, rows, repeats=7, piece_fractions=(), warmup=1)
     both_s = _timed_here(big, x, repeats=7)
     assert 0.4 < result.total()[0] / both_s < 2.5, (result.total()[0], both_s)
-    narrow = profile([nnx.Linear(width // 8, width // 8, rngs=nnx.Rngs(0))], x[:, : width // 8], rows, repeats=5)
+    narrow = profile([nnx.Linear(width // 8, width // 8, rngs=nnx.Rngs(0))], x[:, : width // 8], rows, repeats=5, piece_fractions=())
     assert narrow.total()[0] < result.total()[0]
 
 
@@ -147,9 +147,9 @@ def test_save_load_round_trip(lm_run, tmp_path):
     edited.save(path)
     assert Profile.load(path) == edited
     older = json.loads(path.read_text())
-    del older["format"]  # a profile saved before format 2 timed the first layer's input gradient too
+    del older["format"]  # a profile saved before format 3 priced pieces by their share of rows
     (tmp_path / "older.json").write_text(json.dumps(older))
-    with pytest.raises(ValueError, match="format 1, this jaxpipe reads format 2"):
+    with pytest.raises(ValueError, match="format 1, this jaxpipe reads format 3"):
         Profile.load(tmp_path / "older.json")
     (tmp_path / "bad.json").write_text('{"layers": 3}')
     with pytest.raises(ValueError, match="not a saved jaxpipe Profile"):
@@ -162,22 +162,22 @@ def test_cache_is_reused_and_refreshed(tmp_path, timed):
     layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(3)]
     sample = np.ones((3, 4), np.float32)
     path = tmp_path / "costs.json"
-    first = profile(layers, sample, 2, repeats=1, warmup=0, cache=path)
+    first = profile(layers, sample, 2, repeats=1, piece_fractions=(), warmup=0, cache=path)
     assert len(timed) == 4 and Profile.load(path) == first
 
     timed.clear()
-    assert profile(layers, sample, 2, repeats=1, warmup=0, cache=path) == first
+    assert profile(layers, sample, 2, repeats=1, piece_fractions=(), warmup=0, cache=path) == first
     assert timed == []
 
     # Another micro-batch size does not match the cache: measured and saved anew.
-    other = profile(layers, sample, 3, repeats=1, warmup=0, cache=path)
+    other = profile(layers, sample, 3, repeats=1, piece_fractions=(), warmup=0, cache=path)
     assert len(timed) == 4 and other.microbatch_rows == 3
     assert Profile.load(path) == other
 
     # Other layers (a different width) do not match either.
     timed.clear()
     wider = [nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1))]
-    profile(wider, sample, 3, repeats=1, warmup=0, cache=path)
+    profile(wider, sample, 3, repeats=1, piece_fractions=(), warmup=0, cache=path)
     assert len(timed) == 4
 
 
@@ -219,16 +219,56 @@ def test_layer_failing_on_its_input_is_named():
 
 
 def test_a_profile_with_the_loss_times_the_last_layer_with_it(tmp_path, timed):
-    """``loss_fn`` adds one timing, the last layer's forward, loss and gradients fused; its backward is
-    that less its forward. A cached profile without the loss is not reused for one with it."""
+    """``loss_fn`` adds one timing, the loss and its gradient on the last layer's outputs, to the last
+    layer's backward. A cached profile without the loss is not reused for one with it."""
     layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(2)]
     sample, targets = np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32)
     path = tmp_path / "costs.json"
-    plain = profile(layers, sample, 2, repeats=1, warmup=0, cache=path)
+    plain = profile(layers, sample, 2, repeats=1, piece_fractions=(), warmup=0, cache=path)
     timed.clear()
-    fused = profile(layers, sample, 2, repeats=1, warmup=0, cache=path,
+    fused = profile(layers, sample, 2, repeats=1, piece_fractions=(), warmup=0, cache=path,
                     loss_fn=lambda o, t: ((o - t) ** 2).mean(), sample_targets=targets)
     assert len(timed) == 5 and fused.with_loss and not plain.with_loss
     assert Profile.load(path) == fused
     with pytest.raises(ValueError, match="sample_targets"):
         profile(layers, sample, 2, loss_fn=lambda o, t: o.mean())
+
+
+def test_pieces_are_timed_at_their_rows_and_the_fractional_cut_prices_them(tmp_path, timed):
+    """Every layer is timed again at each piece row count; a fractional cut then balances the measured
+    piece costs: with pieces of few rows dear, the cut is the best of all row splits by the same
+    prediction, not the equal-share split."""
+    layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(2)]
+    path = tmp_path / "costs.json"
+    measured = profile(layers, np.ones((4, 4), np.float32), 4, repeats=1, warmup=0, cache=path, piece_fractions=(0.5,))
+    assert measured.piece_rows == (2,) and len(timed) == 2 * 2 * 2  # 2 layers (first without input gradient)
+    assert all(len(c.piece_forward_s) == len(c.piece_backward_s) == 1 for c in measured.layers)
+    assert Profile.load(path) == measured
+
+    # Layer 0 costs 3, layer 1 costs 1 (a third forward); a piece of r rows of 8 costs s(r) of its layer.
+    dear = (0.5, 0.6, 0.8)  # at 2, 4 and 6 rows; r / 8 would be 0.25, 0.5, 0.75
+    costs = tuple(
+        prof.LayerCost(i, "Dense", c / 3, 2 * c / 3, None, 64, 32, tuple(c / 3 * d for d in dear),
+                       tuple(2 * c / 3 * d for d in dear))
+        for i, c in enumerate((3.0, 1.0))
+    )
+    fixed = Profile(costs, 8, "cpu", piece_rows=(2, 4, 6))
+    common = dict(num_devices=2, num_microbatches=8, rows=8, layer_names=["Dense"] * 2, param_bytes=[64, 64],
+                  message_bytes=32)
+
+    def fractional(plan):
+        return next(c for c in plan.candidates if c.cut == "fractional" and c.schedule == "1f1b")
+
+    planner = importlib.import_module("jaxpipe.planner")
+    shares = fractional(planner.make_plan(fixed.forward(), fixed.backward(), **common))
+    priced = fractional(planner.make_plan(fixed.forward(), fixed.backward(), **common, piece_scale=fixed.piece_scale()))
+    assert shares.stages[0][0].stop == 5  # 3 * 5/8 against 3 * 3/8 + 1: equal shares of the cost line
+    Piece = importlib.import_module("jaxpipe.partition").Piece
+    step = {
+        r: planner.predict(((Piece(0, 0, r),), (Piece(0, r, 8), Piece(1, 0, 8))), "1f1b", 1, "fractional",
+                           fixed.forward(), fixed.backward(), 2, 8, 8, [64, 64], 32, None,
+                           piece_scale=fixed.piece_scale()).step_time
+        for r in range(1, 8)
+    }
+    assert priced.stages[0][0].stop == min(step, key=step.get) == 6
+    assert priced.step_time == pytest.approx(step[6])
