@@ -11,12 +11,14 @@ In one run both pipelines are built in the same two processes, warmed up,
 then timed alternately step by step (so machine drift hits both alike);
 per plan the median step time over ``STEPS`` steps, the ratio plain /
 balanced taken within the run, ``REPEATS`` fresh runs. Beside it the
-planner's prediction of the same ratio and of each step in seconds
-(per-layer costs from XLA's flop estimate, which also set the cuts:
-deterministic, so both processes and every repeat cut the same way; turned
-into seconds, with the executor's per-tick, per-byte and per-piece
-overheads, by the machine's calibration, ``jaxpipe.calibrate``, cached in
-``results/calibration_cpu_p2.json`` and shared with experiment 07).
+planner's prediction of the same ratio and of each step in seconds. Both
+plans are made as a user would: from a ``jaxpipe.profile`` of the layers
+(with the loss; each layer also timed at a quarter, half and three quarters
+of the rows, so a split layer's pieces are priced at their rows), measured
+in each run (process 0's profile serves both processes), and the machine's
+executor overheads per tick, byte and piece, ``jaxpipe.calibrate``, cached
+in ``results/calibration_cpu_p2.json`` and shared with experiments 06 and
+07. The cuts can therefore differ slightly between runs.
 
 Configurations: (a) 3 equal 2048-wide blocks on 2 devices (ideal 1.33x),
 M = 8 micro-batches of ``ROWS = 256`` rows (a micro-batch of fewer rows than
@@ -70,14 +72,12 @@ def worker(config: str) -> None:
     import jax
     import optax
 
-    from jaxpipe.calibrate import predicted_step
-
     calibration = jaxpipe.calibrate((1, 2), cache=CALIBRATION)
     model_fn, loss_fn, batch = _model(config)
     rows = len(jax.tree.leaves(batch)[0]) // M
     profile = jaxpipe.profile(model_fn, batch[0], rows, loss_fn=loss_fn, sample_targets=batch[1])
     pipes = {name: jaxpipe.Pipeline(model_fn, (1, 2), loss_fn, optax.sgd(1e-4), M, batch, schedule=schedule,
-                                    calibration=calibration)
+                                    costs=profile, calibration=calibration)
              for name, schedule in (("plain", "1f1b"), ("balanced", "balanced"))}
     states = {name: pipe.init() for name, pipe in pipes.items()}
     placed = {name: pipe.shard_batch(batch) for name, pipe in pipes.items()}
@@ -92,7 +92,6 @@ def worker(config: str) -> None:
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             name: {"step_s": statistics.median(times[name]), "predicted": pipe.plan.chosen.step_time,
-                   "predicted_profiled": predicted_step(pipe, calibration, profile),
                    "partition": pipe.partition, "loads": pipe.plan.chosen.loads.tolist()}
             for name, pipe in pipes.items()
         }))
@@ -145,8 +144,6 @@ def main() -> None:
             "measured_speedups": ratios, "measured_speedup": measured, "predicted_speedup": predicted,
             "prediction_error": predicted / measured - 1.0,
             "plain_predicted_ms": 1e3 * plain["predicted"], "balanced_predicted_ms": 1e3 * balanced["predicted"],
-            "plain_profiled_ms": 1e3 * plain["predicted_profiled"],
-            "balanced_profiled_ms": 1e3 * balanced["predicted_profiled"],
         })
         print(f"{name}: plain {plain['partition']} {statistics.median(rows[-1]['plain_step_ms']):.1f} ms, "
               f"balanced {balanced['partition']} {statistics.median(rows[-1]['balanced_step_ms']):.1f} ms; "
@@ -155,11 +152,7 @@ def main() -> None:
               f"plain {rows[-1]['plain_predicted_ms']:.1f} ms "
               f"({rows[-1]['plain_predicted_ms'] / statistics.median(rows[-1]['plain_step_ms']) - 1:+.1%}), balanced "
               f"{rows[-1]['balanced_predicted_ms']:.1f} ms "
-              f"({rows[-1]['balanced_predicted_ms'] / statistics.median(rows[-1]['balanced_step_ms']) - 1:+.1%}); "
-              f"from the profile plain {rows[-1]['plain_profiled_ms']:.1f} ms "
-              f"({rows[-1]['plain_profiled_ms'] / statistics.median(rows[-1]['plain_step_ms']) - 1:+.1%}), balanced "
-              f"{rows[-1]['balanced_profiled_ms']:.1f} ms "
-              f"({rows[-1]['balanced_profiled_ms'] / statistics.median(rows[-1]['balanced_step_ms']) - 1:+.1%})",
+              f"({rows[-1]['balanced_predicted_ms'] / statistics.median(rows[-1]['balanced_step_ms']) - 1:+.1%})",
               flush=True)
     RESULTS.mkdir(exist_ok=True)
     meta = {"mesh": [1, 2], "processes": 2, "M": M, "mlp_rows_per_microbatch": ROWS, "steps": STEPS,

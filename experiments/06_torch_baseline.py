@@ -9,7 +9,17 @@ thread pinned to its own core, gloo collectives, coordinator on loopback.
 * torch: ``PipelineStage`` + ``Schedule1F1B`` (``n_microbatches=8``), with the
   integer cuts ``[1, 2]`` (jaxpipe's plain cut) and ``[2, 1]``;
 * jaxpipe: ``schedule="1f1b"`` (plain integer cut) and ``"balanced"``
-  (fractional cut), mesh ``(1, 2)``.
+  (fractional cut), mesh ``(1, 2)``, planned as a user would: from a
+  ``jaxpipe.profile`` of the layers (with the loss, and their pieces at
+  fewer rows), measured once per run on one pinned core, and the machine's
+  ``jaxpipe.calibrate`` (cached in ``results/calibration_cpu_p2.json``,
+  shared with experiments 01 and 07).
+
+The compute floor is measured in the same run: the whole model's training
+step as one plain ``jax.jit`` (a scan over the M micro-batches, then SGD)
+on one pinned core. The ideal 2-stage step is the floor / 2 x (M + 1) / M
+(perfect balance, the 1F1B bubble only); each jaxpipe plan is reported
+against it.
 
 Both frameworks run under ``jaxpipe.launch.launch`` (2 processes, core k for
 rank k, the same free loopback port scheme); the torch workers pin
@@ -28,7 +38,9 @@ it), and one more run per
 configuration profiles ``PROFILE_STEPS`` steps on both ranks (torch
 profiler; JAX profiler trace) and splits each step into matmul,
 communication, data movement (copies, slices, concatenations, zero
-fills), other operators and idle time.
+fills), other operators and idle time; for jaxpipe the idle time inside
+the step's execution (while the host waits for it) is reported apart from
+the host's time between steps.
 
 MKL, torch's CPU BLAS, runs its AVX2 kernels on AMD CPUs even where AVX-512
 is available, while XLA's matmuls use AVX-512. Where a C compiler is found,
@@ -72,6 +84,8 @@ TORCH_CUTS = ((1, 2), (2, 1))
 JAX_SCHEDULES = ("1f1b", "balanced")
 TIMEOUT_S = 300
 RESULTS = pathlib.Path(__file__).parent / "results"
+CALIBRATION = RESULTS / "calibration_cpu_p2.json"  # shared with experiments 01 and 07
+PROFILE = RESULTS / f"profile_06_{MODEL}.json"  # measured afresh by each run's floor process
 
 
 def _batch():
@@ -183,12 +197,10 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
     import jax.numpy as jnp
     import optax
 
-    from jaxpipe import models
-
     batch = _batch()
-    model_fn = models.mlp([WIDTH] * (BLOCKS + 1)) if MODEL == "dense" else models.residual_mlp(WIDTH, HIDDEN, BLOCKS)
-    pipe = jaxpipe.Pipeline(model_fn, (1, 2), lambda o, t: jnp.mean((o - t) ** 2),
-                            optax.sgd(1e-4), M, batch, schedule=schedule)
+    calibration = jaxpipe.calibrate((1, 2), cache=CALIBRATION)
+    pipe = jaxpipe.Pipeline(_model_fn(), (1, 2), lambda o, t: jnp.mean((o - t) ** 2), optax.sgd(1e-4), M, batch,
+                            schedule=schedule, costs=jaxpipe.Profile.load(PROFILE), calibration=calibration)
     state = pipe.init()
     placed = pipe.shard_batch(batch)
     start = time.perf_counter()
@@ -206,8 +218,10 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
                 times.append(time.perf_counter() - start)
                 losses.append(float(loss))
         if profile:
-            ops = _xla_ops(next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")))
-            print("PROFILE " + json.dumps({"rank": jax.process_index(), **_breakdown(ops, sum(times), len(times))}))
+            trace = next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
+            print("PROFILE " + json.dumps({"rank": jax.process_index(), **_breakdown(_xla_ops(trace), sum(times),
+                                                                                     len(times)),
+                                           "idle_in_step_s": _idle_in_step(trace) / len(times)}))
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             **_summary(times), "partition": list(pipe.partition), "warmup_s": warmup_s,
@@ -279,6 +293,32 @@ def _xla_ops(trace: pathlib.Path) -> list[tuple[str, float]]:
         if not name.startswith("ThunkExecutor"):
             totals[name] = totals.get(name, 0.0) + us * 1e-6
     return list(totals.items())
+
+
+def _idle_in_step(trace: pathlib.Path) -> float:
+    """Seconds with no XLA operator running while the host waits for a step's executable to finish.
+
+    The rest of ``idle`` lies outside those waits: the host's Python and
+    dispatch between steps (and the ops a step runs before the host starts
+    waiting, which are counted as ops).
+    """
+    events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    waits = [e for e in spans if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
+    ops = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans
+                 if not e["name"].startswith(("$", "ThunkExecutor", "ThreadpoolListener")))
+    idle = 0.0
+    for wait in waits:
+        start, stop = wait["ts"], wait["ts"] + wait["dur"]
+        covered, reach = 0.0, start
+        for begin, end in ops:
+            if end <= reach or begin >= stop:
+                continue
+            covered += min(end, stop) - max(begin, reach)
+            reach = min(end, stop)
+        idle += (stop - start) - covered
+    return idle * 1e-6
 
 
 def _pop(stack: list) -> tuple[str, float]:
@@ -359,6 +399,63 @@ def jax_micro(env_names: dict) -> None:
             fn()
         out[str(rows)] = {name: _min_time(fn, MICRO_REPS) for name, fn in runs.items()}
     print("RESULT " + json.dumps(out))
+
+
+def _model_fn():
+    from jaxpipe import models
+
+    return models.mlp([WIDTH] * (BLOCKS + 1)) if MODEL == "dense" else models.residual_mlp(WIDTH, HIDDEN, BLOCKS)
+
+
+def jax_floor(env_names: dict) -> None:
+    """The compute floor on one pinned core: the whole model's training step, plain ``jax.jit``, no pipeline.
+
+    ``value_and_grad`` of the mean MSE over the M micro-batches (a
+    ``lax.scan`` that accumulates the gradient) and the SGD update, with the
+    parameters donated; median of ``STEPS`` steps after ``WARMUP``. Also
+    profiles the model's layers for jaxpipe's plans (``PROFILE``).
+    """
+    _pin(env_names)
+    import jax
+    import jax.numpy as jnp
+    import jaxpipe
+    import numpy as np
+    from flax import nnx
+
+    from jaxpipe.layers import apply_layer, split_layers
+
+    mse = lambda o, t: jnp.mean((o - t) ** 2)  # noqa: E731
+    inputs, targets = _batch()
+    jaxpipe.profile(_model_fn(), inputs, ROWS, loss_fn=mse, sample_targets=targets, cache=PROFILE)
+    specs, params, _ = split_layers(_model_fn()(nnx.Rngs(0)))
+    x_MxBxF, y_MxBxF = (jnp.asarray(a.reshape(M, ROWS, WIDTH)) for a in (inputs, targets))
+
+    def loss(ps, x, y):
+        for spec, p in zip(specs, ps):
+            x = apply_layer(spec, p, x)
+        return mse(x, y) / M
+
+    def step(ps):
+        def one(acc, xy):
+            value, grads = jax.value_and_grad(loss)(ps, *xy)
+            return (acc[0] + value, jax.tree.map(jnp.add, acc[1], grads)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, ps))
+        (value, grads), _ = jax.lax.scan(one, zero, (x_MxBxF, y_MxBxF))
+        return jax.tree.map(lambda p, g: p - 1e-4 * g, ps, grads), value
+
+    step = jax.jit(step, donate_argnums=0)
+    params = list(params)
+    for _ in range(WARMUP):
+        params, value = step(params)
+    jax.block_until_ready(params)
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        params, value = step(params)
+        jax.block_until_ready((params, value))
+        times.append(time.perf_counter() - start)
+    print("RESULT " + json.dumps({**_summary(times), "loss": float(np.asarray(value))}))
 
 
 def _launch(args: list[str], nproc: int, env: dict | None = None) -> tuple[dict, list[dict]]:
@@ -484,6 +581,11 @@ def main() -> None:
 
 
 def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: str) -> None:
+    PROFILE.unlink(missing_ok=True)
+    floor = _launch(["--jax-floor", names], 1)[0]
+    ideal = floor["step_s"] / 2 * (M + 1) / M
+    print(f"compute floor (one core, whole model, plain jit): {floor['step_s'] * 1e3:.1f} ms; ideal 2-stage step "
+          f"{ideal * 1e3:.1f} ms", flush=True)
     micro = {"torch": _launch(["--torch-micro", names], 1)[0], "jax": _launch(["--jax-micro", names], 1)[0]}
     if mkl_env:
         micro["torch mkl-avx512"] = _launch(["--torch-micro", names], 1, mkl_env)[0]
@@ -523,11 +625,15 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
               f"   {medians[name] / torch_best:6.3f}   {best[name] * 1e3:8.1f} ms")
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.3f} (fastest steps: {best_ratios[key]:.3f})")
-    print("\nprofile (ms per step)            rank   step matmul   comm   data  other   idle")
+    over_ideal = {name: medians[name] / ideal for name in medians if name.startswith("jaxpipe")}
+    for name, value in over_ideal.items():
+        print(f"{name} / ideal (floor / 2 x (M + 1) / M): {value:.3f} (fastest step: {best[name] / ideal:.3f})")
+    print("\nprofile (ms per step)            rank   step matmul   comm   data  other   idle (in step)")
     for name, ranks in profiles.items():
         for p in ranks:
             print(f"{name:32s} {p['rank']:4d} " + " ".join(
-                f"{p[k] * 1e3:6.1f}" for k in ("step_s", *(f"{c}_s" for c in CATEGORIES), "idle_s")))
+                f"{p[k] * 1e3:6.1f}" for k in ("step_s", *(f"{c}_s" for c in CATEGORIES), "idle_s"))
+                + (f" ({p['idle_in_step_s'] * 1e3:.1f})" if "idle_in_step_s" in p else ""))
     for key, value in estimates.items():
         print(f"estimate {key}: {value * 1e3:.1f} ms")
     _write({
@@ -538,6 +644,7 @@ def _run_all(names: str, mkl_env: dict | None, jax_version: str, torch_version: 
         "versions": {"torch": torch_version, "jax": jax_version, "python": sys.version.split()[0],
                      "jaxpipe_git": _git_state()},
         "mkl_avx512_override": bool(mkl_env),
+        "floor_s": floor, "ideal_step_s": ideal, "over_ideal": over_ideal,
         "median_step_s": medians, "ratios": ratios, "fastest_step_s": best, "fastest_step_ratios": best_ratios,
         "micro_benchmark_s": micro,
         "compute_estimates_s": estimates, "profile_s": profiles, "runs": repeats,
@@ -552,6 +659,8 @@ if __name__ == "__main__":
         jax_worker(sys.argv[2], "--profile" in sys.argv)
     elif mode == ["--torch-micro"]:
         torch_micro(json.loads(sys.argv[2]))
+    elif mode == ["--jax-floor"]:
+        jax_floor(json.loads(sys.argv[2]))
     elif mode == ["--jax-micro"]:
         jax_micro(json.loads(sys.argv[2]))
     else:

@@ -1,9 +1,9 @@
 """Predicted against measured step time in seconds, on 2 real processes, for models of many shapes.
 
 The planner predicts a step time in seconds from each layer's profiled
-forward and backward time (``jaxpipe.profile``, at the micro-batch's rows,
-the last layer with the loss)
-and the executor's overheads measured once on this machine
+forward and backward time (``jaxpipe.profile``, at the micro-batch's rows
+and at a quarter, half and three quarters of them for the pieces of split
+layers, the last layer with the loss) and the executor's overheads measured once on this machine
 (``jaxpipe.calibrate``: a fixed time per tick, a time per byte sent between
 the two processes and per byte moved on a device). This experiment checks
 that prediction, and what ``schedule="auto"`` chooses with it, on models
