@@ -36,7 +36,7 @@ from .layers import LayerSpec, apply_layer, split_layers
 from .tracing import keep_costly, trace_boundaries
 
 
-PROFILE_FORMAT = 3  # 3: piece rows timed; the loss's own time added to the last backward
+PROFILE_FORMAT = 3  # 3: piece rows timed; the last backward at least the backward without the loss
 PIECE_FRACTIONS = (0.25, 0.5, 0.75)  # of a micro-batch's rows, for the pieces of split layers
 
 
@@ -153,9 +153,9 @@ class Profile:
         if data.get("format", 1) != PROFILE_FORMAT:
             raise ValueError(
                 f"{os.fspath(path)} holds a profile of format {data.get('format', 1)}, this jaxpipe reads "
-                f"format {PROFILE_FORMAT} (format 3 times pieces at fewer rows and adds the loss's own "
-                "time to the last backward; format 2 the first layer's backward without the input gradient); "
-                "profile the model again"
+                f"format {PROFILE_FORMAT} (format 3 times pieces at fewer rows and never prices the last "
+                "backward with its loss below it without; format 2 the first layer's backward without the "
+                "input gradient); profile the model again"
             )
         return profile
 
@@ -233,9 +233,17 @@ def _compile(spec: LayerSpec, x: Any, input_grad: bool) -> tuple[Callable, Calla
     return forward, jax.jit(residuals), backward
 
 
-def _loss_grad(loss_fn: Callable) -> Callable:
-    """Jitted ``(outputs, targets) -> (loss, d outputs)``: what the last stage adds to its layer's backward."""
-    return jax.jit(jax.value_and_grad(loss_fn, allow_int=True))
+def _fused_last(spec: LayerSpec, loss_fn: Callable, input_grad: bool) -> Callable:
+    """Jitted ``(params, x, targets) -> gradients`` of the loss through the last layer, as one program."""
+    def loss(p, x, targets):
+        return loss_fn(apply_layer(spec, p, x), targets)
+
+    def grads(p, x, targets):
+        if input_grad:
+            return jax.grad(keep_costly(loss), argnums=(0, 1))(p, x, targets)
+        return jax.grad(keep_costly(loss))(p, x, targets)
+
+    return jax.jit(grads)
 
 
 def _rows(tree: Any, rows: int) -> Any:
@@ -315,9 +323,12 @@ def profile(
         returned without measuring; otherwise the new profile is saved there.
       seed: seed for ``model_fn``'s ``nnx.Rngs`` when ``layers`` is one.
       loss_fn: ``(outputs, targets) -> []``; with ``sample_targets`` (the
-        targets of ``sample_inputs``' rows), the time of the loss and its
-        gradient with respect to the outputs is added to the last layer's
-        backward, as the executor's last stage runs them.
+        targets of ``sample_inputs``' rows), the last layer's backward is
+        timed as the executor's last stage runs it: its forward, the loss
+        and both gradients in one program, less its forward time, but never
+        less than its backward without the loss (the difference of two
+        timings is noisy; XLA fuses an LM head's log-softmax into the
+        head's backward, so timing the loss apart over-prices it).
       sample_targets: targets for ``loss_fn``, ``[rows, ...]`` leaves.
       piece_fractions: fractions of ``microbatch_rows`` to time every layer
         at again (rounded, at least one row; ``()``: none), for the pieces
@@ -385,16 +396,19 @@ def profile(
         forward, fwd_s, bwd_s, flops, pieces = measured[key]
         costs.append(LayerCost(spec.index, spec.name, fwd_s, bwd_s, flops, pb, ab,
                                tuple(f for f, _ in pieces), tuple(b for _, b in pieces)))
-        x = forward(p, x)
+        x_last, x = x, forward(p, x)
     if with_loss:
         targets = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:microbatch_rows]), sample_targets)
-        loss_grad, last = _loss_grad(loss_fn), costs[-1]
-        loss_s = _time(loss_grad, (x, targets), warmup, repeats)
-        piece_loss_s = [_time(loss_grad, (_rows(x, r), _rows(targets, r)), warmup, repeats)
-                        for r in piece_rows] if last.piece_backward_s else []
+        fused, last = _fused_last(specs[-1], loss_fn, input_grad=len(specs) > 1), costs[-1]
+
+        def with_loss_s(rows: int, forward_s: float, backward_s: float) -> float:
+            fused_s = _time(fused, (params[-1], _rows(x_last, rows), _rows(targets, rows)), warmup, repeats)
+            return max(backward_s, fused_s - forward_s)
+
         costs[-1] = dataclasses.replace(
-            last, backward_s=last.backward_s + loss_s,
-            piece_backward_s=tuple(b + s for b, s in zip(last.piece_backward_s, piece_loss_s)),
+            last, backward_s=with_loss_s(microbatch_rows, last.forward_s, last.backward_s),
+            piece_backward_s=tuple(with_loss_s(r, f, b) for r, f, b in
+                                   zip(piece_rows, last.piece_forward_s, last.piece_backward_s)),
         )
     result = Profile(tuple(costs), microbatch_rows, device, with_loss, piece_rows)
     if cache is not None:

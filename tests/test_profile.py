@@ -99,7 +99,8 @@ def test_layers_differing_in_code_are_measured_separately(timed):
 
 
 def test_model_fn_is_accepted():
-    result = profile(models.mlp([4, 3]), np.ones((2, 4), np.float32), 2, repeats=1, piece_fractions=(), warmup=0, seed=3)
+    result = profile(models.mlp([4, 3]), np.ones((2, 4), np.float32), 2, repeats=1, piece_fractions=(), warmup=0,
+                     seed=3)
     assert [c.name for c in result.layers] == ["Dense"]
     assert result.layers[0].param_bytes == 4 * (4 * 3 + 3)
 
@@ -134,7 +135,8 @@ def test_profiled_times_agree_with_timing_the_layer_here():
     result = profile([big], x, rows, repeats=7, piece_fractions=(), warmup=1)
     both_s = _timed_here(big, x, repeats=7)
     assert 0.4 < result.total()[0] / both_s < 2.5, (result.total()[0], both_s)
-    narrow = profile([nnx.Linear(width // 8, width // 8, rngs=nnx.Rngs(0))], x[:, : width // 8], rows, repeats=5, piece_fractions=())
+    narrow = profile([nnx.Linear(width // 8, width // 8, rngs=nnx.Rngs(0))], x[:, : width // 8], rows, repeats=5,
+                     piece_fractions=())
     assert narrow.total()[0] < result.total()[0]
 
 
@@ -219,8 +221,9 @@ def test_layer_failing_on_its_input_is_named():
 
 
 def test_a_profile_with_the_loss_times_the_last_layer_with_it(tmp_path, timed):
-    """``loss_fn`` adds one timing, the loss and its gradient on the last layer's outputs, to the last
-    layer's backward. A cached profile without the loss is not reused for one with it."""
+    """``loss_fn`` adds one timing, the last layer's forward, loss and gradients fused; its backward is
+    that less its forward, at least its backward alone. A cached profile without the loss is not reused
+    for one with it."""
     layers = [nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(2)]
     sample, targets = np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32)
     path = tmp_path / "costs.json"
@@ -229,6 +232,11 @@ def test_a_profile_with_the_loss_times_the_last_layer_with_it(tmp_path, timed):
     fused = profile(layers, sample, 2, repeats=1, piece_fractions=(), warmup=0, cache=path,
                     loss_fn=lambda o, t: ((o - t) ** 2).mean(), sample_targets=targets)
     assert len(timed) == 5 and fused.with_loss and not plain.with_loss
+    with pytest.MonkeyPatch.context() as mp:  # every program 1 s: fused less forward (0 s) is under the backward
+        mp.setattr(prof, "_time", lambda *args: 1.0)
+        flat = profile(layers, sample, 2, piece_fractions=(), loss_fn=lambda o, t: ((o - t) ** 2).mean(),
+                       sample_targets=targets)
+    assert flat.layers[-1].backward_s == 1.0
     assert Profile.load(path) == fused
     with pytest.raises(ValueError, match="sample_targets"):
         profile(layers, sample, 2, loss_fn=lambda o, t: o.mean())
