@@ -74,6 +74,12 @@ class Candidate:
         ) + (" remat" if self.remat else "")
 
 
+def _piece_loads(stages, forward, backward, rows, piece_scale=None):
+    """``[S]`` forward and backward cost of each stage, pieces priced by ``piece_scale`` when measured."""
+    fwd_scale, bwd_scale = piece_scale or (None, None)
+    return stage_loads(forward, stages, rows, fwd_scale), stage_loads(backward, stages, rows, bwd_scale)
+
+
 def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, remat=False, piece_scale=None):
     """``[P, V]`` forward and backward costs as the table executor pays them.
 
@@ -81,9 +87,8 @@ def _stage_costs(stages, forward, backward, num_devices, virtual_stages, rows, r
     other backward recomputes its stage's forward too.
     """
     shape = (virtual_stages, num_devices)
-    fwd_scale, bwd_scale = piece_scale or (None, None)
-    fwd = stage_loads(forward, stages, rows, fwd_scale)
-    bwd = stage_loads(backward, stages, rows, bwd_scale) + (fwd if remat else 0.0)
+    fwd, bwd = _piece_loads(stages, forward, backward, rows, piece_scale)
+    bwd = bwd + (fwd if remat else 0.0)
     bwd[-1] += 0.0 if remat else fwd[-1]
     fwd[-1] = 0.0
     return fwd.reshape(shape).T, bwd.reshape(shape).T
@@ -98,9 +103,7 @@ def _split_costs(stages, forward, backward, num_devices, rows, remat=False, piec
     never needed, so all its backward (and, with ``remat``, its recompute)
     is W and its B is empty; the last stage's B holds its folded forward.
     """
-    fwd_scale, bwd_scale = piece_scale or (None, None)
-    fwd = stage_loads(forward, stages, rows, fwd_scale)
-    bwd = stage_loads(backward, stages, rows, bwd_scale)
+    fwd, bwd = _piece_loads(stages, forward, backward, rows, piece_scale)
     weight = bwd / 2
     own = bwd / 2 + (fwd if remat else 0.0)
     own[-1] = bwd[-1] / 2 + fwd[-1]
@@ -212,8 +215,7 @@ def predict(
         memory += buffers.num_act_slots * kept.reshape(virtual_stages, num_devices).max(axis=0)
     # A W input (what B computed for W) is estimated as one message plus the stage's residual bytes.
     memory += buffers.num_weight_slots * (message_bytes + saved.reshape(virtual_stages, num_devices).max(axis=0))
-    fwd_scale, bwd_scale = piece_scale or (None, None)
-    loads = stage_loads(forward, stages, rows, fwd_scale) + stage_loads(backward, stages, rows, bwd_scale)
+    loads = sum(_piece_loads(stages, forward, backward, rows, piece_scale))
     loads = loads.reshape(virtual_stages, num_devices).sum(axis=0)
     fits = max_memory is None or bool(np.all(memory <= max_memory))
     return Candidate(schedule, virtual_stages, cut, tuple(stages), loads, float(step_time), memory, fits, costs,
