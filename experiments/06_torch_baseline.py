@@ -218,10 +218,10 @@ def jax_worker(schedule: str, profile: bool = False) -> None:
                 times.append(time.perf_counter() - start)
                 losses.append(float(loss))
         if profile:
-            trace = next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
-            print("PROFILE " + json.dumps({"rank": jax.process_index(), **_breakdown(_xla_ops(trace), sum(times),
+            events = _trace_events(next(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz")))
+            print("PROFILE " + json.dumps({"rank": jax.process_index(), **_breakdown(_xla_ops(events), sum(times),
                                                                                      len(times)),
-                                           "idle_in_step_s": _idle_in_step(trace) / len(times)}))
+                                           "idle_in_step_s": _idle_in_step(events) / len(times)}))
     if jax.process_index() == 0:
         print("RESULT " + json.dumps({
             **_summary(times), "partition": list(pipe.partition), "warmup_s": warmup_s,
@@ -263,15 +263,19 @@ def _breakdown(ops: list[tuple[str, float]], wall_s: float, steps: int) -> dict:
             "top_ops": [[name, seconds / steps, _category(name)] for name, seconds in top]}
 
 
-def _xla_ops(trace: pathlib.Path) -> list[tuple[str, float]]:
+def _trace_events(trace: pathlib.Path) -> list[dict]:
+    """The events of a perfetto trace written by ``jax.profiler.trace``."""
+    events = json.loads(gzip.decompress(trace.read_bytes()))
+    return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def _xla_ops(events: list[dict]) -> list[tuple[str, float]]:
     """``(XLA op name, total self seconds)`` of the ops in a perfetto trace of the CPU backend.
 
     Self time: the op's duration less the ops nested in it on the same
     thread. The executor's own wait-for-completion spans and Python frames
     are dropped (they only wait).
     """
-    events = json.loads(gzip.decompress(trace.read_bytes()))
-    events = events["traceEvents"] if isinstance(events, dict) else events
     threads: dict = {}
     for e in events:
         if e.get("ph") == "X" and "dur" in e and not e["name"].startswith("$"):
@@ -295,15 +299,13 @@ def _xla_ops(trace: pathlib.Path) -> list[tuple[str, float]]:
     return list(totals.items())
 
 
-def _idle_in_step(trace: pathlib.Path) -> float:
+def _idle_in_step(events: list[dict]) -> float:
     """Seconds with no XLA operator running while the host waits for a step's executable to finish.
 
     The rest of ``idle`` lies outside those waits: the host's Python and
     dispatch between steps (and the ops a step runs before the host starts
     waiting, which are counted as ops).
     """
-    events = json.loads(gzip.decompress(trace.read_bytes()))
-    events = events["traceEvents"] if isinstance(events, dict) else events
     spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
     waits = [e for e in spans if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
     ops = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans
